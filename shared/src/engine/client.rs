@@ -1,0 +1,327 @@
+//! The engine's client side: what the API (or anyone) calls.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::time::Instant;
+
+use super::events::EventListener;
+use super::queue::enqueue;
+use super::{EngineError, StepRecord, WorkflowHandle, WorkflowInfo, WorkflowKind, WorkflowStatus};
+
+/// Entry point of the engine's client calls. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Engine {
+    pool: PgPool,
+    events: Option<EventListener>,
+    event_poll: Duration,
+}
+
+/// A message for [`Engine::send`].
+#[derive(Debug, Clone)]
+pub struct Message<'a> {
+    /// The receiving workflow.
+    pub workflow_id: &'a str,
+    /// The topic its `recv` waits on.
+    pub topic: &'a str,
+    /// The payload `recv` returns.
+    pub payload: Value,
+    /// A deduplication key: a second message with the same key for the same
+    /// workflow is not stored.
+    pub key: Option<&'a str>,
+}
+
+/// What [`Engine::send`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SendOutcome {
+    /// Stored (and the workflow woken if it was parked).
+    Delivered,
+    /// A message with this key was already there; this one was dropped.
+    Duplicate {
+        /// The payload of the message that was kept.
+        payload: Value,
+    },
+}
+
+impl Engine {
+    /// An engine on `pool`. Without an [`EventListener`] `get_event` polls.
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            events: None,
+            event_poll: Duration::from_secs(1),
+        }
+    }
+
+    /// Wakes `get_event` waiters through LISTEN/NOTIFY; `fallback_poll` is
+    /// how often a waiter re-reads anyway, in case a notification was lost.
+    pub fn with_events(mut self, listener: EventListener, fallback_poll: Duration) -> Self {
+        self.events = Some(listener);
+        self.event_poll = fallback_poll;
+        self
+    }
+
+    /// The pool it uses.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Starts a workflow, or returns the existing one with this id.
+    pub async fn start(
+        &self,
+        kind: WorkflowKind,
+        id: &str,
+        input: &impl Serialize,
+    ) -> Result<WorkflowHandle, EngineError> {
+        let mut tx = self.pool.begin().await?;
+        let handle = Self::start_in(&mut tx, kind, id, input).await?;
+        tx.commit().await?;
+        Ok(handle)
+    }
+
+    /// [`Engine::start`] inside the caller's transaction (a workflow step
+    /// starting a child commits both together).
+    pub async fn start_in(
+        conn: &mut PgConnection,
+        kind: WorkflowKind,
+        id: &str,
+        input: &impl Serialize,
+    ) -> Result<WorkflowHandle, EngineError> {
+        if id.is_empty() || id.len() > 256 {
+            return Err(EngineError::InvalidId);
+        }
+        let input = serde_json::to_value(input)?;
+        let inserted = sqlx::query(
+            "INSERT INTO workflows (id, kind, queue, input) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id)
+        .bind(kind.name)
+        .bind(kind.queue)
+        .bind(&input)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected()
+            == 1;
+        if inserted {
+            enqueue(conn, kind.queue, id, None).await?;
+            return Ok(WorkflowHandle {
+                id: id.to_owned(),
+                kind: kind.name.to_owned(),
+                created: true,
+            });
+        }
+        let existing: String = sqlx::query_scalar("SELECT kind FROM workflows WHERE id = $1")
+            .bind(id)
+            .fetch_one(&mut *conn)
+            .await?;
+        if existing != kind.name {
+            return Err(EngineError::KindConflict {
+                id: id.to_owned(),
+                existing,
+                requested: kind.name.to_owned(),
+            });
+        }
+        Ok(WorkflowHandle {
+            id: id.to_owned(),
+            kind: existing,
+            created: false,
+        })
+    }
+
+    /// Delivers a message: stored and, if the workflow is parked, a resume
+    /// job enqueued, in one transaction.
+    pub async fn send(&self, message: Message<'_>) -> Result<SendOutcome, EngineError> {
+        let mut tx = self.pool.begin().await?;
+        // The row lock orders this send against the workflow's own
+        // "no message yet, park" transaction: one of them sees the other.
+        let row: Option<(String, String)> =
+            sqlx::query_as("SELECT status, queue FROM workflows WHERE id = $1 FOR UPDATE")
+                .bind(message.workflow_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some((status, queue)) = row else {
+            return Err(EngineError::UnknownWorkflow(message.workflow_id.to_owned()));
+        };
+        if let Some(key) = message.key {
+            let kept: Option<Value> = sqlx::query_scalar(
+                "SELECT payload FROM workflow_messages WHERE workflow_id = $1 AND message_key = $2",
+            )
+            .bind(message.workflow_id)
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(payload) = kept {
+                return Ok(SendOutcome::Duplicate { payload });
+            }
+        }
+        let status = WorkflowStatus::parse(&status).unwrap_or(WorkflowStatus::Running);
+        if status.is_terminal() {
+            return Err(EngineError::Finished {
+                id: message.workflow_id.to_owned(),
+                status: status.as_str().to_owned(),
+            });
+        }
+        sqlx::query(
+            "INSERT INTO workflow_messages (workflow_id, topic, payload, message_key)
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(message.workflow_id)
+        .bind(message.topic)
+        .bind(&message.payload)
+        .bind(message.key)
+        .execute(&mut *tx)
+        .await?;
+        if status == WorkflowStatus::Waiting {
+            sqlx::query(
+                "UPDATE workflows SET status = 'enqueued', wait_topic = NULL, wait_until = NULL,
+                 updated_at = now() WHERE id = $1",
+            )
+            .bind(message.workflow_id)
+            .execute(&mut *tx)
+            .await?;
+            enqueue(&mut tx, &queue, message.workflow_id, None).await?;
+        }
+        tx.commit().await?;
+        Ok(SendOutcome::Delivered)
+    }
+
+    /// Reads an event now, without waiting.
+    pub async fn event(&self, workflow_id: &str, key: &str) -> Result<Option<Value>, EngineError> {
+        Ok(sqlx::query_scalar(
+            "SELECT value FROM workflow_events WHERE workflow_id = $1 AND key = $2",
+        )
+        .bind(workflow_id)
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Waits up to `wait` for the workflow to set event `key`; `None` when
+    /// it is not set by then ("not yet").
+    pub async fn get_event(
+        &self,
+        workflow_id: &str,
+        key: &str,
+        wait: Duration,
+    ) -> Result<Option<Value>, EngineError> {
+        let deadline = Instant::now() + wait;
+        // Subscribe before the first read: a notification sent in between
+        // is then queued for us, never lost.
+        let mut receiver = self.events.as_ref().map(EventListener::subscribe);
+        let expected = EventListener::payload(workflow_id, key);
+        loop {
+            if let Some(value) = self.event(workflow_id, key).await? {
+                return Ok(Some(value));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            let next_poll = (now + self.event_poll).min(deadline);
+            match receiver.as_mut() {
+                None => tokio::time::sleep_until(next_poll).await,
+                Some(receiver) => loop {
+                    match tokio::time::timeout_at(next_poll, receiver.recv()).await {
+                        Err(_elapsed) => break,
+                        Ok(Ok(payload)) if EventListener::concerns(&payload, &expected) => break,
+                        Ok(Ok(_other)) => continue,
+                        Ok(Err(RecvError::Lagged(_))) => break,
+                        Ok(Err(RecvError::Closed)) => {
+                            tokio::time::sleep_until(next_poll).await;
+                            break;
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    /// Requests cancellation. A parked or queued workflow is cancelled at
+    /// once; a running one at its next step boundary. Returns the status
+    /// after the call.
+    pub async fn cancel(&self, workflow_id: &str) -> Result<WorkflowStatus, EngineError> {
+        let mut tx = self.pool.begin().await?;
+        let status = lock_status(&mut tx, workflow_id).await?;
+        let after = match status {
+            s if s.is_terminal() => s,
+            WorkflowStatus::Running => {
+                sqlx::query("UPDATE workflows SET cancel_requested = true, updated_at = now() WHERE id = $1")
+                    .bind(workflow_id)
+                    .execute(&mut *tx)
+                    .await?;
+                WorkflowStatus::Running
+            }
+            _ => {
+                sqlx::query(
+                    "UPDATE workflows SET status = 'cancelled', cancel_requested = true, owner = NULL,
+                     wait_topic = NULL, wait_until = NULL, updated_at = now() WHERE id = $1",
+                )
+                .bind(workflow_id)
+                .execute(&mut *tx)
+                .await?;
+                WorkflowStatus::Cancelled
+            }
+        };
+        tx.commit().await?;
+        Ok(after)
+    }
+
+    /// Runs a failed or cancelled workflow again from its last checkpoint.
+    pub async fn resume(&self, workflow_id: &str) -> Result<(), EngineError> {
+        let mut tx = self.pool.begin().await?;
+        let status = lock_status(&mut tx, workflow_id).await?;
+        if !matches!(status, WorkflowStatus::Failed | WorkflowStatus::Cancelled) {
+            return Err(EngineError::NotResumable {
+                id: workflow_id.to_owned(),
+                status: status.as_str().to_owned(),
+            });
+        }
+        let queue: String = sqlx::query_scalar(
+            "UPDATE workflows SET status = 'enqueued', cancel_requested = false, error = NULL,
+             attempts = 0, executions = 0, owner = NULL, updated_at = now()
+             WHERE id = $1 RETURNING queue",
+        )
+        .bind(workflow_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        enqueue(&mut tx, &queue, workflow_id, None).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The workflow's row, if it exists.
+    pub async fn info(&self, workflow_id: &str) -> Result<Option<WorkflowInfo>, EngineError> {
+        Ok(sqlx::query_as(
+            "SELECT id, kind, status, output, error, attempts, executions, owner, created_at, updated_at
+             FROM workflows WHERE id = $1",
+        )
+        .bind(workflow_id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// The workflow's completed steps, in order.
+    pub async fn steps(&self, workflow_id: &str) -> Result<Vec<StepRecord>, EngineError> {
+        Ok(sqlx::query_as(
+            "SELECT step_seq, name, worker_id, started_at, finished_at
+             FROM workflow_steps WHERE workflow_id = $1 ORDER BY step_seq",
+        )
+        .bind(workflow_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}
+
+async fn lock_status(conn: &mut PgConnection, workflow_id: &str) -> Result<WorkflowStatus, EngineError> {
+    let status: Option<String> = sqlx::query_scalar("SELECT status FROM workflows WHERE id = $1 FOR UPDATE")
+        .bind(workflow_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    status
+        .and_then(|s| WorkflowStatus::parse(&s))
+        .ok_or_else(|| EngineError::UnknownWorkflow(workflow_id.to_owned()))
+}

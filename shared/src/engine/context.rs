@@ -1,0 +1,453 @@
+//! What a workflow function sees: the replaying, checkpointing context.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::watch;
+
+use super::events::{EVENTS_CHANNEL, EventListener};
+use super::queue::enqueue;
+use super::{RetryPolicy, StepError, WorkflowError, WorkflowKind};
+
+/// A checkpoint loaded at the start of an execution.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct Checkpoint {
+    pub(crate) step_seq: i32,
+    pub(crate) name: String,
+    pub(crate) output: Value,
+}
+
+/// The context a workflow function runs in. Steps are numbered in the order
+/// the code calls them; on replay, completed steps return their checkpoint.
+pub struct WorkflowContext {
+    pub(crate) pool: PgPool,
+    pub(crate) workflow_id: String,
+    pub(crate) kind: WorkflowKind,
+    pub(crate) worker_id: Arc<str>,
+    pub(crate) checkpoints: VecDeque<Checkpoint>,
+    pub(crate) next_seq: i32,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) hold_threshold: Duration,
+    pub(crate) draining: watch::Receiver<bool>,
+    pub(crate) execution: i32,
+}
+
+/// Where a step's value comes from.
+enum Replay<T> {
+    Done(T),
+    Run,
+}
+
+impl WorkflowContext {
+    /// The workflow's id.
+    pub fn workflow_id(&self) -> &str {
+        &self.workflow_id
+    }
+
+    /// The worker process running this execution.
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+
+    /// Which execution this is (1 for the first).
+    pub fn execution(&self) -> i32 {
+        self.execution
+    }
+
+    /// A database step with the workflow's retry policy: `f` runs in a
+    /// transaction that also inserts the checkpoint; both commit or neither.
+    ///
+    /// ```ignore
+    /// let left: i32 = ctx.tx_step("reserve_inventory", |tx| Box::pin(async move {
+    ///     Ok(sqlx::query_scalar("UPDATE ... RETURNING inventory").fetch_one(&mut *tx).await?)
+    /// })).await?;
+    /// ```
+    pub async fn tx_step<T, F>(&mut self, name: &str, f: F) -> Result<T, WorkflowError>
+    where
+        T: Serialize + DeserializeOwned + Send,
+        F: for<'c> FnMut(&'c mut PgConnection) -> BoxFuture<'c, Result<T, StepError>> + Send,
+    {
+        let retry = self.retry;
+        self.tx_step_with(name, retry, f).await
+    }
+
+    /// [`WorkflowContext::tx_step`] with its own retry policy.
+    pub async fn tx_step_with<T, F>(
+        &mut self,
+        name: &str,
+        retry: RetryPolicy,
+        mut f: F,
+    ) -> Result<T, WorkflowError>
+    where
+        T: Serialize + DeserializeOwned + Send,
+        F: for<'c> FnMut(&'c mut PgConnection) -> BoxFuture<'c, Result<T, StepError>> + Send,
+    {
+        let seq = self.take_seq();
+        if let Replay::Done(value) = self.replay(seq, name)? {
+            return Ok(value);
+        }
+        self.check_draining()?;
+        let started = Utc::now();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut tx = self.pool.begin().await?;
+            self.guard(&mut tx).await?;
+            let outcome = AssertUnwindSafe(f(&mut tx)).catch_unwind().await;
+            let error = match outcome {
+                Ok(Ok(value)) => {
+                    let output = serde_json::to_value(&value)?;
+                    self.checkpoint(&mut tx, seq, name, &output, started).await?;
+                    tx.commit().await?;
+                    return Ok(value);
+                }
+                Ok(Err(StepError::Unavailable(e))) => return Err(WorkflowError::Unavailable(e)),
+                Ok(Err(StepError::Fatal(e))) => {
+                    return Err(self.step_failed(seq, name, format!("{e:#}"), attempt));
+                }
+                Ok(Err(StepError::Retryable(e))) => format!("{e:#}"),
+                Err(panic) => format!("panicked: {}", panic_message(&panic)),
+            };
+            drop(tx);
+            self.retry_or_fail(seq, name, error, attempt, &retry).await?;
+        }
+    }
+
+    /// A step with an effect outside the database (a payment API call):
+    /// at least once, checkpointed after it succeeds. `f` gets a stable
+    /// idempotency key for the effect, `"<workflow_id>/<step_seq>"`.
+    pub async fn step<T, F, Fut>(&mut self, name: &str, mut f: F) -> Result<T, WorkflowError>
+    where
+        T: Serialize + DeserializeOwned + Send,
+        F: FnMut(String) -> Fut + Send,
+        Fut: Future<Output = Result<T, StepError>> + Send,
+    {
+        let seq = self.take_seq();
+        if let Replay::Done(value) = self.replay(seq, name)? {
+            return Ok(value);
+        }
+        self.check_draining()?;
+        let retry = self.retry;
+        let key = format!("{}/{}", self.workflow_id, seq);
+        let started = Utc::now();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let outcome = AssertUnwindSafe(f(key.clone())).catch_unwind().await;
+            let error = match outcome {
+                Ok(Ok(value)) => {
+                    let output = serde_json::to_value(&value)?;
+                    let mut tx = self.pool.begin().await?;
+                    self.guard(&mut tx).await?;
+                    self.checkpoint(&mut tx, seq, name, &output, started).await?;
+                    tx.commit().await?;
+                    return Ok(value);
+                }
+                Ok(Err(StepError::Unavailable(e))) => return Err(WorkflowError::Unavailable(e)),
+                Ok(Err(StepError::Fatal(e))) => {
+                    return Err(self.step_failed(seq, name, format!("{e:#}"), attempt));
+                }
+                Ok(Err(StepError::Retryable(e))) => format!("{e:#}"),
+                Err(panic) => format!("panicked: {}", panic_message(&panic)),
+            };
+            self.retry_or_fail(seq, name, error, attempt, &retry).await?;
+        }
+    }
+
+    /// Publishes an event (a row; waiters are notified). Checkpointed like
+    /// any step, so it happens once.
+    pub async fn set_event(&mut self, key: &str, value: impl Serialize) -> Result<(), WorkflowError> {
+        let value = serde_json::to_value(value)?;
+        let workflow_id = self.workflow_id.clone();
+        let key_owned = key.to_owned();
+        let name = format!("set_event:{key}");
+        self.tx_step(&name, move |tx| {
+            let (workflow_id, key, value) = (workflow_id.clone(), key_owned.clone(), value.clone());
+            Box::pin(async move {
+                set_event_in(tx, &workflow_id, &key, &value).await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    /// Waits for a message on `topic`, at most `timeout` from the first time
+    /// this recv ran (the deadline is checkpointed). `None` means timed out.
+    /// Consuming the message and checkpointing it are one transaction. While
+    /// nothing is there the workflow parks (returns [`WorkflowError::Parked`]
+    /// through `?`) and holds no worker slot.
+    pub async fn recv(&mut self, topic: &str, timeout: Duration) -> Result<Option<Value>, WorkflowError> {
+        let deadline_name = format!("recv:{topic}:deadline");
+        let deadline_seq = self.take_seq();
+        let known_deadline: Option<DateTime<Utc>> = match self.replay::<DateTime<Utc>>(deadline_seq, &deadline_name)? {
+            Replay::Done(at) => Some(at),
+            Replay::Run => None,
+        };
+        let name = format!("recv:{topic}");
+        let seq = self.take_seq();
+        if let Replay::Done(outcome) = self.replay::<Value>(seq, &name)? {
+            return Ok(outcome.get("message").cloned().filter(|m| !m.is_null()));
+        }
+        self.check_draining()?;
+        let started = Utc::now();
+        let mut tx = self.pool.begin().await?;
+        self.guard(&mut tx).await?;
+        let deadline = match known_deadline {
+            Some(at) => at,
+            None => {
+                let at = started + chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
+                self.checkpoint(&mut tx, deadline_seq, &deadline_name, &json!(at), started)
+                    .await?;
+                at
+            }
+        };
+        let message: Option<(i64, Value)> = sqlx::query_as(
+            "SELECT id, payload FROM workflow_messages
+             WHERE workflow_id = $1 AND topic = $2 AND consumed_at IS NULL
+             ORDER BY id LIMIT 1 FOR UPDATE",
+        )
+        .bind(&self.workflow_id)
+        .bind(topic)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some((message_id, payload)) = message {
+            sqlx::query("UPDATE workflow_messages SET consumed_at = now() WHERE id = $1")
+                .bind(message_id)
+                .execute(&mut *tx)
+                .await?;
+            self.checkpoint(&mut tx, seq, &name, &json!({ "message": payload }), started)
+                .await?;
+            tx.commit().await?;
+            return Ok(Some(payload));
+        }
+        if Utc::now() >= deadline {
+            self.checkpoint(&mut tx, seq, &name, &json!({ "message": null }), started)
+                .await?;
+            tx.commit().await?;
+            return Ok(None);
+        }
+        self.park(&mut tx, Some(topic), deadline).await?;
+        tx.commit().await?;
+        Err(WorkflowError::Parked)
+    }
+
+    /// A durable sleep: the wake-up time is checkpointed on first execution.
+    /// Short sleeps (up to the runtime's hold threshold) wait in-process;
+    /// longer ones park until a job scheduled at the wake-up time.
+    pub async fn sleep(&mut self, duration: Duration) -> Result<(), WorkflowError> {
+        let seq = self.take_seq();
+        let wake_at = match self.replay::<DateTime<Utc>>(seq, "sleep")? {
+            Replay::Done(at) => at,
+            Replay::Run => {
+                self.check_draining()?;
+                let now = Utc::now();
+                let at = now + chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX);
+                let mut tx = self.pool.begin().await?;
+                self.guard(&mut tx).await?;
+                self.checkpoint(&mut tx, seq, "sleep", &json!(at), now).await?;
+                let parks = duration > self.hold_threshold;
+                if parks {
+                    self.park(&mut tx, None, at).await?;
+                }
+                tx.commit().await?;
+                if parks {
+                    return Err(WorkflowError::Parked);
+                }
+                at
+            }
+        };
+        let remaining = (wake_at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        if remaining.is_zero() {
+            return Ok(());
+        }
+        if remaining > self.hold_threshold {
+            let mut tx = self.pool.begin().await?;
+            self.guard(&mut tx).await?;
+            self.park(&mut tx, None, wake_at).await?;
+            tx.commit().await?;
+            return Err(WorkflowError::Parked);
+        }
+        let mut draining = self.draining.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(remaining) => Ok(()),
+            _ = super::until_true(&mut draining) => Err(WorkflowError::Draining),
+        }
+    }
+
+    fn take_seq(&mut self) -> i32 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
+    }
+
+    /// The checkpoint of step `seq`, if it completed before.
+    fn replay<T: DeserializeOwned>(&mut self, seq: i32, name: &str) -> Result<Replay<T>, WorkflowError> {
+        let Some(front) = self.checkpoints.front() else {
+            return Ok(Replay::Run);
+        };
+        if front.step_seq != seq {
+            return Ok(Replay::Run);
+        }
+        let checkpoint = self.checkpoints.pop_front().expect("front exists");
+        if checkpoint.name != name {
+            return Err(WorkflowError::Nondeterministic {
+                step: seq,
+                found: checkpoint.name,
+                expected: name.to_owned(),
+            });
+        }
+        serde_json::from_value(checkpoint.output)
+            .map(Replay::Done)
+            .map_err(|e| WorkflowError::fatal(format!("step {seq} ({name}): checkpoint does not decode: {e}")))
+    }
+
+    fn check_draining(&self) -> Result<(), WorkflowError> {
+        if *self.draining.borrow() {
+            Err(WorkflowError::Draining)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// First statement of every step transaction: locks the workflow row,
+    /// so steps of two executions serialise, and sees cancellation.
+    async fn guard(&self, tx: &mut PgConnection) -> Result<(), WorkflowError> {
+        let row: Option<(String, bool)> =
+            sqlx::query_as("SELECT status, cancel_requested FROM workflows WHERE id = $1 FOR UPDATE")
+                .bind(&self.workflow_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        match row {
+            None => Err(WorkflowError::fatal("workflow row disappeared")),
+            Some((_, true)) => Err(WorkflowError::Cancelled),
+            Some((status, false)) if matches!(status.as_str(), "succeeded" | "failed" | "cancelled") => {
+                Err(WorkflowError::Fenced {
+                    step: self.next_seq - 1,
+                    name: format!("(workflow already {status})"),
+                })
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Inserts a checkpoint; a checkpoint already there means another
+    /// execution won this step: this one is fenced off.
+    async fn checkpoint(
+        &self,
+        tx: &mut PgConnection,
+        seq: i32,
+        name: &str,
+        output: &Value,
+        started: DateTime<Utc>,
+    ) -> Result<(), WorkflowError> {
+        let inserted = sqlx::query(
+            "INSERT INTO workflow_steps (workflow_id, step_seq, name, output, worker_id, started_at)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        )
+        .bind(&self.workflow_id)
+        .bind(seq)
+        .bind(name)
+        .bind(output)
+        .bind(&*self.worker_id)
+        .bind(started)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 1 {
+            Ok(())
+        } else {
+            Err(WorkflowError::Fenced {
+                step: seq,
+                name: name.to_owned(),
+            })
+        }
+    }
+
+    async fn park(&self, tx: &mut PgConnection, topic: Option<&str>, until: DateTime<Utc>) -> Result<(), WorkflowError> {
+        sqlx::query(
+            "UPDATE workflows SET status = 'waiting', owner = NULL, wait_topic = $2, wait_until = $3,
+             updated_at = now() WHERE id = $1",
+        )
+        .bind(&self.workflow_id)
+        .bind(topic)
+        .bind(until)
+        .execute(&mut *tx)
+        .await?;
+        enqueue(tx, self.kind.queue, &self.workflow_id, Some(until)).await?;
+        Ok(())
+    }
+
+    async fn retry_or_fail(
+        &self,
+        seq: i32,
+        name: &str,
+        error: String,
+        attempt: u32,
+        retry: &RetryPolicy,
+    ) -> Result<(), WorkflowError> {
+        if attempt >= retry.max_attempts {
+            return Err(self.step_failed(seq, name, error, attempt));
+        }
+        let backoff = retry.backoff(attempt);
+        tracing::warn!(
+            workflow_id = %self.workflow_id, step = seq, step_name = name, attempt,
+            backoff_ms = backoff.as_millis() as u64, %error, "step failed; retrying"
+        );
+        let mut draining = self.draining.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => Ok(()),
+            _ = super::until_true(&mut draining) => Err(WorkflowError::Draining),
+        }
+    }
+
+    fn step_failed(&self, seq: i32, name: &str, error: String, attempts: u32) -> WorkflowError {
+        WorkflowError::Failed {
+            error: format!("step {seq} ({name}) failed after {attempts} attempt(s): {error}"),
+            attempts: attempts as i32,
+        }
+    }
+}
+
+/// Upserts an event row and notifies waiters, in the caller's transaction.
+pub(crate) async fn set_event_in(
+    tx: &mut PgConnection,
+    workflow_id: &str,
+    key: &str,
+    value: &Value,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO workflow_events (workflow_id, key, value) VALUES ($1, $2, $3)
+         ON CONFLICT (workflow_id, key) DO UPDATE SET value = EXCLUDED.value, created_at = now()",
+    )
+    .bind(workflow_id)
+    .bind(key)
+    .bind(value)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(EVENTS_CHANNEL)
+        .bind(EventListener::payload(workflow_id, key))
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_owned()
+    }
+}

@@ -1,0 +1,208 @@
+//! The engine's errors: what clients of the engine see ([`EngineError`]),
+//! what a step reports ([`StepError`]) and what stops a workflow function
+//! ([`WorkflowError`]).
+
+use crate::db::is_unavailable;
+
+/// Errors of the engine's client calls (start, send, cancel, resume, events).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The workflow id exists with another kind.
+    #[error("workflow {id} already exists as a {existing} workflow, not {requested}")]
+    KindConflict {
+        /// The id asked for.
+        id: String,
+        /// The kind it already has.
+        existing: String,
+        /// The kind asked for.
+        requested: String,
+    },
+    /// No workflow has this id.
+    #[error("no workflow with id {0}")]
+    UnknownWorkflow(String),
+    /// The workflow already finished: it takes no more messages.
+    #[error("workflow {id} already finished ({status})")]
+    Finished {
+        /// The workflow.
+        id: String,
+        /// Its terminal status.
+        status: String,
+    },
+    /// Resume asked for a workflow that is neither failed nor cancelled.
+    #[error("workflow {id} is {status}; only failed or cancelled workflows can be resumed")]
+    NotResumable {
+        /// The workflow.
+        id: String,
+        /// Its current status.
+        status: String,
+    },
+    /// A workflow id that is empty or too long.
+    #[error("workflow id must be 1 to 256 characters")]
+    InvalidId,
+    /// The database could not be reached.
+    #[error("database unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    /// Any other database error.
+    #[error("database error")]
+    Database(#[source] sqlx::Error),
+    /// Enqueuing into apalis failed.
+    #[error("queue error")]
+    Queue(#[source] apalis_postgres::Error),
+    /// A value could not be (de)serialised.
+    #[error("payload encoding")]
+    Encoding(#[from] serde_json::Error),
+}
+
+impl From<sqlx::Error> for EngineError {
+    fn from(error: sqlx::Error) -> Self {
+        if is_unavailable(&error) {
+            EngineError::Unavailable(error)
+        } else {
+            EngineError::Database(error)
+        }
+    }
+}
+
+impl From<apalis_postgres::Error> for EngineError {
+    fn from(error: apalis_postgres::Error) -> Self {
+        match error {
+            apalis_postgres::Error::Database(e) => e.into(),
+            other => EngineError::Queue(other),
+        }
+    }
+}
+
+impl EngineError {
+    /// True when the database could not be reached: try again later.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, EngineError::Unavailable(_))
+    }
+}
+
+/// What a step body returns on failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// Worth another attempt (the step's retry policy decides how many).
+    #[error("{0:#}")]
+    Retryable(anyhow::Error),
+    /// Never worth retrying: the workflow fails at once with this error.
+    #[error("{0:#}")]
+    Fatal(anyhow::Error),
+    /// The database is unreachable: the execution pauses and replays when it
+    /// returns, without spending an attempt.
+    #[error("database unavailable: {0}")]
+    Unavailable(sqlx::Error),
+}
+
+impl StepError {
+    /// A fatal error with this message.
+    pub fn fatal(message: impl std::fmt::Display) -> Self {
+        StepError::Fatal(anyhow::anyhow!("{message}"))
+    }
+    /// A retryable error with this message.
+    pub fn retryable(message: impl std::fmt::Display) -> Self {
+        StepError::Retryable(anyhow::anyhow!("{message}"))
+    }
+}
+
+impl From<sqlx::Error> for StepError {
+    fn from(error: sqlx::Error) -> Self {
+        if is_unavailable(&error) {
+            StepError::Unavailable(error)
+        } else {
+            StepError::Retryable(error.into())
+        }
+    }
+}
+
+impl From<anyhow::Error> for StepError {
+    fn from(error: anyhow::Error) -> Self {
+        StepError::Retryable(error)
+    }
+}
+
+impl From<serde_json::Error> for StepError {
+    fn from(error: serde_json::Error) -> Self {
+        StepError::Fatal(error.into())
+    }
+}
+
+/// Why a workflow function stopped before returning its output. Workflow
+/// code propagates it with `?`; only [`WorkflowError::fatal`] is made by hand.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkflowError {
+    /// The workflow waits (recv or sleep): its job is done, a message or a
+    /// scheduled job resumes it.
+    #[error("parked")]
+    Parked,
+    /// Another execution of this workflow checkpointed this step first.
+    #[error("step {step} ({name}) was checkpointed by another execution")]
+    Fenced {
+        /// The step's sequence number.
+        step: i32,
+        /// The step's name.
+        name: String,
+    },
+    /// Cancel was requested; seen at a step boundary.
+    #[error("cancelled")]
+    Cancelled,
+    /// The worker is draining: the workflow is handed to another worker.
+    #[error("worker draining")]
+    Draining,
+    /// The workflow failed for good: its status becomes `failed`.
+    #[error("{error}")]
+    Failed {
+        /// The last error, kept on the workflow row.
+        error: String,
+        /// Attempts spent on the failing step.
+        attempts: i32,
+    },
+    /// The code no longer matches the checkpoints: fail loudly.
+    #[error("step {step}: checkpoint is `{found}` but the code asks for `{expected}`")]
+    Nondeterministic {
+        /// The step's sequence number.
+        step: i32,
+        /// The name in the checkpoint.
+        found: String,
+        /// The name the code asked for.
+        expected: String,
+    },
+    /// The database is unreachable: the runtime replays when it returns.
+    #[error("database unavailable: {0}")]
+    Unavailable(sqlx::Error),
+}
+
+impl WorkflowError {
+    /// A failure that ends the workflow with this error.
+    pub fn fatal(message: impl std::fmt::Display) -> Self {
+        WorkflowError::Failed {
+            error: message.to_string(),
+            attempts: 1,
+        }
+    }
+}
+
+impl From<sqlx::Error> for WorkflowError {
+    fn from(error: sqlx::Error) -> Self {
+        if is_unavailable(&error) {
+            WorkflowError::Unavailable(error)
+        } else {
+            WorkflowError::fatal(format!("database error: {error}"))
+        }
+    }
+}
+
+impl From<apalis_postgres::Error> for WorkflowError {
+    fn from(error: apalis_postgres::Error) -> Self {
+        match error {
+            apalis_postgres::Error::Database(e) => e.into(),
+            other => WorkflowError::fatal(format!("queue error: {other}")),
+        }
+    }
+}
+
+impl From<serde_json::Error> for WorkflowError {
+    fn from(error: serde_json::Error) -> Self {
+        WorkflowError::fatal(format!("payload encoding: {error}"))
+    }
+}

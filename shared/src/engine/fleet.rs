@@ -1,0 +1,290 @@
+//! The fleet registry: each worker process is a row in `workers` while it
+//! lives, and holds the session advisory lock `lock_key` on a connection of
+//! its own. PostgreSQL releases that lock the instant the process's
+//! connection dies (kill -9, power cut), so live workers see a dead one at
+//! their next reap, without waiting for a heartbeat to go stale. Staleness
+//! of `last_seen` remains the fallback for a hung or cut-off process.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::sync::{oneshot, watch};
+
+use super::queue::JOB_INSERT_CHANNEL;
+
+/// Channel on which a worker is asked to crash (chaos testing only).
+pub const CONTROL_CHANNEL: &str = "widget_worker_control";
+
+/// A live worker process as the registry shows it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct WorkerInfo {
+    /// Unique per process start: `<host>-<pid>-<random>`.
+    pub id: String,
+    /// Host name.
+    pub host: String,
+    /// Process id.
+    pub pid: i32,
+    /// Queues it consumes.
+    pub queues: Vec<String>,
+    /// Process start.
+    pub started_at: DateTime<Utc>,
+    /// Last heartbeat.
+    pub last_seen: DateTime<Utc>,
+    /// Workflows it is executing now.
+    pub in_flight: i32,
+    /// True once it received SIGTERM.
+    pub draining: bool,
+}
+
+/// The live workers, oldest first.
+pub async fn list_workers(pool: &PgPool) -> Result<Vec<WorkerInfo>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, host, pid, queues, started_at, last_seen, in_flight, draining
+         FROM workers ORDER BY started_at, id",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// Asks a worker (a random live one when `worker_id` is `None`) to abort on
+/// the spot. Returns the worker asked, or `None` when no worker is live.
+/// Workers obey only when started with remote crash allowed.
+pub async fn request_crash(pool: &PgPool, worker_id: Option<&str>) -> Result<Option<String>, sqlx::Error> {
+    let target: Option<String> = match worker_id {
+        Some(id) => sqlx::query_scalar("SELECT id FROM workers WHERE id = $1 AND NOT draining")
+            .bind(id)
+            .fetch_optional(pool)
+            .await?,
+        None => sqlx::query_scalar("SELECT id FROM workers WHERE NOT draining ORDER BY random() LIMIT 1")
+            .fetch_optional(pool)
+            .await?,
+    };
+    if let Some(id) = &target {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CONTROL_CHANNEL)
+            .bind(format!("crash:{id}"))
+            .execute(pool)
+            .await?;
+    }
+    Ok(target)
+}
+
+/// What a worker registers.
+#[derive(Debug, Clone)]
+pub(crate) struct Registration {
+    pub(crate) worker_id: Arc<str>,
+    pub(crate) lock_key: i64,
+    pub(crate) host: String,
+    pub(crate) queues: Vec<String>,
+    pub(crate) heartbeat: Duration,
+}
+
+/// Holds the worker's advisory lock and registry row until `stop` turns
+/// true, reconnecting whenever the connection drops. `registered` fires the
+/// first time both are in place.
+pub(crate) async fn hold_membership(
+    options: PgConnectOptions,
+    me: Registration,
+    in_flight: Arc<AtomicUsize>,
+    draining: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
+    registered: oneshot::Sender<()>,
+) {
+    let mut registered = Some(registered);
+    let mut delay = Duration::from_millis(100);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let mut conn = match join(&options, &me).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot register in the fleet; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = super::until_true(&mut stop) => return,
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        delay = Duration::from_millis(100);
+        if let Some(tx) = registered.take() {
+            let _ = tx.send(());
+        }
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(me.heartbeat) => {}
+                _ = super::until_true(&mut stop) => {
+                    let _ = conn.close().await;
+                    return;
+                }
+            }
+            let is_draining = *draining.borrow();
+            let beat = sqlx::query(
+                "UPDATE workers SET last_seen = now(), in_flight = $2, draining = $3 WHERE id = $1",
+            )
+            .bind(&*me.worker_id)
+            .bind(in_flight.load(Ordering::Relaxed) as i32)
+            .bind(is_draining)
+            .execute(&mut conn)
+            .await;
+            match beat {
+                Ok(done) if done.rows_affected() == 1 => {}
+                Ok(_) => {
+                    // Reaped while alive (our lock connection dropped for a
+                    // moment): register again. Fencing kept the duplicate
+                    // executions of our workflows harmless.
+                    tracing::warn!(worker_id = %me.worker_id, "registry row gone; registering again");
+                    if let Err(e) = upsert(&mut conn, &me).await {
+                        tracing::warn!(error = %e, "re-registration failed");
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "fleet heartbeat failed; reconnecting");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn join(options: &PgConnectOptions, me: &Registration) -> Result<PgConnection, sqlx::Error> {
+    let mut conn = PgConnection::connect_with(options).await?;
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(me.lock_key)
+        .execute(&mut conn)
+        .await?;
+    upsert(&mut conn, me).await?;
+    Ok(conn)
+}
+
+async fn upsert(conn: &mut PgConnection, me: &Registration) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO workers (id, host, pid, queues, lock_key) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (id) DO UPDATE SET last_seen = now()",
+    )
+    .bind(&*me.worker_id)
+    .bind(&me.host)
+    .bind(std::process::id() as i32)
+    .bind(&me.queues)
+    .bind(me.lock_key)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// One reap: finds workers whose advisory lock is free (the process is gone)
+/// or whose heartbeat is older than `stale_after` (hung), hands their jobs
+/// back to the queue with a wake-up notification, and removes them.
+/// Returns the reaped worker ids.
+pub(crate) async fn reap(pool: &PgPool, me: &str, stale_after: Duration) -> Result<Vec<String>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    // A transaction-level try-lock on a dead worker's key succeeds (and
+    // keeps concurrent reapers off it until we commit); on a live one it fails.
+    let dead: Vec<String> = sqlx::query_scalar(
+        "SELECT id FROM workers
+         WHERE id <> $1
+           AND (last_seen < now() - make_interval(secs => $2) OR pg_try_advisory_xact_lock(lock_key))",
+    )
+    .bind(me)
+    .bind(stale_after.as_secs_f64())
+    .fetch_all(&mut *tx)
+    .await?;
+    if dead.is_empty() {
+        return Ok(dead);
+    }
+    let moved = release_jobs(&mut tx, &dead, None).await?;
+    sqlx::query("UPDATE workflows SET owner = NULL WHERE owner = ANY($1)")
+        .bind(&dead)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM apalis.workers WHERE split_part(id, '/', 1) = ANY($1)")
+        .bind(&dead)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM workers WHERE id = ANY($1)")
+        .bind(&dead)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    tracing::info!(reaped = ?dead, jobs_requeued = moved, "reaped dead workers");
+    Ok(dead)
+}
+
+/// Puts jobs held by the given worker processes back to Pending and wakes
+/// idle workers (apalis' insert trigger does not fire for an update).
+/// With `only_queue`, just that queue's jobs, except those of the apalis
+/// worker name `except` (a restarted queue worker releasing its earlier
+/// incarnations' jobs).
+pub(crate) async fn release_jobs(
+    conn: &mut PgConnection,
+    worker_ids: &[String],
+    only_queue: Option<(&str, &str)>,
+) -> Result<u64, sqlx::Error> {
+    let (queue, except) = only_queue.unzip();
+    let moved: Vec<(String, String)> = sqlx::query_as(
+        "UPDATE apalis.jobs SET status = 'Pending', lock_by = NULL, lock_at = NULL, done_at = NULL
+         WHERE status IN ('Queued', 'Running')
+           AND split_part(lock_by, '/', 1) = ANY($1)
+           AND ($2::text IS NULL OR job_type = $2)
+           AND ($3::text IS NULL OR lock_by <> $3)
+         RETURNING id, job_type",
+    )
+    .bind(worker_ids)
+    .bind(queue)
+    .bind(except)
+    .fetch_all(&mut *conn)
+    .await?;
+    for (id, job_type) in &moved {
+        sqlx::query("SELECT pg_notify($1, json_build_object('job_type', $2::text, 'id', $3::text)::text)")
+            .bind(JOB_INSERT_CHANNEL)
+            .bind(job_type)
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(moved.len() as u64)
+}
+
+/// A clean exit: hands this worker's remaining jobs back and removes it
+/// from the registry, so others take over at once.
+pub(crate) async fn leave(pool: &PgPool, me: &str) -> Result<u64, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let ids = [me.to_owned()];
+    let moved = release_jobs(&mut tx, &ids, None).await?;
+    sqlx::query("UPDATE workflows SET owner = NULL WHERE owner = $1")
+        .bind(me)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM apalis.workers WHERE split_part(id, '/', 1) = $1")
+        .bind(me)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM workers WHERE id = $1")
+        .bind(me)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(moved)
+}
+
+/// Deletes finished jobs older than `older_than`: apalis.jobs stays small,
+/// so claiming stays fast however many jobs have run.
+pub(crate) async fn prune_jobs(pool: &PgPool, older_than: Duration) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "DELETE FROM apalis.jobs
+         WHERE (status IN ('Done', 'Killed') OR (status = 'Failed' AND attempts >= max_attempts))
+           AND done_at < now() - make_interval(secs => $1)",
+    )
+    .bind(older_than.as_secs_f64())
+    .execute(pool)
+    .await?
+    .rows_affected())
+}

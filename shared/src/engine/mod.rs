@@ -1,0 +1,198 @@
+//! The durable workflow engine: checkpointed steps on apalis-postgres queues.
+//!
+//! It knows nothing of products or orders. A workflow is an async function
+//! of a [`WorkflowContext`]; its identity is a string chosen by the caller
+//! (for a checkout, the client's idempotency key). See `docs/engine.md` for
+//! a guide with an example; in short:
+//!
+//! - [`Engine::start`] inserts the workflow row and enqueues its job in one
+//!   transaction. The same id again starts nothing new; the same id with
+//!   another kind is [`EngineError::KindConflict`].
+//! - [`WorkflowContext::tx_step`] runs a closure in a transaction that also
+//!   inserts the step's checkpoint: the step's database effect happens
+//!   exactly once, whatever dies when.
+//! - [`WorkflowContext::step`] is for effects outside the database: at least
+//!   once, checkpointed after it succeeds, with a stable idempotency key.
+//! - Every execution replays from the top; completed steps return their
+//!   checkpoint. A checkpoint whose name differs from the code fails the
+//!   workflow ([`WorkflowError::Nondeterministic`]).
+//! - [`WorkflowContext::recv`] and [`WorkflowContext::sleep`] checkpoint
+//!   their deadline, then park: the job ends, no slot or connection is held.
+//!   [`Engine::send`] (message and resume job in one transaction) or a job
+//!   scheduled at the deadline resumes it.
+//! - Fencing: the checkpoint's primary key `(workflow_id, step_seq)` lets only
+//!   one execution commit a step; the other stops ([`WorkflowError::Fenced`]).
+//! - Takeover: each worker process holds a session advisory lock for its whole
+//!   life ([`Runtime`]); live workers reap a dead one's jobs the moment its
+//!   lock is free.
+
+mod client;
+mod context;
+mod error;
+mod events;
+pub mod fleet;
+mod queue;
+mod runtime;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+pub use client::{Engine, Message, SendOutcome};
+pub use context::WorkflowContext;
+pub use error::{EngineError, StepError, WorkflowError};
+pub use events::EventListener;
+pub use queue::{JOB_INSERT_CHANNEL, WorkflowJob, enqueue};
+pub use runtime::{ExecutionOutcome, QueueConfig, Runtime, RuntimeConfig, Workflow};
+
+/// A kind of workflow and the queue its jobs go to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkflowKind {
+    /// Stored in `workflows.kind`; the worker looks the code up by it.
+    pub name: &'static str,
+    /// The apalis queue (job_type) its jobs are enqueued on.
+    pub queue: &'static str,
+}
+
+/// A workflow's lifecycle status (`workflows.status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkflowStatus {
+    /// A job to run it is queued.
+    Enqueued,
+    /// A worker is executing it.
+    Running,
+    /// Parked in recv or sleep.
+    Waiting,
+    /// Finished with an output.
+    Succeeded,
+    /// Finished with an error (dead letter).
+    Failed,
+    /// Cancelled.
+    Cancelled,
+}
+
+impl WorkflowStatus {
+    /// The status as stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkflowStatus::Enqueued => "enqueued",
+            WorkflowStatus::Running => "running",
+            WorkflowStatus::Waiting => "waiting",
+            WorkflowStatus::Succeeded => "succeeded",
+            WorkflowStatus::Failed => "failed",
+            WorkflowStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// Parses a stored status.
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "enqueued" => WorkflowStatus::Enqueued,
+            "running" => WorkflowStatus::Running,
+            "waiting" => WorkflowStatus::Waiting,
+            "succeeded" => WorkflowStatus::Succeeded,
+            "failed" => WorkflowStatus::Failed,
+            "cancelled" => WorkflowStatus::Cancelled,
+            _ => return None,
+        })
+    }
+
+    /// Terminal workflows are never resumed by the engine itself.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            WorkflowStatus::Succeeded | WorkflowStatus::Failed | WorkflowStatus::Cancelled
+        )
+    }
+}
+
+/// What [`Engine::start`] returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkflowHandle {
+    /// The workflow id.
+    pub id: String,
+    /// Its kind.
+    pub kind: String,
+    /// True for the call that created it; false when it already existed.
+    pub created: bool,
+}
+
+/// A workflow's row as an operator sees it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct WorkflowInfo {
+    /// The id.
+    pub id: String,
+    /// The kind.
+    pub kind: String,
+    /// The status, as stored.
+    pub status: String,
+    /// The output once succeeded.
+    pub output: Option<serde_json::Value>,
+    /// The last error once failed.
+    pub error: Option<String>,
+    /// Attempts spent on the failing step.
+    pub attempts: i32,
+    /// Executions started.
+    pub executions: i32,
+    /// The worker running it now.
+    pub owner: Option<String>,
+    /// Created at.
+    pub created_at: DateTime<Utc>,
+    /// Last changed at.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A completed step as recorded (for timelines).
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct StepRecord {
+    /// Position in the workflow, from 0.
+    pub step_seq: i32,
+    /// The step's name.
+    pub name: String,
+    /// The worker that ran it.
+    pub worker_id: Option<String>,
+    /// When its execution began.
+    pub started_at: DateTime<Utc>,
+    /// When its checkpoint committed.
+    pub finished_at: DateTime<Utc>,
+}
+
+/// Retry policy of a step: exponential backoff between attempts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included. 1 means no retry.
+    pub max_attempts: u32,
+    /// Wait before the second attempt.
+    pub initial_backoff: Duration,
+    /// Upper bound of the wait.
+    pub max_backoff: Duration,
+    /// Growth factor of the wait per attempt.
+    pub multiplier: f64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+            multiplier: 2.0,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait after failed attempt number `attempt` (1-based).
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let factor = self.multiplier.powi(attempt.saturating_sub(1) as i32);
+        self.initial_backoff.mul_f64(factor).min(self.max_backoff)
+    }
+}
+
+/// Resolves once the watched flag is true (or its sender is gone). Unlike
+/// `wait_for`, holds no borrow across an await.
+pub(crate) async fn until_true(flag: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = flag.wait_for(|value| *value).await;
+}

@@ -1,0 +1,614 @@
+//! The worker side: runs workflows from apalis queues, keeps the process in
+//! the fleet registry, reaps dead workers and drains on shutdown.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use apalis::prelude::{BackendExt, BoxDynError, Data, WorkerBuilder, WorkerBuilderExt, WorkerError};
+use apalis_postgres::PostgresStorage;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgListener};
+use tokio::sync::{oneshot, watch};
+use tracing::Instrument;
+
+use super::context::{Checkpoint, WorkflowContext, panic_message};
+use super::fleet::{self, CONTROL_CHANNEL, Registration};
+use super::queue::{WorkflowJob, enqueue};
+use super::{RetryPolicy, WorkflowError, WorkflowKind};
+
+/// A workflow definition: typed input, output and retry policy.
+pub trait Workflow: Send + Sync + 'static {
+    /// The input given to [`Engine::start`](super::Engine::start).
+    type Input: DeserializeOwned + Send;
+    /// Stored in `workflows.output` on success.
+    type Output: Serialize + Send;
+
+    /// Its kind and queue.
+    fn kind(&self) -> WorkflowKind;
+
+    /// The retry policy of its steps (each step may override it).
+    fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy::default()
+    }
+
+    /// The workflow function. It must be deterministic apart from its steps:
+    /// every execution replays it from the top.
+    fn run<'a>(
+        &'a self,
+        ctx: &'a mut WorkflowContext,
+        input: Self::Input,
+    ) -> impl Future<Output = Result<Self::Output, WorkflowError>> + Send + 'a;
+}
+
+trait ErasedWorkflow: Send + Sync {
+    fn kind(&self) -> WorkflowKind;
+    fn retry_policy(&self) -> RetryPolicy;
+    fn run_json<'a>(&'a self, ctx: &'a mut WorkflowContext, input: Value) -> BoxFuture<'a, Result<Value, WorkflowError>>;
+}
+
+impl<W: Workflow> ErasedWorkflow for W {
+    fn kind(&self) -> WorkflowKind {
+        Workflow::kind(self)
+    }
+    fn retry_policy(&self) -> RetryPolicy {
+        Workflow::retry_policy(self)
+    }
+    fn run_json<'a>(&'a self, ctx: &'a mut WorkflowContext, input: Value) -> BoxFuture<'a, Result<Value, WorkflowError>> {
+        async move {
+            let input = serde_json::from_value(input)
+                .map_err(|e| WorkflowError::fatal(format!("input does not decode: {e}")))?;
+            let output = self.run(ctx, input).await?;
+            Ok(serde_json::to_value(output)?)
+        }
+        .boxed()
+    }
+}
+
+/// One queue a worker consumes.
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    /// The queue name (a workflow kind's `queue`).
+    pub name: String,
+    /// Workflows of this queue executing at once in this process. Also the
+    /// fetch batch size: a larger batch would hold jobs a sibling could run.
+    pub concurrency: usize,
+}
+
+/// Settings of a worker process's runtime.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Queues to consume.
+    pub queues: Vec<QueueConfig>,
+    /// Registry heartbeat period.
+    pub heartbeat: Duration,
+    /// How often to look for dead workers (bounds takeover time).
+    pub reap_interval: Duration,
+    /// A worker whose heartbeat is older than this is presumed hung and reaped
+    /// even though its connection lives.
+    pub stale_after: Duration,
+    /// Fallback poll of the queue, for scheduled jobs (no NOTIFY for them).
+    pub poll_interval: Duration,
+    /// Sleeps up to this long wait in-process instead of parking.
+    pub hold_threshold: Duration,
+    /// On SIGTERM, how long running steps get to finish.
+    pub drain_timeout: Duration,
+    /// Finished jobs older than this are deleted.
+    pub prune_after: Duration,
+    /// Obey `POST /crash_application` (chaos testing).
+    pub allow_remote_crash: bool,
+    /// A workflow started this many times without finishing is failed (a
+    /// crash loop is a dead letter, not an infinite loop).
+    pub max_executions: i32,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            queues: Vec::new(),
+            heartbeat: Duration::from_secs(1),
+            reap_interval: Duration::from_millis(200),
+            stale_after: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(200),
+            hold_threshold: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(10),
+            prune_after: Duration::from_secs(300),
+            allow_remote_crash: false,
+            max_executions: 100,
+        }
+    }
+}
+
+/// How one execution of a workflow ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecutionOutcome {
+    /// Finished with its output.
+    Succeeded,
+    /// Waiting for a message or a wake-up time.
+    Parked,
+    /// Failed for good (dead letter).
+    Failed,
+    /// Cancelled at a step boundary.
+    Cancelled,
+    /// Another execution checkpointed a step first; this one stopped.
+    Fenced,
+    /// The worker is draining; the workflow was handed back to the queue.
+    HandedBack,
+    /// Nothing to do: finished already, or running elsewhere.
+    Skipped,
+    /// The worker is shutting down while the database is unreachable; the
+    /// job will be released when this process leaves or is reaped.
+    Abandoned,
+}
+
+/// The worker-side engine of one process.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    connect: PgConnectOptions,
+    worker_id: Arc<str>,
+    lock_key: i64,
+    workflows: HashMap<&'static str, Arc<dyn ErasedWorkflow>>,
+    in_flight: Mutex<HashSet<String>>,
+    in_flight_count: Arc<AtomicUsize>,
+    drain: watch::Sender<bool>,
+    config: RuntimeConfig,
+}
+
+impl Runtime {
+    /// A runtime on `pool`; `connect` opens its registry connection.
+    pub fn new(pool: PgPool, connect: PgConnectOptions, config: RuntimeConfig) -> Self {
+        let host = hostname();
+        let suffix: u32 = rand::random();
+        let worker_id = format!("{host}-{}-{suffix:08x}", std::process::id());
+        let (drain, _) = watch::channel(false);
+        Self {
+            inner: Arc::new(Inner {
+                pool,
+                connect,
+                worker_id: Arc::from(worker_id),
+                lock_key: rand::random::<i64>(),
+                workflows: HashMap::new(),
+                in_flight: Mutex::new(HashSet::new()),
+                in_flight_count: Arc::new(AtomicUsize::new(0)),
+                drain,
+                config,
+            }),
+        }
+    }
+
+    /// Adds a workflow definition. Call before [`Runtime::run`].
+    pub fn register<W: Workflow>(mut self, workflow: W) -> Self {
+        let inner = Arc::get_mut(&mut self.inner).expect("register workflows before running");
+        inner.workflows.insert(workflow.kind().name, Arc::new(workflow));
+        self
+    }
+
+    /// This process's worker id (unique per process start).
+    pub fn worker_id(&self) -> &str {
+        &self.inner.worker_id
+    }
+
+    /// Runs until `shutdown` completes, then drains: stops claiming, lets
+    /// running steps finish (up to the drain timeout), hands unfinished
+    /// workflows back to the queue and leaves the registry.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        let inner = self.inner.clone();
+        let (stop_membership, stop_rx) = watch::channel(false);
+        let (registered_tx, registered_rx) = oneshot::channel();
+        let registration = Registration {
+            worker_id: inner.worker_id.clone(),
+            lock_key: inner.lock_key,
+            host: hostname(),
+            queues: inner.config.queues.iter().map(|q| q.name.clone()).collect(),
+            heartbeat: inner.config.heartbeat,
+        };
+        let membership = tokio::spawn(fleet::hold_membership(
+            inner.connect.clone(),
+            registration,
+            inner.in_flight_count.clone(),
+            inner.drain.subscribe(),
+            stop_rx.clone(),
+            registered_tx,
+        ));
+        tokio::pin!(shutdown);
+        tokio::select! {
+            _ = registered_rx => {}
+            _ = &mut shutdown => {
+                let _ = stop_membership.send(true);
+                return Ok(());
+            }
+        }
+        let background = [
+            tokio::spawn(reap_loop(inner.clone(), stop_rx.clone())),
+            tokio::spawn(prune_loop(inner.clone(), stop_rx.clone())),
+            tokio::spawn(control_loop(inner.clone(), stop_rx.clone())),
+        ];
+        let queues: Vec<_> = inner
+            .config
+            .queues
+            .iter()
+            .map(|queue| tokio::spawn(run_queue(inner.clone(), queue.clone())))
+            .collect();
+        tracing::info!(
+            worker_id = %inner.worker_id,
+            queues = ?inner.config.queues.iter().map(|q| (&q.name, q.concurrency)).collect::<Vec<_>>(),
+            "worker started"
+        );
+
+        shutdown.await;
+        tracing::info!(worker_id = %inner.worker_id, "draining: no new claims; running steps finish");
+        let _ = inner.drain.send(true);
+        let drained = tokio::time::timeout(inner.config.drain_timeout, async {
+            for queue in queues {
+                let _ = queue.await;
+            }
+            while inner.in_flight_count.load(Ordering::Relaxed) > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                in_flight = inner.in_flight_count.load(Ordering::Relaxed),
+                "drain timeout: leaving with steps still running; their workflows replay elsewhere"
+            );
+        }
+        match fleet::leave(&inner.pool, &inner.worker_id).await {
+            Ok(released) => tracing::info!(released, "left the fleet; unfinished jobs handed back"),
+            Err(e) => tracing::warn!(error = %e, "could not leave cleanly; the reaper will hand our jobs back"),
+        }
+        let _ = stop_membership.send(true);
+        let _ = membership.await;
+        for task in background {
+            task.abort();
+        }
+        Ok(())
+    }
+
+    /// Executes (or resumes) one workflow to its next park or its end.
+    /// The queue handler calls this; tests call it to force races.
+    pub async fn execute(&self, workflow_id: &str) -> ExecutionOutcome {
+        let inner = &self.inner;
+        if !inner.in_flight.lock().expect("in-flight set").insert(workflow_id.to_owned()) {
+            return ExecutionOutcome::Skipped;
+        }
+        inner.in_flight_count.fetch_add(1, Ordering::Relaxed);
+        let _guard = InFlightGuard { inner, workflow_id };
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.execute_once(workflow_id).await {
+                Ok(outcome) => return outcome,
+                Err(e) => {
+                    if *inner.drain.borrow() {
+                        return ExecutionOutcome::Abandoned;
+                    }
+                    tracing::warn!(workflow_id, error = %e, "database unavailable; will replay when it returns");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    async fn execute_once(&self, workflow_id: &str) -> Result<ExecutionOutcome, sqlx::Error> {
+        let inner = &self.inner;
+        type Row = (String, String, String, Value, Option<String>, bool, i32);
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT w.kind, w.queue, w.status, w.input, w.owner,
+                    EXISTS (SELECT 1 FROM workers k WHERE k.id = w.owner
+                            AND k.last_seen > now() - make_interval(secs => $2)) AS owner_alive,
+                    w.executions
+             FROM workflows w WHERE w.id = $1",
+        )
+        .bind(workflow_id)
+        .bind(inner.config.stale_after.as_secs_f64())
+        .fetch_optional(&inner.pool)
+        .await?;
+        let Some((kind, queue, status, input, owner, owner_alive, executions)) = row else {
+            tracing::warn!(workflow_id, "job for an unknown workflow; ignored");
+            return Ok(ExecutionOutcome::Skipped);
+        };
+        if matches!(status.as_str(), "succeeded" | "failed" | "cancelled") {
+            return Ok(ExecutionOutcome::Skipped);
+        }
+        if status == "running" && owner_alive && owner.as_deref() != Some(&*inner.worker_id) {
+            tracing::debug!(workflow_id, owner = ?owner, "already running on a live worker; skipped");
+            return Ok(ExecutionOutcome::Skipped);
+        }
+        let Some(definition) = inner.workflows.get(kind.as_str()).cloned() else {
+            let error = format!("no workflow of kind `{kind}` is registered on worker {}", inner.worker_id);
+            self.finish(workflow_id, "failed", None, Some(&error), 0).await?;
+            tracing::error!(workflow_id, %error, "workflow failed");
+            return Ok(ExecutionOutcome::Failed);
+        };
+        if executions >= inner.config.max_executions {
+            let error = format!("started {executions} times without finishing (crash loop?)");
+            self.finish(workflow_id, "failed", None, Some(&error), 0).await?;
+            tracing::error!(workflow_id, %error, "workflow failed");
+            return Ok(ExecutionOutcome::Failed);
+        }
+        let claimed: Option<i32> = sqlx::query_scalar(
+            "UPDATE workflows SET status = 'running', owner = $2, executions = executions + 1,
+             wait_topic = NULL, wait_until = NULL, updated_at = now()
+             WHERE id = $1 AND status NOT IN ('succeeded', 'failed', 'cancelled')
+             RETURNING executions",
+        )
+        .bind(workflow_id)
+        .bind(&*inner.worker_id)
+        .fetch_optional(&inner.pool)
+        .await?;
+        let Some(execution) = claimed else {
+            return Ok(ExecutionOutcome::Skipped);
+        };
+        let checkpoints: Vec<Checkpoint> = sqlx::query_as(
+            "SELECT step_seq, name, output FROM workflow_steps WHERE workflow_id = $1 ORDER BY step_seq",
+        )
+        .bind(workflow_id)
+        .fetch_all(&inner.pool)
+        .await?;
+        let mut ctx = WorkflowContext {
+            pool: inner.pool.clone(),
+            workflow_id: workflow_id.to_owned(),
+            kind: definition.kind(),
+            worker_id: inner.worker_id.clone(),
+            checkpoints: checkpoints.into(),
+            next_seq: 0,
+            retry: definition.retry_policy(),
+            hold_threshold: inner.config.hold_threshold,
+            draining: inner.drain.subscribe(),
+            execution,
+        };
+        let span = tracing::info_span!("workflow", workflow_id, kind = %kind, execution, worker_id = %inner.worker_id);
+        let result = AssertUnwindSafe(definition.run_json(&mut ctx, input))
+            .catch_unwind()
+            .instrument(span.clone())
+            .await;
+        let _enter = span.enter();
+        match result {
+            Ok(Ok(output)) => {
+                self.finish(workflow_id, "succeeded", Some(&output), None, 0).await?;
+                tracing::debug!("workflow succeeded");
+                Ok(ExecutionOutcome::Succeeded)
+            }
+            Ok(Err(WorkflowError::Parked)) => Ok(ExecutionOutcome::Parked),
+            Ok(Err(WorkflowError::Fenced { step, name })) => {
+                tracing::info!(
+                    step, step_name = %name,
+                    "fenced: another execution checkpointed this step first; this execution stops"
+                );
+                Ok(ExecutionOutcome::Fenced)
+            }
+            Ok(Err(WorkflowError::Cancelled)) => {
+                self.finish(workflow_id, "cancelled", None, None, 0).await?;
+                tracing::info!("workflow cancelled at a step boundary");
+                Ok(ExecutionOutcome::Cancelled)
+            }
+            Ok(Err(WorkflowError::Draining)) => {
+                let mut tx = inner.pool.begin().await?;
+                sqlx::query(
+                    "UPDATE workflows SET status = 'enqueued', owner = NULL, updated_at = now()
+                     WHERE id = $1 AND status = 'running'",
+                )
+                .bind(workflow_id)
+                .execute(&mut *tx)
+                .await?;
+                enqueue(&mut tx, &queue, workflow_id, None)
+                    .await
+                    .map_err(queue_error)?;
+                tx.commit().await?;
+                tracing::info!("handed back to the queue (worker draining)");
+                Ok(ExecutionOutcome::HandedBack)
+            }
+            Ok(Err(WorkflowError::Unavailable(e))) => Err(e),
+            Ok(Err(WorkflowError::Failed { error, attempts })) => {
+                self.finish(workflow_id, "failed", None, Some(&error), attempts).await?;
+                tracing::error!(%error, "workflow failed");
+                Ok(ExecutionOutcome::Failed)
+            }
+            Ok(Err(e @ WorkflowError::Nondeterministic { .. })) => {
+                let error = e.to_string();
+                self.finish(workflow_id, "failed", None, Some(&error), 0).await?;
+                tracing::error!(%error, "workflow failed: code and checkpoints disagree");
+                Ok(ExecutionOutcome::Failed)
+            }
+            Err(panic) => {
+                let error = format!("workflow panicked outside a step: {}", panic_message(&*panic));
+                self.finish(workflow_id, "failed", None, Some(&error), 1).await?;
+                tracing::error!(%error, "workflow failed");
+                Ok(ExecutionOutcome::Failed)
+            }
+        }
+    }
+
+    async fn finish(
+        &self,
+        workflow_id: &str,
+        status: &str,
+        output: Option<&Value>,
+        error: Option<&str>,
+        attempts: i32,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "UPDATE workflows SET status = $2, output = $3, error = $4, attempts = $5, owner = NULL,
+             wait_topic = NULL, wait_until = NULL, updated_at = now()
+             WHERE id = $1 AND status NOT IN ('succeeded', 'failed', 'cancelled')",
+        )
+        .bind(workflow_id)
+        .bind(status)
+        .bind(output)
+        .bind(error)
+        .bind(attempts)
+        .execute(&self.inner.pool)
+        .await?;
+        Ok(())
+    }
+}
+
+struct InFlightGuard<'a> {
+    inner: &'a Inner,
+    workflow_id: &'a str,
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.inner.in_flight.lock() {
+            set.remove(self.workflow_id);
+        }
+        self.inner.in_flight_count.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn queue_error(error: apalis_postgres::Error) -> sqlx::Error {
+    match error {
+        apalis_postgres::Error::Database(e) => e,
+        other => sqlx::Error::Protocol(format!("queue: {other}")),
+    }
+}
+
+async fn handle_job(job: WorkflowJob, inner: Data<Arc<Inner>>) -> Result<(), BoxDynError> {
+    let runtime = Runtime { inner: (*inner).clone() };
+    runtime.execute(&job.workflow_id).await;
+    Ok(())
+}
+
+/// Runs the apalis worker of one queue, restarting it (under a new name, so
+/// its registration never collides with the old one) if it dies, for
+/// example when the database restarts.
+async fn run_queue(inner: Arc<Inner>, queue: QueueConfig) {
+    let mut drain = inner.drain.subscribe();
+    let mut generation = 0u32;
+    loop {
+        if *drain.borrow() {
+            return;
+        }
+        generation += 1;
+        let name = format!("{}/{}/{}", inner.worker_id, queue.name, generation);
+        if generation > 1 {
+            // Jobs claimed by our earlier incarnation but never acked.
+            let released = async {
+                let mut conn = inner.pool.acquire().await?;
+                fleet::release_jobs(&mut conn, &[inner.worker_id.to_string()], Some((&queue.name, &name))).await
+            }
+            .await;
+            if let Err(e) = released {
+                tracing::warn!(error = %e, queue = %queue.name, "cannot release earlier jobs yet");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        }
+        let config = apalis_postgres::Config::default()
+            .queue(&queue.name)
+            .batch_size(queue.concurrency.max(1))
+            .heartbeat_interval(Duration::from_secs(5))
+            .missed_heartbeats(6);
+        let backend = PostgresStorage::<WorkflowJob>::new(&inner.pool)
+            .with_config(config)
+            .with_pubsub()
+            .poll_with_interval(inner.config.poll_interval);
+        let worker = WorkerBuilder::new(name.as_str())
+            .backend(backend)
+            .data(inner.clone())
+            .concurrency(queue.concurrency.max(1))
+            .build(handle_job);
+        let mut stop = drain.clone();
+        let signal = async move {
+            let _ = super::until_true(&mut stop).await;
+            Ok::<(), WorkerError>(())
+        };
+        match worker.run_until(signal).await {
+            Ok(()) if *drain.borrow() => return,
+            Ok(()) => tracing::warn!(queue = %queue.name, "queue worker stopped; restarting"),
+            Err(e) => tracing::warn!(queue = %queue.name, error = %e, "queue worker failed; restarting"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = super::until_true(&mut drain) => return,
+        }
+    }
+}
+
+async fn reap_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(inner.config.reap_interval) => {}
+            _ = super::until_true(&mut stop) => return,
+        }
+        if *inner.drain.borrow() {
+            continue;
+        }
+        if let Err(e) = fleet::reap(&inner.pool, &inner.worker_id, inner.config.stale_after).await {
+            tracing::debug!(error = %e, "reap failed");
+        }
+    }
+}
+
+async fn prune_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    let period = (inner.config.prune_after / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = super::until_true(&mut stop) => return,
+        }
+        match fleet::prune_jobs(&inner.pool, inner.config.prune_after).await {
+            Ok(0) => {}
+            Ok(pruned) => tracing::debug!(pruned, "pruned finished jobs"),
+            Err(e) => tracing::debug!(error = %e, "prune failed"),
+        }
+    }
+}
+
+/// Obeys crash requests addressed to this worker (chaos testing only).
+async fn control_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    if !inner.config.allow_remote_crash {
+        return;
+    }
+    let target = format!("crash:{}", inner.worker_id);
+    loop {
+        let mut listener = match PgListener::connect_with(&inner.pool).await {
+            Ok(listener) => listener,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        if listener.listen(CONTROL_CHANNEL).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        loop {
+            tokio::select! {
+                received = listener.try_recv() => match received {
+                    Ok(Some(note)) if note.payload() == target => {
+                        tracing::error!(worker_id = %inner.worker_id, "crash requested: aborting now");
+                        std::process::abort();
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                },
+                _ = super::until_true(&mut stop) => return,
+            }
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".to_owned())
+}

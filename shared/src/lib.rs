@@ -1,0 +1,7 @@
+//! Widget Store's shared library: configuration helpers, the database pool
+//! and migrations, the durable workflow engine, and the store's SQL.
+
+pub mod db;
+pub mod engine;
+pub mod store;
+pub mod telemetry;

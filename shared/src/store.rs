@@ -1,0 +1,300 @@
+//! The widget store's domain: its workflow kinds, their inputs, and every
+//! SQL statement on `products` and `orders` (the repository).
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use sqlx::{PgConnection, PgPool};
+
+use crate::engine::WorkflowKind;
+
+/// The checkout workflow: reserve, create the order, wait for payment.
+pub const CHECKOUT: WorkflowKind = WorkflowKind {
+    name: "checkout",
+    queue: "checkout",
+};
+
+/// The dispatch workflow of a paid order: ten progress steps.
+pub const DISPATCH: WorkflowKind = WorkflowKind {
+    name: "dispatch",
+    queue: "dispatch",
+};
+
+/// The one product's id.
+pub const WIDGET_ID: i32 = 1;
+
+/// Stock after a restock without a body.
+pub const DEFAULT_STOCK: i32 = 100;
+
+/// Progress steps of a dispatch.
+pub const DISPATCH_STEPS: i32 = 10;
+
+/// Event keys and message topics the store's workflows use.
+pub mod topics {
+    /// Event: the payment id handed to the shopper (null when out of stock).
+    pub const PAYMENT_ID: &str = "payment_id";
+    /// Event: the order id once the payment is settled.
+    pub const ORDER_ID: &str = "order_id";
+    /// Event: how the payment was settled: "paid", "failed" or "timed_out".
+    pub const PAYMENT_OUTCOME: &str = "payment_outcome";
+    /// Message topic (and deduplication key) of the payment webhook.
+    pub const PAYMENT_STATUS: &str = "payment_status";
+}
+
+/// Input of a checkout workflow.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CheckoutInput {
+    /// The product bought.
+    pub product_id: i32,
+}
+
+/// Input of a dispatch workflow.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DispatchInput {
+    /// The paid order.
+    pub order_id: i64,
+}
+
+/// The id of the dispatch workflow of an order.
+pub fn dispatch_workflow_id(order_id: i64) -> String {
+    format!("dispatch-{order_id}")
+}
+
+/// What the payment provider reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PaymentStatus {
+    /// Paid.
+    Paid,
+    /// Failed (declined, abandoned).
+    Failed,
+}
+
+impl PaymentStatus {
+    /// Parses the webhook's path segment.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "paid" => Some(PaymentStatus::Paid),
+            "failed" => Some(PaymentStatus::Failed),
+            _ => None,
+        }
+    }
+
+    /// The wire form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PaymentStatus::Paid => "paid",
+            PaymentStatus::Failed => "failed",
+        }
+    }
+}
+
+/// An order's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OrderStatus {
+    /// Created, awaiting payment.
+    Pending,
+    /// Paid, being dispatched.
+    Paid,
+    /// Dispatched.
+    Dispatched,
+    /// Payment failed or timed out; the unit went back to stock.
+    Cancelled,
+}
+
+impl OrderStatus {
+    /// Parses the stored form.
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "PENDING" => OrderStatus::Pending,
+            "PAID" => OrderStatus::Paid,
+            "DISPATCHED" => OrderStatus::Dispatched,
+            "CANCELLED" => OrderStatus::Cancelled,
+            _ => return None,
+        })
+    }
+
+    /// The stored form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderStatus::Pending => "PENDING",
+            OrderStatus::Paid => "PAID",
+            OrderStatus::Dispatched => "DISPATCHED",
+            OrderStatus::Cancelled => "CANCELLED",
+        }
+    }
+
+    /// The original demo's integer code.
+    pub fn demo_code(self) -> i32 {
+        match self {
+            OrderStatus::Pending => 0,
+            OrderStatus::Dispatched => 1,
+            OrderStatus::Paid => 2,
+            OrderStatus::Cancelled => -1,
+        }
+    }
+}
+
+/// The product as stored.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Product {
+    /// Id.
+    pub id: i32,
+    /// Name.
+    pub name: String,
+    /// Description.
+    pub description: String,
+    /// Units in stock.
+    pub inventory: i32,
+    /// Price, exact.
+    pub price: Decimal,
+}
+
+/// An order as stored.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Order {
+    /// Id.
+    pub id: i64,
+    /// The checkout (workflow id, idempotency key) that created it.
+    pub checkout_id: String,
+    /// Status, stored form.
+    pub status: String,
+    /// Dispatch steps left.
+    pub progress_remaining: i32,
+    /// Created at.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub last_update_time: DateTime<Utc>,
+}
+
+impl Order {
+    /// The parsed status.
+    pub fn order_status(&self) -> OrderStatus {
+        OrderStatus::parse(&self.status).unwrap_or(OrderStatus::Pending)
+    }
+}
+
+/// `SELECT <order columns> FROM orders <rest>` as one literal.
+macro_rules! select_orders {
+    ($rest:literal) => {
+        concat!(
+            "SELECT id, checkout_id, status, progress_remaining, created_at, last_update_time FROM orders ",
+            $rest
+        )
+    };
+}
+
+/// The product.
+pub async fn product(pool: &PgPool) -> Result<Product, sqlx::Error> {
+    sqlx::query_as("SELECT id, name, description, inventory, price FROM products WHERE id = $1")
+        .bind(WIDGET_ID)
+        .fetch_one(pool)
+        .await
+}
+
+/// Sets the stock.
+pub async fn restock(pool: &PgPool, inventory: i32) -> Result<Product, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE products SET inventory = $2 WHERE id = $1
+         RETURNING id, name, description, inventory, price",
+    )
+    .bind(WIDGET_ID)
+    .bind(inventory)
+    .fetch_one(pool)
+    .await
+}
+
+/// Takes one unit if there is one; false when out of stock.
+pub async fn reserve_inventory(tx: &mut PgConnection, product_id: i32) -> Result<bool, sqlx::Error> {
+    Ok(sqlx::query("UPDATE products SET inventory = inventory - 1 WHERE id = $1 AND inventory > 0")
+        .bind(product_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+        == 1)
+}
+
+/// Creates the PENDING order of a checkout and returns its id.
+pub async fn create_order(tx: &mut PgConnection, product_id: i32, checkout_id: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "INSERT INTO orders (product_id, checkout_id, status, progress_remaining)
+         VALUES ($1, $2, 'PENDING', $3) RETURNING id",
+    )
+    .bind(product_id)
+    .bind(checkout_id)
+    .bind(DISPATCH_STEPS)
+    .fetch_one(&mut *tx)
+    .await
+}
+
+/// PENDING to PAID. False when the order was not pending.
+pub async fn mark_paid(tx: &mut PgConnection, order_id: i64) -> Result<bool, sqlx::Error> {
+    Ok(sqlx::query(
+        "UPDATE orders SET status = 'PAID', last_update_time = now() WHERE id = $1 AND status = 'PENDING'",
+    )
+    .bind(order_id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+/// PENDING to CANCELLED, and the unit back to stock, together.
+pub async fn cancel_order(tx: &mut PgConnection, order_id: i64) -> Result<bool, sqlx::Error> {
+    let product_id: Option<i32> = sqlx::query_scalar(
+        "UPDATE orders SET status = 'CANCELLED', last_update_time = now()
+         WHERE id = $1 AND status = 'PENDING' RETURNING product_id",
+    )
+    .bind(order_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(product_id) = product_id else {
+        return Ok(false);
+    };
+    sqlx::query("UPDATE products SET inventory = inventory + 1 WHERE id = $1")
+        .bind(product_id)
+        .execute(&mut *tx)
+        .await?;
+    Ok(true)
+}
+
+/// One dispatch step: progress down by one; DISPATCHED at zero. Returns the
+/// progress left.
+pub async fn update_progress(tx: &mut PgConnection, order_id: i64) -> Result<i32, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE orders SET progress_remaining = progress_remaining - 1,
+             status = CASE WHEN progress_remaining - 1 = 0 THEN 'DISPATCHED' ELSE status END,
+             last_update_time = now()
+         WHERE id = $1 AND status = 'PAID' AND progress_remaining > 0
+         RETURNING progress_remaining",
+    )
+    .bind(order_id)
+    .fetch_optional(&mut *tx)
+    .await
+    .map(|left| left.unwrap_or(0))
+}
+
+/// One order.
+pub async fn order(pool: &PgPool, order_id: i64) -> Result<Option<Order>, sqlx::Error> {
+    sqlx::query_as(select_orders!("WHERE id = $1"))
+        .bind(order_id)
+        .fetch_optional(pool)
+        .await
+}
+
+/// The order of a checkout.
+pub async fn order_of_checkout(pool: &PgPool, checkout_id: &str) -> Result<Option<Order>, sqlx::Error> {
+    sqlx::query_as(select_orders!("WHERE checkout_id = $1"))
+        .bind(checkout_id)
+        .fetch_optional(pool)
+        .await
+}
+
+/// The newest orders first.
+pub async fn recent_orders(pool: &PgPool, limit: i64) -> Result<Vec<Order>, sqlx::Error> {
+    sqlx::query_as(select_orders!("ORDER BY created_at DESC, id DESC LIMIT $1"))
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}

@@ -1,1 +1,123 @@
+//! Widget Store's HTTP API: stateless, never runs a workflow step. It starts
+//! workflows and delivers messages through the engine, and waits for their
+//! events.
 
+pub mod error;
+mod routes;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use shared::db::{DatabaseArgs, migrate_with_retry};
+use shared::engine::{Engine, EventListener};
+use shared::telemetry::LogArgs;
+use sqlx::PgPool;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
+
+use crate::error::{ErrorCause, json_error_shape};
+
+/// The API's configuration: every flag also reads an environment variable.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "widget-api", about = "Widget Store's HTTP API")]
+pub struct Config {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, env = "API_ADDR", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// How long checkout and webhook requests wait for the workflow's answer.
+    #[arg(long, env = "EVENT_WAIT_MS", default_value_t = 60_000)]
+    pub event_wait_ms: u64,
+    /// Fallback re-read of an awaited event, should a notification be lost.
+    #[arg(long, env = "EVENT_POLL_MS", default_value_t = 1_000)]
+    pub event_poll_ms: u64,
+    /// Whole-request time limit (must exceed the event wait).
+    #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 75_000)]
+    pub request_timeout_ms: u64,
+    /// Allow `POST /crash_application` (chaos testing; off by default).
+    #[arg(long, env = "CHAOS", default_value_t = false)]
+    pub chaos: bool,
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub engine: Engine,
+    pub event_wait: Duration,
+    pub chaos: bool,
+}
+
+/// Largest request body accepted (the API takes tiny JSON bodies at most).
+pub const BODY_LIMIT: usize = 16 * 1024;
+
+/// The router with its middleware.
+pub fn router(state: AppState, request_timeout: Duration) -> Router {
+    routes::routes()
+        .with_state(state)
+        .layer(middleware::map_response(json_error_shape))
+        .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            request_timeout,
+        ))
+        .layer(middleware::from_fn(log_request))
+}
+
+/// One log line per request: method, matched path, status, duration, and
+/// the internal cause of an error response.
+async fn log_request(request: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = request.method().clone();
+    let path = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| request.uri().path().to_owned());
+    let response = next.run(request).await;
+    let status = response.status().as_u16();
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    match response.extensions().get::<ErrorCause>() {
+        Some(ErrorCause(cause)) => {
+            tracing::warn!(%method, path, status, elapsed_ms, cause, "request failed")
+        }
+        None if status >= 500 => tracing::warn!(%method, path, status, elapsed_ms, "request failed"),
+        None => tracing::debug!(%method, path, status, elapsed_ms, "request"),
+    }
+    response
+}
+
+/// Migrates, binds, prints the address on stdout, serves until `shutdown`.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let pool = config.database.pool("widget-api").context("bad database settings")?;
+    migrate_with_retry(&pool, Duration::from_secs(60))
+        .await
+        .context("migrating the database")?;
+    let events = EventListener::spawn(pool.clone());
+    let state = AppState {
+        engine: Engine::new(pool.clone()).with_events(events, Duration::from_millis(config.event_poll_ms)),
+        pool,
+        event_wait: Duration::from_millis(config.event_wait_ms),
+        chaos: config.chaos,
+    };
+    let app = router(state, Duration::from_millis(config.request_timeout_ms));
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let address = listener.local_addr()?;
+    println!("widget-api listening on http://{address}");
+    tracing::info!(%address, chaos = config.chaos, "widget-api listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("serving HTTP")
+}

@@ -1,1 +1,8 @@
-fn main(){}
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = api::Config::parse();
+    shared::telemetry::init(&config.log);
+    api::run(config, shared::shutdown::signal()).await
+}

@@ -3,5 +3,6 @@
 
 pub mod db;
 pub mod engine;
+pub mod shutdown;
 pub mod store;
 pub mod telemetry;

@@ -418,8 +418,9 @@ impl WorkflowContext {
     }
 }
 
-/// Upserts an event row and notifies waiters, in the caller's transaction.
-pub(crate) async fn set_event_in(
+/// Sets an event (upsert) and notifies waiters, in the caller's transaction.
+/// Inside a [`WorkflowContext::tx_step`] it happens exactly once with the step.
+pub async fn set_event_in(
     tx: &mut PgConnection,
     workflow_id: &str,
     key: &str,

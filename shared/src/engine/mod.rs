@@ -40,6 +40,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 pub use client::{Engine, Message, SendOutcome};
+pub use context::set_event_in;
 pub use context::WorkflowContext;
 pub use error::{EngineError, StepError, WorkflowError};
 pub use events::EventListener;

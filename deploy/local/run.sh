@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Runs the whole store locally: PostgreSQL (found or private), one API and N
+# workers, restarting any worker that dies. Ctrl-C stops everything.
+#
+#   deploy/local/run.sh [--workers N] [--port P] [--no-chaos]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+source deploy/local/postgres.sh
+
+WORKERS=2
+PORT=8080
+CHAOS=true
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --workers) WORKERS="$2"; shift 2 ;;
+    --port) PORT="$2"; shift 2 ;;
+    --no-chaos) CHAOS=false; shift ;;
+    -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+    *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+ensure_postgres "${WIDGET_DB:-widget_store}"
+log "building release binaries (first time takes a few minutes)"
+cargo build --release --quiet --bin widget-api --bin widget-worker
+BIN="$ROOT/target/release"
+export CHAOS
+
+PIDS=()
+STOPPING=0
+cleanup() {
+  STOPPING=1
+  trap - INT TERM EXIT
+  log "stopping"
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  # the supervisors forward TERM to their worker and wait for its drain
+  wait 2>/dev/null || true
+}
+trap cleanup INT TERM EXIT
+
+# Keeps one worker alive: restarts it a second after it dies.
+supervise_worker() {
+  local n="$1" child=0
+  trap '[ "$child" != 0 ] && kill -TERM "$child" 2>/dev/null; wait "$child" 2>/dev/null; exit 0' TERM INT
+  while true; do
+    "$BIN/widget-worker" &
+    child=$!
+    wait "$child" && status=0 || status=$?
+    log "worker $n exited with status $status; restarting in 1 s"
+    sleep 1
+  done
+}
+
+API_ADDR="127.0.0.1:$PORT" "$BIN/widget-api" &
+PIDS+=($!)
+for n in $(seq 1 "$WORKERS"); do
+  supervise_worker "$n" &
+  PIDS+=($!)
+done
+
+for _ in $(seq 1 100); do
+  curl -fsS "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break
+  sleep 0.2
+done
+log "Widget Store is up: http://127.0.0.1:$PORT  ($WORKERS workers, chaos=$CHAOS; Ctrl-C stops)"
+wait "${PIDS[0]}"

@@ -1,1 +1,243 @@
+//! The test harness: a fresh database per test, real processes (killed with
+//! real signals), real HTTP on real ports, and waiting on conditions with a
+//! deadline instead of sleeping.
 
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+pub mod workflows;
+
+/// URL of the server's `postgres` database, where test databases are made.
+pub fn admin_url() -> String {
+    std::env::var("WIDGET_TEST_ADMIN_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A database of its own for one test, migrated.
+pub struct TestDb {
+    /// Its name.
+    pub name: String,
+    /// Its URL.
+    pub url: String,
+    /// A pool on it for the test's own queries.
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    /// Creates and migrates a fresh database.
+    pub async fn create() -> anyhow::Result<Self> {
+        let admin = admin_url();
+        let name = format!("widget_t_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let admin_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&admin)
+            .await
+            .with_context(|| format!("connecting to {admin} (set WIDGET_TEST_ADMIN_URL or run tests/run.sh)"))?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .execute(&admin_pool)
+            .await?;
+        admin_pool.close().await;
+        let url = match admin.rsplit_once('/') {
+            Some((server, _)) => format!("{server}/{name}"),
+            None => bail!("admin URL has no database part: {admin}"),
+        };
+        let pool = PgPoolOptions::new().max_connections(20).connect(&url).await?;
+        shared::db::migrate(&pool).await?;
+        Ok(Self { name, url, pool })
+    }
+}
+
+/// Where the workspace's binaries are built (`cargo build --workspace --bins`).
+pub fn bin(name: &str) -> PathBuf {
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("debug").join(name)
+}
+
+fn log_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-logs");
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
+
+/// A child process, killed (SIGKILL) when dropped. Its stderr goes to
+/// `target/test-logs/`.
+pub struct Proc {
+    /// A label for messages.
+    pub label: String,
+    child: Child,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `program` with `env` added to the environment.
+    pub fn spawn(label: &str, program: &Path, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<Self> {
+        let log = log_dir().join(format!("{label}-{}.log", uuid::Uuid::new_v4().simple()));
+        let stderr = std::fs::File::create(&log)?;
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .kill_on_drop(true);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting {} (built? run tests/run.sh)", program.display()))?;
+        Ok(Self {
+            label: label.to_owned(),
+            child,
+            log,
+        })
+    }
+
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// Sends a signal (`"KILL"`, `"TERM"`, ...).
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -{signal} {} failed", self.pid());
+        Ok(())
+    }
+
+    /// Waits for the process to exit; its exit code (None if killed by a signal).
+    pub async fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<Option<i32>> {
+        let status = tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .with_context(|| format!("{} did not exit within {timeout:?}", self.label))??;
+        Ok(status.code())
+    }
+
+    /// Reads stdout lines until one contains `needle`; returns that line.
+    pub async fn read_line_containing(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<String> {
+        let stdout = self.child.stdout.as_mut().context("stdout not captured")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let line = tokio::time::timeout_at(deadline, lines.next_line())
+                .await
+                .with_context(|| format!("{} printed no `{needle}` within {timeout:?}; see {}", self.label, self.log.display()))??;
+            match line {
+                Some(line) if line.contains(needle) => return Ok(line),
+                Some(_) => continue,
+                None => bail!("{} exited before printing `{needle}`; see {}", self.label, self.log.display()),
+            }
+        }
+    }
+}
+
+/// Waits until `condition` returns true, checking every 25 ms, failing with
+/// `what` after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut condition: F) -> anyhow::Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<bool>>,
+{
+    let started = Instant::now();
+    loop {
+        if condition().await? {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Environment for a worker process in tests: quick polls and short waits.
+pub fn worker_env(db: &TestDb, extra: &[(&str, &str)]) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        ("DATABASE_URL", db.url.clone()),
+        ("DB_MAX_CONNECTIONS", "10".into()),
+        ("RUST_LOG", "info,sqlx=warn,apalis=warn,apalis_core=warn,apalis_postgres=warn".into()),
+        ("WORKER_POLL_INTERVAL_MS", "100".into()),
+        ("WORKER_REAP_INTERVAL_MS", "100".into()),
+        ("WORKER_CONCURRENCY", "16".into()),
+        ("WORKER_DRAIN_TIMEOUT_MS", "5000".into()),
+    ];
+    for (key, value) in extra {
+        let key: &'static str = Box::leak(key.to_string().into_boxed_str());
+        env.retain(|(k, _)| *k != key);
+        env.push((key, value.to_string()));
+    }
+    env
+}
+
+/// Starts a `widget-worker`.
+pub fn spawn_store_worker(db: &TestDb, label: &str, extra: &[(&str, &str)]) -> anyhow::Result<Proc> {
+    Proc::spawn(label, &bin("widget-worker"), &[], &worker_env(db, extra))
+}
+
+/// A running `widget-api` on a free port.
+pub struct Api {
+    /// The process.
+    pub proc: Proc,
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    /// A client of its own.
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    /// Starts the API on port 0 and reads the address it bound.
+    pub async fn start(db: &TestDb, extra: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut env = worker_env(db, extra);
+        env.push(("API_ADDR", "127.0.0.1:0".into()));
+        let mut proc = Proc::spawn("api", &bin("widget-api"), &[], &env)?;
+        let line = proc.read_line_containing("listening on http://", Duration::from_secs(60)).await?;
+        let base = line
+            .split_whitespace()
+            .last()
+            .context("no address in the API's banner")?
+            .to_owned();
+        Ok(Self {
+            proc,
+            base,
+            http: reqwest::Client::builder().timeout(Duration::from_secs(90)).build()?,
+        })
+    }
+
+    /// `METHOD base+path` with an optional body; returns status and body text.
+    pub async fn call(&self, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<(u16, String)> {
+        let method = reqwest::Method::from_bytes(method.as_bytes())?;
+        let mut request = self.http.request(method, format!("{}{}", self.base, path));
+        if let Some(body) = body {
+            request = request.header("content-type", "application/json").body(body.to_owned());
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        Ok((status, response.text().await?))
+    }
+
+    /// POST with no body.
+    pub async fn post(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        self.call("POST", path, None).await
+    }
+
+    /// GET, parsed as JSON.
+    pub async fn get_json(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        let (status, body) = self.call("GET", path, None).await?;
+        anyhow::ensure!(status == 200, "GET {path}: {status} {body}");
+        Ok(serde_json::from_str(&body)?)
+    }
+}

@@ -1,0 +1,28 @@
+//! A worker process running the engine's test workflows (queue `engine`),
+//! configured exactly like `widget-worker`.
+
+use std::time::Duration;
+
+use clap::Parser;
+use harness::workflows::{Counter, Flaky, Messenger, Ticker};
+use shared::db::migrate_with_retry;
+use shared::engine::Runtime;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = worker::Config::parse();
+    shared::telemetry::init(&config.log);
+    let pool = config.database.pool("engine-test-worker")?;
+    migrate_with_retry(&pool, Duration::from_secs(30)).await?;
+    Runtime::new(
+        pool.clone(),
+        config.database.connect_options("engine-test-worker-registry")?,
+        config.runtime(),
+    )
+    .register(Counter)
+    .register(Ticker)
+    .register(Messenger)
+    .register(Flaky { pool })
+    .run(shared::shutdown::signal())
+    .await
+}

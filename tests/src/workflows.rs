@@ -1,0 +1,199 @@
+//! Workflows used only by the engine's tests (queue `engine`). Their effects
+//! are counters in `engine_test_counters`, which tests create and read.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use shared::engine::{RetryPolicy, StepError, Workflow, WorkflowContext, WorkflowError, WorkflowKind};
+use sqlx::{PgConnection, PgPool};
+
+/// The queue of every test workflow.
+pub const QUEUE: &str = "engine";
+
+/// Creates the counters table in a test database.
+pub async fn create_tables(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::query("CREATE TABLE IF NOT EXISTS engine_test_counters (name text PRIMARY KEY, value bigint NOT NULL)")
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Adds one to a counter.
+pub async fn bump(tx: &mut PgConnection, name: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "INSERT INTO engine_test_counters (name, value) VALUES ($1, 1)
+         ON CONFLICT (name) DO UPDATE SET value = engine_test_counters.value + 1 RETURNING value",
+    )
+    .bind(name)
+    .fetch_one(&mut *tx)
+    .await
+}
+
+/// Reads a counter (0 when absent).
+pub async fn counter(pool: &PgPool, name: &str) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar("SELECT value FROM engine_test_counters WHERE name = $1")
+        .bind(name)
+        .fetch_optional(pool)
+        .await?
+        .unwrap_or(0))
+}
+
+/// Three database steps, each bumping its own counter (a, b, c), each
+/// holding its transaction a few milliseconds so kills land inside them.
+pub struct Counter;
+
+/// Kind of [`Counter`].
+pub const COUNTER: WorkflowKind = WorkflowKind { name: "counter", queue: QUEUE };
+
+impl Workflow for Counter {
+    type Input = Value;
+    type Output = Value;
+    fn kind(&self) -> WorkflowKind {
+        COUNTER
+    }
+    async fn run(&self, ctx: &mut WorkflowContext, _input: Value) -> Result<Value, WorkflowError> {
+        for name in ["a", "b", "c"] {
+            ctx.tx_step(&format!("bump_{name}"), move |tx| {
+                Box::pin(async move {
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                    Ok(bump(tx, name).await?)
+                })
+            })
+            .await?;
+        }
+        Ok(json!("done"))
+    }
+}
+
+/// Input of [`Ticker`].
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TickerInput {
+    /// Steps to run.
+    pub steps: u32,
+    /// Durable sleep before each step.
+    pub interval_ms: u64,
+}
+
+/// `steps` times { sleep; bump `ticks:<workflow id>` }: a long-running
+/// workflow for takeover, drain and cancel tests.
+pub struct Ticker;
+
+/// Kind of [`Ticker`].
+pub const TICKER: WorkflowKind = WorkflowKind { name: "ticker", queue: QUEUE };
+
+impl Workflow for Ticker {
+    type Input = TickerInput;
+    type Output = Value;
+    fn kind(&self) -> WorkflowKind {
+        TICKER
+    }
+    async fn run(&self, ctx: &mut WorkflowContext, input: TickerInput) -> Result<Value, WorkflowError> {
+        let name = format!("ticks:{}", ctx.workflow_id());
+        for _ in 0..input.steps {
+            ctx.sleep(Duration::from_millis(input.interval_ms)).await?;
+            let name = name.clone();
+            ctx.tx_step("tick", move |tx| {
+                let name = name.clone();
+                Box::pin(async move { Ok(bump(tx, &name).await?) })
+            })
+            .await?;
+        }
+        Ok(json!(input.steps))
+    }
+}
+
+/// Input of [`Messenger`].
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MessengerInput {
+    /// Topic to receive on.
+    pub topic: String,
+    /// recv timeout.
+    pub timeout_ms: u64,
+}
+
+/// Receives one message, bumps `received:<workflow id>`, returns it.
+pub struct Messenger;
+
+/// Kind of [`Messenger`].
+pub const MESSENGER: WorkflowKind = WorkflowKind { name: "messenger", queue: QUEUE };
+
+impl Workflow for Messenger {
+    type Input = MessengerInput;
+    type Output = Value;
+    fn kind(&self) -> WorkflowKind {
+        MESSENGER
+    }
+    async fn run(&self, ctx: &mut WorkflowContext, input: MessengerInput) -> Result<Value, WorkflowError> {
+        let message = ctx.recv(&input.topic, Duration::from_millis(input.timeout_ms)).await?;
+        let name = format!("received:{}", ctx.workflow_id());
+        ctx.tx_step("count_received", move |tx| {
+            let name = name.clone();
+            Box::pin(async move { Ok(bump(tx, &name).await?) })
+        })
+        .await?;
+        ctx.set_event("received", &message).await?;
+        Ok(json!({ "message": message }))
+    }
+}
+
+/// Input of [`Flaky`].
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FlakyInput {
+    /// Attempts that fail (retryably) before one succeeds.
+    pub fail_times: i64,
+    /// Fail fatally instead.
+    pub fatal: bool,
+    /// Panic instead.
+    pub panic: bool,
+}
+
+/// One step that fails as told; each attempt bumps `attempts:<workflow id>`
+/// (in its own transaction, so failed attempts are counted too).
+pub struct Flaky {
+    /// Pool for the attempt counter.
+    pub pool: PgPool,
+}
+
+/// Kind of [`Flaky`].
+pub const FLAKY: WorkflowKind = WorkflowKind { name: "flaky", queue: QUEUE };
+
+impl Workflow for Flaky {
+    type Input = FlakyInput;
+    type Output = Value;
+    fn kind(&self) -> WorkflowKind {
+        FLAKY
+    }
+    fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: 4,
+            initial_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(200),
+            multiplier: 2.0,
+        }
+    }
+    async fn run(&self, ctx: &mut WorkflowContext, input: FlakyInput) -> Result<Value, WorkflowError> {
+        let name = format!("attempts:{}", ctx.workflow_id());
+        let pool = self.pool.clone();
+        let value: i64 = ctx
+            .step("flaky", move |_key| {
+                let (pool, name) = (pool.clone(), name.clone());
+                async move {
+                    let mut conn = pool.acquire().await?;
+                    let attempt = bump(&mut conn, &name).await?;
+                    if input.panic {
+                        panic!("deliberate panic on attempt {attempt}");
+                    }
+                    if input.fatal {
+                        return Err(StepError::fatal(format!("deliberate fatal error on attempt {attempt}")));
+                    }
+                    if attempt <= input.fail_times {
+                        return Err(StepError::retryable(format!("deliberate failure {attempt}")));
+                    }
+                    Ok(attempt)
+                }
+            })
+            .await?;
+        Ok(json!(value))
+    }
+}

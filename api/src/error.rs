@@ -67,7 +67,11 @@ impl ApiError {
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         Self {
             cause: Some(cause.to_string()),
-            ..Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+            ..Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error",
+            )
         }
     }
 }
@@ -86,10 +90,13 @@ impl From<EngineError> for ApiError {
     fn from(error: EngineError) -> Self {
         match &error {
             EngineError::Unavailable(_) => ApiError::unavailable(error_chain(&error)),
-            EngineError::UnknownWorkflow(_) => ApiError::not_found("unknown_id", "no such checkout"),
-            EngineError::KindConflict { .. } => {
-                ApiError::conflict("key_conflict", "this key is already used by another kind of workflow")
+            EngineError::UnknownWorkflow(_) => {
+                ApiError::not_found("unknown_id", "no such checkout")
             }
+            EngineError::KindConflict { .. } => ApiError::conflict(
+                "key_conflict",
+                "this key is already used by another kind of workflow",
+            ),
             EngineError::InvalidId => ApiError::bad_request("invalid_key", "invalid key"),
             _ => ApiError::internal(error_chain(&error)),
         }

@@ -64,12 +64,14 @@ pub const BODY_LIMIT: usize = 16 * 1024;
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
     routes::routes()
         .with_state(state)
-        .layer(middleware::map_response(json_error_shape))
         .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::REQUEST_TIMEOUT,
             request_timeout,
         ))
+        // Outside the limit and timeout layers, so their answers get the
+        // JSON error shape too; logging outermost sees the final status.
+        .layer(middleware::map_response(json_error_shape))
         .layer(middleware::from_fn(log_request))
 }
 
@@ -90,21 +92,30 @@ async fn log_request(request: Request, next: Next) -> Response {
         Some(ErrorCause(cause)) => {
             tracing::warn!(%method, path, status, elapsed_ms, cause, "request failed")
         }
-        None if status >= 500 => tracing::warn!(%method, path, status, elapsed_ms, "request failed"),
+        None if status >= 500 => {
+            tracing::warn!(%method, path, status, elapsed_ms, "request failed")
+        }
         None => tracing::debug!(%method, path, status, elapsed_ms, "request"),
     }
     response
 }
 
 /// Migrates, binds, prints the address on stdout, serves until `shutdown`.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    let pool = config.database.pool("widget-api").context("bad database settings")?;
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let pool = config
+        .database
+        .pool("widget-api")
+        .context("bad database settings")?;
     migrate_with_retry(&pool, Duration::from_secs(60))
         .await
         .context("migrating the database")?;
     let events = EventListener::spawn(pool.clone());
     let state = AppState {
-        engine: Engine::new(pool.clone()).with_events(events, Duration::from_millis(config.event_poll_ms)),
+        engine: Engine::new(pool.clone())
+            .with_events(events, Duration::from_millis(config.event_poll_ms)),
         pool,
         event_wait: Duration::from_millis(config.event_wait_ms),
         chaos: config.chaos,

@@ -11,7 +11,9 @@ use rust_decimal::prelude::ToPrimitive;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use shared::engine::{Engine, EngineError, Message, SendOutcome, fleet};
-use shared::store::{self, CHECKOUT, CheckoutInput, DEFAULT_STOCK, Order, PaymentStatus, Product, topics};
+use shared::store::{
+    self, CHECKOUT, CheckoutInput, DEFAULT_STOCK, Order, PaymentStatus, Product, topics,
+};
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -26,7 +28,10 @@ pub fn routes() -> Router<AppState> {
         .route("/order/{id}", get(order))
         .route("/restock", post(restock))
         .route("/checkout/{key}", post(checkout))
-        .route("/payment_webhook/{payment_id}/{status}", post(payment_webhook))
+        .route(
+            "/payment_webhook/{payment_id}/{status}",
+            post(payment_webhook),
+        )
         .route("/crash_application", post(crash_application))
         .route("/workers", get(workers))
         .route("/healthz", get(healthz))
@@ -73,7 +78,10 @@ struct OrdersQuery {
     limit: Option<String>,
 }
 
-async fn orders(State(state): State<AppState>, Query(query): Query<OrdersQuery>) -> ApiResult<Json<Value>> {
+async fn orders(
+    State(state): State<AppState>,
+    Query(query): Query<OrdersQuery>,
+) -> ApiResult<Json<Value>> {
     let limit = match query.limit.as_deref() {
         None => ORDERS_LIMIT_DEFAULT,
         Some(text) => match text.parse::<i64>() {
@@ -91,14 +99,15 @@ async fn orders(State(state): State<AppState>, Query(query): Query<OrdersQuery>)
 }
 
 async fn order(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    let id: i64 = id
-        .parse()
-        .ok()
-        .filter(|n| *n > 0)
-        .ok_or_else(|| ApiError::bad_request("invalid_order_id", "order id must be a positive integer"))?;
+    let id: i64 = id.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+        ApiError::bad_request("invalid_order_id", "order id must be a positive integer")
+    })?;
     match store::order(&state.pool, id).await? {
         Some(order) => Ok(Json(order_json(&order))),
-        None => Err(ApiError::not_found("unknown_order", format!("no order {id}"))),
+        None => Err(ApiError::not_found(
+            "unknown_order",
+            format!("no order {id}"),
+        )),
     }
 }
 
@@ -113,23 +122,33 @@ async fn restock(State(state): State<AppState>, body: Bytes) -> ApiResult<Json<V
         DEFAULT_STOCK
     } else {
         let parsed: RestockBody = serde_json::from_slice(&body).map_err(|_| {
-            ApiError::bad_request("invalid_body", "body must be empty or {\"inventory\": <integer>}")
+            ApiError::bad_request(
+                "invalid_body",
+                "body must be empty or {\"inventory\": <integer>}",
+            )
         })?;
         i32::try_from(parsed.inventory)
             .ok()
             .filter(|n| (0..=RESTOCK_MAX).contains(n))
             .ok_or_else(|| {
-                ApiError::bad_request("invalid_inventory", format!("inventory must be from 0 to {RESTOCK_MAX}"))
+                ApiError::bad_request(
+                    "invalid_inventory",
+                    format!("inventory must be from 0 to {RESTOCK_MAX}"),
+                )
             })?
     };
-    Ok(Json(product_json(&store::restock(&state.pool, inventory).await?)))
+    Ok(Json(product_json(
+        &store::restock(&state.pool, inventory).await?,
+    )))
 }
 
 /// A checkout key: 1 to 128 of `[A-Za-z0-9_-]`, not starting with the
 /// dispatch workflows' reserved prefix.
 fn valid_key(key: &str) -> bool {
     (1..=128).contains(&key.len())
-        && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
         && !key.starts_with("dispatch-")
 }
 
@@ -149,11 +168,20 @@ fn text_or_json(headers: &HeaderMap, status: StatusCode, field: &str, value: Val
             Value::String(s) => s.clone(),
             other => other.to_string(),
         };
-        (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response()
+        (
+            status,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            text,
+        )
+            .into_response()
     }
 }
 
-async fn checkout(State(state): State<AppState>, Path(key): Path<String>, headers: HeaderMap) -> ApiResult {
+async fn checkout(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
     if !valid_key(&key) {
         return Err(ApiError::bad_request(
             "invalid_key",
@@ -162,16 +190,31 @@ async fn checkout(State(state): State<AppState>, Path(key): Path<String>, header
     }
     state
         .engine
-        .start(CHECKOUT, &key, &CheckoutInput { product_id: store::WIDGET_ID })
+        .start(
+            CHECKOUT,
+            &key,
+            &CheckoutInput {
+                product_id: store::WIDGET_ID,
+            },
+        )
         .await?;
-    match state.engine.get_event(&key, topics::PAYMENT_ID, state.event_wait).await? {
+    match state
+        .engine
+        .get_event(&key, topics::PAYMENT_ID, state.event_wait)
+        .await?
+    {
         None => Err(ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "payment_id_not_ready",
             "the checkout did not produce a payment id in time; retry with the same key",
         )),
         Some(Value::Null) => Err(ApiError::conflict("out_of_stock", "item not available")),
-        Some(payment_id) => Ok(text_or_json(&headers, StatusCode::OK, "payment_id", payment_id)),
+        Some(payment_id) => Ok(text_or_json(
+            &headers,
+            StatusCode::OK,
+            "payment_id",
+            payment_id,
+        )),
     }
 }
 
@@ -181,10 +224,16 @@ async fn payment_webhook(
     headers: HeaderMap,
 ) -> ApiResult {
     let Some(status) = PaymentStatus::parse(&status) else {
-        return Err(ApiError::bad_request("invalid_status", "status must be paid or failed"));
+        return Err(ApiError::bad_request(
+            "invalid_status",
+            "status must be paid or failed",
+        ));
     };
     if !valid_key(&payment_id) {
-        return Err(ApiError::bad_request("invalid_payment_id", "malformed payment id"));
+        return Err(ApiError::bad_request(
+            "invalid_payment_id",
+            "malformed payment id",
+        ));
     }
     let engine = &state.engine;
     match engine.info(&payment_id).await? {
@@ -192,7 +241,10 @@ async fn payment_webhook(
         _ => return Err(ApiError::not_found("unknown_payment", "no such payment id")),
     }
     if engine.event(&payment_id, topics::PAYMENT_ID).await? == Some(Value::Null) {
-        return Err(ApiError::conflict("out_of_stock", "this checkout found no stock; nothing to pay"));
+        return Err(ApiError::conflict(
+            "out_of_stock",
+            "this checkout found no stock; nothing to pay",
+        ));
     }
     let sent = engine
         .send(Message {
@@ -206,10 +258,15 @@ async fn payment_webhook(
         Ok(SendOutcome::Delivered) => {}
         Ok(SendOutcome::Duplicate { payload }) if payload == json!(status.as_str()) => {}
         Ok(SendOutcome::Duplicate { .. }) => return Err(payment_conflict()),
-        Err(EngineError::Finished { .. }) => return Err(settled_otherwise(engine, &payment_id).await),
+        Err(EngineError::Finished { .. }) => {
+            return Err(settled_otherwise(engine, &payment_id).await);
+        }
         Err(e) => return Err(e.into()),
     }
-    let Some(order_id) = engine.get_event(&payment_id, topics::ORDER_ID, state.event_wait).await? else {
+    let Some(order_id) = engine
+        .get_event(&payment_id, topics::ORDER_ID, state.event_wait)
+        .await?
+    else {
         return Err(ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "order_not_ready",
@@ -225,7 +282,10 @@ async fn payment_webhook(
 }
 
 fn payment_conflict() -> ApiError {
-    ApiError::conflict("payment_conflict", "this payment was already settled with the other status")
+    ApiError::conflict(
+        "payment_conflict",
+        "this payment was already settled with the other status",
+    )
 }
 
 /// The error for a webhook that arrives after the checkout settled some
@@ -250,8 +310,17 @@ async fn crash_application(State(state): State<AppState>, headers: HeaderMap) ->
         ));
     }
     match fleet::request_crash(&state.pool, None).await? {
-        Some(worker_id) => Ok(text_or_json(&headers, StatusCode::ACCEPTED, "worker_id", json!(worker_id))),
-        None => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_workers", "no live worker to crash")),
+        Some(worker_id) => Ok(text_or_json(
+            &headers,
+            StatusCode::ACCEPTED,
+            "worker_id",
+            json!(worker_id),
+        )),
+        None => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_workers",
+            "no live worker to crash",
+        )),
     }
 }
 
@@ -265,9 +334,10 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(state): State<AppState>) -> ApiResult<&'static str> {
-    let applied: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
-        .fetch_one(&state.pool)
-        .await?;
+    let applied: Option<i64> =
+        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+            .fetch_one(&state.pool)
+            .await?;
     let latest = shared::db::MIGRATOR.iter().map(|m| m.version).max();
     if applied < latest {
         return Err(ApiError::new(

@@ -22,11 +22,19 @@ pub struct DatabaseArgs {
     )]
     pub url: String,
     /// Largest number of pooled connections this process opens.
-    #[arg(long = "db-max-connections", env = "DB_MAX_CONNECTIONS", default_value_t = 16)]
+    #[arg(
+        long = "db-max-connections",
+        env = "DB_MAX_CONNECTIONS",
+        default_value_t = 16
+    )]
     pub max_connections: u32,
     /// How long a request waits for a pooled connection before failing with
     /// "database unavailable".
-    #[arg(long = "db-acquire-timeout-ms", env = "DB_ACQUIRE_TIMEOUT_MS", default_value_t = 3000)]
+    #[arg(
+        long = "db-acquire-timeout-ms",
+        env = "DB_ACQUIRE_TIMEOUT_MS",
+        default_value_t = 3000
+    )]
     pub acquire_timeout_ms: u64,
 }
 
@@ -81,7 +89,10 @@ pub async fn migrate(pool: &PgPool) -> Result<(), MigrateError> {
 
 /// Runs [`migrate`] until it succeeds, so a process started before its
 /// database comes up waits for it instead of exiting.
-pub async fn migrate_with_retry(pool: &PgPool, give_up_after: Duration) -> Result<(), MigrateError> {
+pub async fn migrate_with_retry(
+    pool: &PgPool,
+    give_up_after: Duration,
+) -> Result<(), MigrateError> {
     let deadline = tokio::time::Instant::now() + give_up_after;
     let mut delay = Duration::from_millis(200);
     loop {
@@ -107,13 +118,16 @@ pub fn is_unavailable(error: &sqlx::Error) -> bool {
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(db) => {
-            // admin_shutdown, crash_shutdown, cannot_connect_now, too_many_connections
-            matches!(
-                db.code().as_deref(),
-                Some("57P01" | "57P02" | "57P03" | "53300" | "08006" | "08003" | "08000")
-            )
-        }
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08xxx connection exceptions; 57P0x shutdown or not yet
+            // accepting; 53300 too many connections; 55000 database not
+            // accepting connections; 3D000 database missing; 28xxx login
+            // refused. None of them is the client's fault.
+            code.starts_with("08")
+                || code.starts_with("57P0")
+                || code.starts_with("28")
+                || matches!(code.as_ref(), "53300" | "55000" | "3D000")
+        }),
         _ => false,
     }
 }

@@ -206,17 +206,28 @@ pub async fn restock(pool: &PgPool, inventory: i32) -> Result<Product, sqlx::Err
 }
 
 /// Takes one unit if there is one; false when out of stock.
-pub async fn reserve_inventory(tx: &mut PgConnection, product_id: i32) -> Result<bool, sqlx::Error> {
-    Ok(sqlx::query("UPDATE products SET inventory = inventory - 1 WHERE id = $1 AND inventory > 0")
+pub async fn reserve_inventory(
+    tx: &mut PgConnection,
+    product_id: i32,
+) -> Result<bool, sqlx::Error> {
+    Ok(
+        sqlx::query(
+            "UPDATE products SET inventory = inventory - 1 WHERE id = $1 AND inventory > 0",
+        )
         .bind(product_id)
         .execute(&mut *tx)
         .await?
         .rows_affected()
-        == 1)
+            == 1,
+    )
 }
 
 /// Creates the PENDING order of a checkout and returns its id.
-pub async fn create_order(tx: &mut PgConnection, product_id: i32, checkout_id: &str) -> Result<i64, sqlx::Error> {
+pub async fn create_order(
+    tx: &mut PgConnection,
+    product_id: i32,
+    checkout_id: &str,
+) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
         "INSERT INTO orders (product_id, checkout_id, status, progress_remaining)
          VALUES ($1, $2, 'PENDING', $3) RETURNING id",
@@ -284,7 +295,10 @@ pub async fn order(pool: &PgPool, order_id: i64) -> Result<Option<Order>, sqlx::
 }
 
 /// The order of a checkout.
-pub async fn order_of_checkout(pool: &PgPool, checkout_id: &str) -> Result<Option<Order>, sqlx::Error> {
+pub async fn order_of_checkout(
+    pool: &PgPool,
+    checkout_id: &str,
+) -> Result<Option<Order>, sqlx::Error> {
     sqlx::query_as(select_orders!("WHERE checkout_id = $1"))
         .bind(checkout_id)
         .fetch_optional(pool)
@@ -294,7 +308,7 @@ pub async fn order_of_checkout(pool: &PgPool, checkout_id: &str) -> Result<Optio
 /// The newest orders first.
 pub async fn recent_orders(pool: &PgPool, limit: i64) -> Result<Vec<Order>, sqlx::Error> {
     sqlx::query_as(select_orders!("ORDER BY created_at DESC, id DESC LIMIT $1"))
-    .bind(limit)
-    .fetch_all(pool)
-    .await
+        .bind(limit)
+        .fetch_all(pool)
+        .await
 }

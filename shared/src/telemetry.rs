@@ -6,7 +6,11 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Clone, clap::Args)]
 pub struct LogArgs {
     /// Log filter, `tracing_subscriber::EnvFilter` syntax.
-    #[arg(long = "log", env = "RUST_LOG", default_value = "info,sqlx=warn,apalis=warn,apalis_core=warn,apalis_postgres=warn")]
+    #[arg(
+        long = "log",
+        env = "RUST_LOG",
+        default_value = "info,sqlx=warn,apalis=warn,apalis_core=warn,apalis_postgres=warn"
+    )]
     pub filter: String,
     /// Log as JSON lines instead of text.
     #[arg(long = "log-json", env = "LOG_JSON", default_value_t = false)]

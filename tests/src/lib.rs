@@ -18,7 +18,8 @@ pub mod workflows;
 
 /// URL of the server's `postgres` database, where test databases are made.
 pub fn admin_url() -> String {
-    std::env::var("WIDGET_TEST_ADMIN_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("WIDGET_TEST_ADMIN_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 /// A database of its own for one test, migrated.
@@ -35,12 +36,17 @@ impl TestDb {
     /// Creates and migrates a fresh database.
     pub async fn create() -> anyhow::Result<Self> {
         let admin = admin_url();
-        let name = format!("widget_t_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let name = format!(
+            "widget_t_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
         let admin_pool = PgPoolOptions::new()
             .max_connections(1)
             .connect(&admin)
             .await
-            .with_context(|| format!("connecting to {admin} (set WIDGET_TEST_ADMIN_URL or run tests/run.sh)"))?;
+            .with_context(|| {
+                format!("connecting to {admin} (set WIDGET_TEST_ADMIN_URL or run tests/run.sh)")
+            })?;
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
             .execute(&admin_pool)
             .await?;
@@ -49,7 +55,10 @@ impl TestDb {
             Some((server, _)) => format!("{server}/{name}"),
             None => bail!("admin URL has no database part: {admin}"),
         };
-        let pool = PgPoolOptions::new().max_connections(20).connect(&url).await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(20)
+            .connect(&url)
+            .await?;
         shared::db::migrate(&pool).await?;
         Ok(Self { name, url, pool })
     }
@@ -81,7 +90,12 @@ pub struct Proc {
 
 impl Proc {
     /// Starts `program` with `env` added to the environment.
-    pub fn spawn(label: &str, program: &Path, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<Self> {
+    pub fn spawn(
+        label: &str,
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
         let log = log_dir().join(format!("{label}-{}.log", uuid::Uuid::new_v4().simple()));
         let stderr = std::fs::File::create(&log)?;
         let mut command = Command::new(program);
@@ -128,18 +142,32 @@ impl Proc {
     }
 
     /// Reads stdout lines until one contains `needle`; returns that line.
-    pub async fn read_line_containing(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<String> {
+    pub async fn read_line_containing(
+        &mut self,
+        needle: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<String> {
         let stdout = self.child.stdout.as_mut().context("stdout not captured")?;
         let mut lines = BufReader::new(stdout).lines();
         let deadline = Instant::now() + timeout;
         loop {
             let line = tokio::time::timeout_at(deadline, lines.next_line())
                 .await
-                .with_context(|| format!("{} printed no `{needle}` within {timeout:?}; see {}", self.label, self.log.display()))??;
+                .with_context(|| {
+                    format!(
+                        "{} printed no `{needle}` within {timeout:?}; see {}",
+                        self.label,
+                        self.log.display()
+                    )
+                })??;
             match line {
                 Some(line) if line.contains(needle) => return Ok(line),
                 Some(_) => continue,
-                None => bail!("{} exited before printing `{needle}`; see {}", self.label, self.log.display()),
+                None => bail!(
+                    "{} exited before printing `{needle}`; see {}",
+                    self.label,
+                    self.log.display()
+                ),
             }
         }
     }
@@ -147,7 +175,11 @@ impl Proc {
 
 /// Waits until `condition` returns true, checking every 25 ms, failing with
 /// `what` after `timeout`.
-pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut condition: F) -> anyhow::Result<Duration>
+pub async fn wait_until<F, Fut>(
+    what: &str,
+    timeout: Duration,
+    mut condition: F,
+) -> anyhow::Result<Duration>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<bool>>,
@@ -169,7 +201,10 @@ pub fn worker_env(db: &TestDb, extra: &[(&str, &str)]) -> Vec<(&'static str, Str
     let mut env = vec![
         ("DATABASE_URL", db.url.clone()),
         ("DB_MAX_CONNECTIONS", "10".into()),
-        ("RUST_LOG", "info,sqlx=warn,apalis=warn,apalis_core=warn,apalis_postgres=warn".into()),
+        (
+            "RUST_LOG",
+            "info,sqlx=warn,apalis=warn,apalis_core=warn,apalis_postgres=warn".into(),
+        ),
         ("WORKER_POLL_INTERVAL_MS", "100".into()),
         ("WORKER_REAP_INTERVAL_MS", "100".into()),
         ("WORKER_CONCURRENCY", "16".into()),
@@ -184,7 +219,11 @@ pub fn worker_env(db: &TestDb, extra: &[(&str, &str)]) -> Vec<(&'static str, Str
 }
 
 /// Starts a `widget-worker`.
-pub fn spawn_store_worker(db: &TestDb, label: &str, extra: &[(&str, &str)]) -> anyhow::Result<Proc> {
+pub fn spawn_store_worker(
+    db: &TestDb,
+    label: &str,
+    extra: &[(&str, &str)],
+) -> anyhow::Result<Proc> {
     Proc::spawn(label, &bin("widget-worker"), &[], &worker_env(db, extra))
 }
 
@@ -204,7 +243,9 @@ impl Api {
         let mut env = worker_env(db, extra);
         env.push(("API_ADDR", "127.0.0.1:0".into()));
         let mut proc = Proc::spawn("api", &bin("widget-api"), &[], &env)?;
-        let line = proc.read_line_containing("listening on http://", Duration::from_secs(60)).await?;
+        let line = proc
+            .read_line_containing("listening on http://", Duration::from_secs(60))
+            .await?;
         let base = line
             .split_whitespace()
             .last()
@@ -213,16 +254,25 @@ impl Api {
         Ok(Self {
             proc,
             base,
-            http: reqwest::Client::builder().timeout(Duration::from_secs(90)).build()?,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(90))
+                .build()?,
         })
     }
 
     /// `METHOD base+path` with an optional body; returns status and body text.
-    pub async fn call(&self, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<(u16, String)> {
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> anyhow::Result<(u16, String)> {
         let method = reqwest::Method::from_bytes(method.as_bytes())?;
         let mut request = self.http.request(method, format!("{}{}", self.base, path));
         if let Some(body) = body {
-            request = request.header("content-type", "application/json").body(body.to_owned());
+            request = request
+                .header("content-type", "application/json")
+                .body(body.to_owned());
         }
         let response = request.send().await?;
         let status = response.status().as_u16();

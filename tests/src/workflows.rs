@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use shared::engine::{RetryPolicy, StepError, Workflow, WorkflowContext, WorkflowError, WorkflowKind};
+use shared::engine::{
+    RetryPolicy, StepError, Workflow, WorkflowContext, WorkflowError, WorkflowKind,
+};
 use sqlx::{PgConnection, PgPool};
 
 /// The queue of every test workflow.
@@ -32,11 +34,13 @@ pub async fn bump(tx: &mut PgConnection, name: &str) -> Result<i64, sqlx::Error>
 
 /// Reads a counter (0 when absent).
 pub async fn counter(pool: &PgPool, name: &str) -> anyhow::Result<i64> {
-    Ok(sqlx::query_scalar("SELECT value FROM engine_test_counters WHERE name = $1")
-        .bind(name)
-        .fetch_optional(pool)
-        .await?
-        .unwrap_or(0))
+    Ok(
+        sqlx::query_scalar("SELECT value FROM engine_test_counters WHERE name = $1")
+            .bind(name)
+            .fetch_optional(pool)
+            .await?
+            .unwrap_or(0),
+    )
 }
 
 /// Three database steps, each bumping its own counter (a, b, c), each
@@ -44,7 +48,10 @@ pub async fn counter(pool: &PgPool, name: &str) -> anyhow::Result<i64> {
 pub struct Counter;
 
 /// Kind of [`Counter`].
-pub const COUNTER: WorkflowKind = WorkflowKind { name: "counter", queue: QUEUE };
+pub const COUNTER: WorkflowKind = WorkflowKind {
+    name: "counter",
+    queue: QUEUE,
+};
 
 impl Workflow for Counter {
     type Input = Value;
@@ -80,7 +87,10 @@ pub struct TickerInput {
 pub struct Ticker;
 
 /// Kind of [`Ticker`].
-pub const TICKER: WorkflowKind = WorkflowKind { name: "ticker", queue: QUEUE };
+pub const TICKER: WorkflowKind = WorkflowKind {
+    name: "ticker",
+    queue: QUEUE,
+};
 
 impl Workflow for Ticker {
     type Input = TickerInput;
@@ -88,7 +98,11 @@ impl Workflow for Ticker {
     fn kind(&self) -> WorkflowKind {
         TICKER
     }
-    async fn run(&self, ctx: &mut WorkflowContext, input: TickerInput) -> Result<Value, WorkflowError> {
+    async fn run(
+        &self,
+        ctx: &mut WorkflowContext,
+        input: TickerInput,
+    ) -> Result<Value, WorkflowError> {
         let name = format!("ticks:{}", ctx.workflow_id());
         for _ in 0..input.steps {
             ctx.sleep(Duration::from_millis(input.interval_ms)).await?;
@@ -116,7 +130,10 @@ pub struct MessengerInput {
 pub struct Messenger;
 
 /// Kind of [`Messenger`].
-pub const MESSENGER: WorkflowKind = WorkflowKind { name: "messenger", queue: QUEUE };
+pub const MESSENGER: WorkflowKind = WorkflowKind {
+    name: "messenger",
+    queue: QUEUE,
+};
 
 impl Workflow for Messenger {
     type Input = MessengerInput;
@@ -124,8 +141,14 @@ impl Workflow for Messenger {
     fn kind(&self) -> WorkflowKind {
         MESSENGER
     }
-    async fn run(&self, ctx: &mut WorkflowContext, input: MessengerInput) -> Result<Value, WorkflowError> {
-        let message = ctx.recv(&input.topic, Duration::from_millis(input.timeout_ms)).await?;
+    async fn run(
+        &self,
+        ctx: &mut WorkflowContext,
+        input: MessengerInput,
+    ) -> Result<Value, WorkflowError> {
+        let message = ctx
+            .recv(&input.topic, Duration::from_millis(input.timeout_ms))
+            .await?;
         let name = format!("received:{}", ctx.workflow_id());
         ctx.tx_step("count_received", move |tx| {
             let name = name.clone();
@@ -156,7 +179,10 @@ pub struct Flaky {
 }
 
 /// Kind of [`Flaky`].
-pub const FLAKY: WorkflowKind = WorkflowKind { name: "flaky", queue: QUEUE };
+pub const FLAKY: WorkflowKind = WorkflowKind {
+    name: "flaky",
+    queue: QUEUE,
+};
 
 impl Workflow for Flaky {
     type Input = FlakyInput;
@@ -172,7 +198,11 @@ impl Workflow for Flaky {
             multiplier: 2.0,
         }
     }
-    async fn run(&self, ctx: &mut WorkflowContext, input: FlakyInput) -> Result<Value, WorkflowError> {
+    async fn run(
+        &self,
+        ctx: &mut WorkflowContext,
+        input: FlakyInput,
+    ) -> Result<Value, WorkflowError> {
         let name = format!("attempts:{}", ctx.workflow_id());
         let pool = self.pool.clone();
         let value: i64 = ctx
@@ -185,10 +215,14 @@ impl Workflow for Flaky {
                         panic!("deliberate panic on attempt {attempt}");
                     }
                     if input.fatal {
-                        return Err(StepError::fatal(format!("deliberate fatal error on attempt {attempt}")));
+                        return Err(StepError::fatal(format!(
+                            "deliberate fatal error on attempt {attempt}"
+                        )));
                     }
                     if attempt <= input.fail_times {
-                        return Err(StepError::retryable(format!("deliberate failure {attempt}")));
+                        return Err(StepError::retryable(format!(
+                            "deliberate failure {attempt}"
+                        )));
                     }
                     Ok(attempt)
                 }

@@ -13,14 +13,22 @@ use shared::telemetry::LogArgs;
 
 /// The worker's configuration: every flag also reads an environment variable.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "widget-worker", about = "Runs Widget Store's checkout and dispatch workflows")]
+#[command(
+    name = "widget-worker",
+    about = "Runs Widget Store's checkout and dispatch workflows"
+)]
 pub struct Config {
     #[command(flatten)]
     pub database: DatabaseArgs,
     #[command(flatten)]
     pub log: LogArgs,
     /// Queues to consume, comma separated.
-    #[arg(long, env = "WORKER_QUEUES", value_delimiter = ',', default_value = "checkout,dispatch")]
+    #[arg(
+        long,
+        env = "WORKER_QUEUES",
+        value_delimiter = ',',
+        default_value = "checkout,dispatch"
+    )]
     pub queues: Vec<String>,
     /// Workflows of each queue executing at once in this process.
     #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 32)]
@@ -80,7 +88,10 @@ impl Config {
 
 /// Migrates, then runs the workflows until `shutdown`, then drains.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-    let pool = config.database.pool("widget-worker").context("bad database settings")?;
+    let pool = config
+        .database
+        .pool("widget-worker")
+        .context("bad database settings")?;
     migrate_with_retry(&pool, Duration::from_secs(60))
         .await
         .context("migrating the database")?;

@@ -3,9 +3,12 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use shared::engine::{Engine, StepError, Workflow, WorkflowContext, WorkflowError, WorkflowKind, set_event_in};
+use shared::engine::{
+    Engine, StepError, Workflow, WorkflowContext, WorkflowError, WorkflowKind, set_event_in,
+};
 use shared::store::{
-    self, CHECKOUT, CheckoutInput, DISPATCH, DISPATCH_STEPS, DispatchInput, PaymentStatus, dispatch_workflow_id, topics,
+    self, CHECKOUT, CheckoutInput, DISPATCH, DISPATCH_STEPS, DispatchInput, PaymentStatus,
+    dispatch_workflow_id, topics,
 };
 
 /// Checkout: reserve a unit, create the order, hand out the payment id,
@@ -23,9 +26,17 @@ impl Workflow for Checkout {
         CHECKOUT
     }
 
-    async fn run(&self, ctx: &mut WorkflowContext, input: CheckoutInput) -> Result<Value, WorkflowError> {
+    async fn run(
+        &self,
+        ctx: &mut WorkflowContext,
+        input: CheckoutInput,
+    ) -> Result<Value, WorkflowError> {
         let checkout_id = ctx.workflow_id().to_owned();
-        let product_id = if input.product_id == 0 { store::WIDGET_ID } else { input.product_id };
+        let product_id = if input.product_id == 0 {
+            store::WIDGET_ID
+        } else {
+            input.product_id
+        };
 
         let reserved: bool = ctx
             .tx_step("reserve_inventory", |tx| {
@@ -66,15 +77,24 @@ impl Workflow for Checkout {
             None => "timed_out",
         };
 
-        let settle = if payment == Some(PaymentStatus::Paid) { "mark_paid" } else { "cancel_order" };
+        let settle = if payment == Some(PaymentStatus::Paid) {
+            "mark_paid"
+        } else {
+            "cancel_order"
+        };
         ctx.tx_step(settle, |tx| {
             let checkout_id = checkout_id.clone();
             Box::pin(async move {
                 if payment == Some(PaymentStatus::Paid) {
                     store::mark_paid(tx, order_id).await?;
-                    Engine::start_in(tx, DISPATCH, &dispatch_workflow_id(order_id), &DispatchInput { order_id })
-                        .await
-                        .map_err(|e| StepError::Retryable(e.into()))?;
+                    Engine::start_in(
+                        tx,
+                        DISPATCH,
+                        &dispatch_workflow_id(order_id),
+                        &DispatchInput { order_id },
+                    )
+                    .await
+                    .map_err(|e| StepError::Retryable(e.into()))?;
                 } else {
                     store::cancel_order(tx, order_id).await?;
                 }
@@ -102,7 +122,11 @@ impl Workflow for Dispatch {
         DISPATCH
     }
 
-    async fn run(&self, ctx: &mut WorkflowContext, input: DispatchInput) -> Result<Value, WorkflowError> {
+    async fn run(
+        &self,
+        ctx: &mut WorkflowContext,
+        input: DispatchInput,
+    ) -> Result<Value, WorkflowError> {
         let order_id = input.order_id;
         let mut left = DISPATCH_STEPS;
         for _ in 0..DISPATCH_STEPS {

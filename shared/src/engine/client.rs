@@ -316,11 +316,15 @@ impl Engine {
     }
 }
 
-async fn lock_status(conn: &mut PgConnection, workflow_id: &str) -> Result<WorkflowStatus, EngineError> {
-    let status: Option<String> = sqlx::query_scalar("SELECT status FROM workflows WHERE id = $1 FOR UPDATE")
-        .bind(workflow_id)
-        .fetch_optional(&mut *conn)
-        .await?;
+async fn lock_status(
+    conn: &mut PgConnection,
+    workflow_id: &str,
+) -> Result<WorkflowStatus, EngineError> {
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM workflows WHERE id = $1 FOR UPDATE")
+            .bind(workflow_id)
+            .fetch_optional(&mut *conn)
+            .await?;
     status
         .and_then(|s| WorkflowStatus::parse(&s))
         .ok_or_else(|| EngineError::UnknownWorkflow(workflow_id.to_owned()))

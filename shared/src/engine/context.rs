@@ -107,7 +107,8 @@ impl WorkflowContext {
             let error = match outcome {
                 Ok(Ok(value)) => {
                     let output = serde_json::to_value(&value)?;
-                    self.checkpoint(&mut tx, seq, name, &output, started).await?;
+                    self.checkpoint(&mut tx, seq, name, &output, started)
+                        .await?;
                     tx.commit().await?;
                     return Ok(value);
                 }
@@ -119,7 +120,8 @@ impl WorkflowContext {
                 Err(panic) => format!("panicked: {}", panic_message(&panic)),
             };
             drop(tx);
-            self.retry_or_fail(seq, name, error, attempt, &retry).await?;
+            self.retry_or_fail(seq, name, error, attempt, &retry)
+                .await?;
         }
     }
 
@@ -149,7 +151,8 @@ impl WorkflowContext {
                     let output = serde_json::to_value(&value)?;
                     let mut tx = self.pool.begin().await?;
                     self.guard(&mut tx).await?;
-                    self.checkpoint(&mut tx, seq, name, &output, started).await?;
+                    self.checkpoint(&mut tx, seq, name, &output, started)
+                        .await?;
                     tx.commit().await?;
                     return Ok(value);
                 }
@@ -160,13 +163,18 @@ impl WorkflowContext {
                 Ok(Err(StepError::Retryable(e))) => format!("{e:#}"),
                 Err(panic) => format!("panicked: {}", panic_message(&panic)),
             };
-            self.retry_or_fail(seq, name, error, attempt, &retry).await?;
+            self.retry_or_fail(seq, name, error, attempt, &retry)
+                .await?;
         }
     }
 
     /// Publishes an event (a row; waiters are notified). Checkpointed like
     /// any step, so it happens once.
-    pub async fn set_event(&mut self, key: &str, value: impl Serialize) -> Result<(), WorkflowError> {
+    pub async fn set_event(
+        &mut self,
+        key: &str,
+        value: impl Serialize,
+    ) -> Result<(), WorkflowError> {
         let value = serde_json::to_value(value)?;
         let workflow_id = self.workflow_id.clone();
         let key_owned = key.to_owned();
@@ -186,13 +194,18 @@ impl WorkflowContext {
     /// Consuming the message and checkpointing it are one transaction. While
     /// nothing is there the workflow parks (returns [`WorkflowError::Parked`]
     /// through `?`) and holds no worker slot.
-    pub async fn recv(&mut self, topic: &str, timeout: Duration) -> Result<Option<Value>, WorkflowError> {
+    pub async fn recv(
+        &mut self,
+        topic: &str,
+        timeout: Duration,
+    ) -> Result<Option<Value>, WorkflowError> {
         let deadline_name = format!("recv:{topic}:deadline");
         let deadline_seq = self.take_seq();
-        let known_deadline: Option<DateTime<Utc>> = match self.replay::<DateTime<Utc>>(deadline_seq, &deadline_name)? {
-            Replay::Done(at) => Some(at),
-            Replay::Run => None,
-        };
+        let known_deadline: Option<DateTime<Utc>> =
+            match self.replay::<DateTime<Utc>>(deadline_seq, &deadline_name)? {
+                Replay::Done(at) => Some(at),
+                Replay::Run => None,
+            };
         let name = format!("recv:{topic}");
         let seq = self.take_seq();
         if let Replay::Done(outcome) = self.replay::<Value>(seq, &name)? {
@@ -205,7 +218,8 @@ impl WorkflowContext {
         let deadline = match known_deadline {
             Some(at) => at,
             None => {
-                let at = started + chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
+                let at =
+                    started + chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
                 self.checkpoint(&mut tx, deadline_seq, &deadline_name, &json!(at), started)
                     .await?;
                 at
@@ -251,10 +265,12 @@ impl WorkflowContext {
             Replay::Run => {
                 self.check_draining()?;
                 let now = Utc::now();
-                let at = now + chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX);
+                let at =
+                    now + chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX);
                 let mut tx = self.pool.begin().await?;
                 self.guard(&mut tx).await?;
-                self.checkpoint(&mut tx, seq, "sleep", &json!(at), now).await?;
+                self.checkpoint(&mut tx, seq, "sleep", &json!(at), now)
+                    .await?;
                 let parks = duration > self.hold_threshold;
                 if parks {
                     self.park(&mut tx, None, at).await?;
@@ -291,7 +307,11 @@ impl WorkflowContext {
     }
 
     /// The checkpoint of step `seq`, if it completed before.
-    fn replay<T: DeserializeOwned>(&mut self, seq: i32, name: &str) -> Result<Replay<T>, WorkflowError> {
+    fn replay<T: DeserializeOwned>(
+        &mut self,
+        seq: i32,
+        name: &str,
+    ) -> Result<Replay<T>, WorkflowError> {
         let Some(front) = self.checkpoints.front() else {
             return Ok(Replay::Run);
         };
@@ -308,7 +328,11 @@ impl WorkflowContext {
         }
         serde_json::from_value(checkpoint.output)
             .map(Replay::Done)
-            .map_err(|e| WorkflowError::fatal(format!("step {seq} ({name}): checkpoint does not decode: {e}")))
+            .map_err(|e| {
+                WorkflowError::fatal(format!(
+                    "step {seq} ({name}): checkpoint does not decode: {e}"
+                ))
+            })
     }
 
     fn check_draining(&self) -> Result<(), WorkflowError> {
@@ -322,15 +346,18 @@ impl WorkflowContext {
     /// First statement of every step transaction: locks the workflow row,
     /// so steps of two executions serialise, and sees cancellation.
     async fn guard(&self, tx: &mut PgConnection) -> Result<(), WorkflowError> {
-        let row: Option<(String, bool)> =
-            sqlx::query_as("SELECT status, cancel_requested FROM workflows WHERE id = $1 FOR UPDATE")
-                .bind(&self.workflow_id)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let row: Option<(String, bool)> = sqlx::query_as(
+            "SELECT status, cancel_requested FROM workflows WHERE id = $1 FOR UPDATE",
+        )
+        .bind(&self.workflow_id)
+        .fetch_optional(&mut *tx)
+        .await?;
         match row {
             None => Err(WorkflowError::fatal("workflow row disappeared")),
             Some((_, true)) => Err(WorkflowError::Cancelled),
-            Some((status, false)) if matches!(status.as_str(), "succeeded" | "failed" | "cancelled") => {
+            Some((status, false))
+                if matches!(status.as_str(), "succeeded" | "failed" | "cancelled") =>
+            {
                 Err(WorkflowError::Fenced {
                     step: self.next_seq - 1,
                     name: format!("(workflow already {status})"),
@@ -373,7 +400,12 @@ impl WorkflowContext {
         }
     }
 
-    async fn park(&self, tx: &mut PgConnection, topic: Option<&str>, until: DateTime<Utc>) -> Result<(), WorkflowError> {
+    async fn park(
+        &self,
+        tx: &mut PgConnection,
+        topic: Option<&str>,
+        until: DateTime<Utc>,
+    ) -> Result<(), WorkflowError> {
         sqlx::query(
             "UPDATE workflows SET status = 'waiting', owner = NULL, wait_topic = $2, wait_until = $3,
              updated_at = now() WHERE id = $1",

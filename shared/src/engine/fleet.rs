@@ -54,15 +54,24 @@ pub async fn list_workers(pool: &PgPool) -> Result<Vec<WorkerInfo>, sqlx::Error>
 /// Asks a worker (a random live one when `worker_id` is `None`) to abort on
 /// the spot. Returns the worker asked, or `None` when no worker is live.
 /// Workers obey only when started with remote crash allowed.
-pub async fn request_crash(pool: &PgPool, worker_id: Option<&str>) -> Result<Option<String>, sqlx::Error> {
+pub async fn request_crash(
+    pool: &PgPool,
+    worker_id: Option<&str>,
+) -> Result<Option<String>, sqlx::Error> {
     let target: Option<String> = match worker_id {
-        Some(id) => sqlx::query_scalar("SELECT id FROM workers WHERE id = $1 AND NOT draining")
-            .bind(id)
+        Some(id) => {
+            sqlx::query_scalar("SELECT id FROM workers WHERE id = $1 AND NOT draining")
+                .bind(id)
+                .fetch_optional(pool)
+                .await?
+        }
+        None => {
+            sqlx::query_scalar(
+                "SELECT id FROM workers WHERE NOT draining ORDER BY random() LIMIT 1",
+            )
             .fetch_optional(pool)
-            .await?,
-        None => sqlx::query_scalar("SELECT id FROM workers WHERE NOT draining ORDER BY random() LIMIT 1")
-            .fetch_optional(pool)
-            .await?,
+            .await?
+        }
     };
     if let Some(id) = &target {
         sqlx::query("SELECT pg_notify($1, $2)")
@@ -184,7 +193,11 @@ async fn upsert(conn: &mut PgConnection, me: &Registration) -> Result<(), sqlx::
 /// or whose heartbeat is older than `stale_after` (hung), hands their jobs
 /// back to the queue with a wake-up notification, and removes them.
 /// Returns the reaped worker ids.
-pub(crate) async fn reap(pool: &PgPool, me: &str, stale_after: Duration) -> Result<Vec<String>, sqlx::Error> {
+pub(crate) async fn reap(
+    pool: &PgPool,
+    me: &str,
+    stale_after: Duration,
+) -> Result<Vec<String>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     // A transaction-level try-lock on a dead worker's key succeeds (and
     // keeps concurrent reapers off it until we commit); on a live one it fails.
@@ -243,12 +256,14 @@ pub(crate) async fn release_jobs(
     .fetch_all(&mut *conn)
     .await?;
     for (id, job_type) in &moved {
-        sqlx::query("SELECT pg_notify($1, json_build_object('job_type', $2::text, 'id', $3::text)::text)")
-            .bind(JOB_INSERT_CHANNEL)
-            .bind(job_type)
-            .bind(id)
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query(
+            "SELECT pg_notify($1, json_build_object('job_type', $2::text, 'id', $3::text)::text)",
+        )
+        .bind(JOB_INSERT_CHANNEL)
+        .bind(job_type)
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
     }
     Ok(moved.len() as u64)
 }

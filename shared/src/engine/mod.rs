@@ -40,8 +40,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 pub use client::{Engine, Message, SendOutcome};
-pub use context::set_event_in;
 pub use context::WorkflowContext;
+pub use context::set_event_in;
 pub use error::{EngineError, StepError, WorkflowError};
 pub use events::EventListener;
 pub use queue::{JOB_INSERT_CHANNEL, WorkflowJob, enqueue};

@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use apalis::prelude::{BackendExt, BoxDynError, Data, WorkerBuilder, WorkerBuilderExt, WorkerError};
+use apalis::prelude::{
+    BackendExt, BoxDynError, Data, WorkerBuilder, WorkerBuilderExt, WorkerError,
+};
 use apalis_postgres::PostgresStorage;
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -52,7 +54,11 @@ pub trait Workflow: Send + Sync + 'static {
 trait ErasedWorkflow: Send + Sync {
     fn kind(&self) -> WorkflowKind;
     fn retry_policy(&self) -> RetryPolicy;
-    fn run_json<'a>(&'a self, ctx: &'a mut WorkflowContext, input: Value) -> BoxFuture<'a, Result<Value, WorkflowError>>;
+    fn run_json<'a>(
+        &'a self,
+        ctx: &'a mut WorkflowContext,
+        input: Value,
+    ) -> BoxFuture<'a, Result<Value, WorkflowError>>;
 }
 
 impl<W: Workflow> ErasedWorkflow for W {
@@ -62,7 +68,11 @@ impl<W: Workflow> ErasedWorkflow for W {
     fn retry_policy(&self) -> RetryPolicy {
         Workflow::retry_policy(self)
     }
-    fn run_json<'a>(&'a self, ctx: &'a mut WorkflowContext, input: Value) -> BoxFuture<'a, Result<Value, WorkflowError>> {
+    fn run_json<'a>(
+        &'a self,
+        ctx: &'a mut WorkflowContext,
+        input: Value,
+    ) -> BoxFuture<'a, Result<Value, WorkflowError>> {
         async move {
             let input = serde_json::from_value(input)
                 .map_err(|e| WorkflowError::fatal(format!("input does not decode: {e}")))?;
@@ -192,7 +202,9 @@ impl Runtime {
     /// Adds a workflow definition. Call before [`Runtime::run`].
     pub fn register<W: Workflow>(mut self, workflow: W) -> Self {
         let inner = Arc::get_mut(&mut self.inner).expect("register workflows before running");
-        inner.workflows.insert(workflow.kind().name, Arc::new(workflow));
+        inner
+            .workflows
+            .insert(workflow.kind().name, Arc::new(workflow));
         self
     }
 
@@ -268,7 +280,9 @@ impl Runtime {
         }
         match fleet::leave(&inner.pool, &inner.worker_id).await {
             Ok(released) => tracing::info!(released, "left the fleet; unfinished jobs handed back"),
-            Err(e) => tracing::warn!(error = %e, "could not leave cleanly; the reaper will hand our jobs back"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not leave cleanly; the reaper will hand our jobs back")
+            }
         }
         let _ = stop_membership.send(true);
         let _ = membership.await;
@@ -282,7 +296,12 @@ impl Runtime {
     /// The queue handler calls this; tests call it to force races.
     pub async fn execute(&self, workflow_id: &str) -> ExecutionOutcome {
         let inner = &self.inner;
-        if !inner.in_flight.lock().expect("in-flight set").insert(workflow_id.to_owned()) {
+        if !inner
+            .in_flight
+            .lock()
+            .expect("in-flight set")
+            .insert(workflow_id.to_owned())
+        {
             return ExecutionOutcome::Skipped;
         }
         inner.in_flight_count.fetch_add(1, Ordering::Relaxed);
@@ -329,14 +348,19 @@ impl Runtime {
             return Ok(ExecutionOutcome::Skipped);
         }
         let Some(definition) = inner.workflows.get(kind.as_str()).cloned() else {
-            let error = format!("no workflow of kind `{kind}` is registered on worker {}", inner.worker_id);
-            self.finish(workflow_id, "failed", None, Some(&error), 0).await?;
+            let error = format!(
+                "no workflow of kind `{kind}` is registered on worker {}",
+                inner.worker_id
+            );
+            self.finish(workflow_id, "failed", None, Some(&error), 0)
+                .await?;
             tracing::error!(workflow_id, %error, "workflow failed");
             return Ok(ExecutionOutcome::Failed);
         };
         if executions >= inner.config.max_executions {
             let error = format!("started {executions} times without finishing (crash loop?)");
-            self.finish(workflow_id, "failed", None, Some(&error), 0).await?;
+            self.finish(workflow_id, "failed", None, Some(&error), 0)
+                .await?;
             tracing::error!(workflow_id, %error, "workflow failed");
             return Ok(ExecutionOutcome::Failed);
         }
@@ -379,7 +403,8 @@ impl Runtime {
         let _enter = span.enter();
         match result {
             Ok(Ok(output)) => {
-                self.finish(workflow_id, "succeeded", Some(&output), None, 0).await?;
+                self.finish(workflow_id, "succeeded", Some(&output), None, 0)
+                    .await?;
                 tracing::debug!("workflow succeeded");
                 Ok(ExecutionOutcome::Succeeded)
             }
@@ -414,19 +439,25 @@ impl Runtime {
             }
             Ok(Err(WorkflowError::Unavailable(e))) => Err(e),
             Ok(Err(WorkflowError::Failed { error, attempts })) => {
-                self.finish(workflow_id, "failed", None, Some(&error), attempts).await?;
+                self.finish(workflow_id, "failed", None, Some(&error), attempts)
+                    .await?;
                 tracing::error!(%error, "workflow failed");
                 Ok(ExecutionOutcome::Failed)
             }
             Ok(Err(e @ WorkflowError::Nondeterministic { .. })) => {
                 let error = e.to_string();
-                self.finish(workflow_id, "failed", None, Some(&error), 0).await?;
+                self.finish(workflow_id, "failed", None, Some(&error), 0)
+                    .await?;
                 tracing::error!(%error, "workflow failed: code and checkpoints disagree");
                 Ok(ExecutionOutcome::Failed)
             }
             Err(panic) => {
-                let error = format!("workflow panicked outside a step: {}", panic_message(&*panic));
-                self.finish(workflow_id, "failed", None, Some(&error), 1).await?;
+                let error = format!(
+                    "workflow panicked outside a step: {}",
+                    panic_message(&*panic)
+                );
+                self.finish(workflow_id, "failed", None, Some(&error), 1)
+                    .await?;
                 tracing::error!(%error, "workflow failed");
                 Ok(ExecutionOutcome::Failed)
             }
@@ -479,7 +510,9 @@ fn queue_error(error: apalis_postgres::Error) -> sqlx::Error {
 }
 
 async fn handle_job(job: WorkflowJob, inner: Data<Arc<Inner>>) -> Result<(), BoxDynError> {
-    let runtime = Runtime { inner: (*inner).clone() };
+    let runtime = Runtime {
+        inner: (*inner).clone(),
+    };
     runtime.execute(&job.workflow_id).await;
     Ok(())
 }
@@ -500,7 +533,12 @@ async fn run_queue(inner: Arc<Inner>, queue: QueueConfig) {
             // Jobs claimed by our earlier incarnation but never acked.
             let released = async {
                 let mut conn = inner.pool.acquire().await?;
-                fleet::release_jobs(&mut conn, &[inner.worker_id.to_string()], Some((&queue.name, &name))).await
+                fleet::release_jobs(
+                    &mut conn,
+                    &[inner.worker_id.to_string()],
+                    Some((&queue.name, &name)),
+                )
+                .await
             }
             .await;
             if let Err(e) = released {
@@ -531,7 +569,9 @@ async fn run_queue(inner: Arc<Inner>, queue: QueueConfig) {
         match worker.run_until(signal).await {
             Ok(()) if *drain.borrow() => return,
             Ok(()) => tracing::warn!(queue = %queue.name, "queue worker stopped; restarting"),
-            Err(e) => tracing::warn!(queue = %queue.name, error = %e, "queue worker failed; restarting"),
+            Err(e) => {
+                tracing::warn!(queue = %queue.name, error = %e, "queue worker failed; restarting")
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -556,7 +596,8 @@ async fn reap_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
 }
 
 async fn prune_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
-    let period = (inner.config.prune_after / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
+    let period =
+        (inner.config.prune_after / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
     loop {
         tokio::select! {
             _ = tokio::time::sleep(period) => {}

@@ -16,7 +16,9 @@ async fn main() -> anyhow::Result<()> {
     migrate_with_retry(&pool, Duration::from_secs(30)).await?;
     Runtime::new(
         pool.clone(),
-        config.database.connect_options("engine-test-worker-registry")?,
+        config
+            .database
+            .connect_options("engine-test-worker-registry")?,
         config.runtime(),
     )
     .register(Counter)

@@ -1,0 +1,499 @@
+//! The store over real HTTP: one API and two worker processes on a fresh
+//! database per test, as a client of the original demo would drive them.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use harness::{Api, Proc, TestDb, spawn_store_worker, wait_until};
+use serde_json::Value;
+use sqlx::PgPool;
+
+/// The stack of one test.
+struct Stack {
+    db: TestDb,
+    api: Api,
+    workers: Vec<Proc>,
+}
+
+async fn stack(extra: &[(&str, &str)]) -> anyhow::Result<Stack> {
+    let db = TestDb::create().await?;
+    let mut env = vec![("DISPATCH_INTERVAL_MS", "50"), ("CHAOS", "true")];
+    env.extend_from_slice(extra);
+    let api = Api::start(&db, &env).await?;
+    let workers = vec![
+        spawn_store_worker(&db, "worker-a", &env)?,
+        spawn_store_worker(&db, "worker-b", &env)?,
+    ];
+    wait_until(
+        "two workers registered",
+        Duration::from_secs(30),
+        || async { Ok(live_workers(&db.pool).await? == 2) },
+    )
+    .await?;
+    Ok(Stack { db, api, workers })
+}
+
+async fn live_workers(pool: &PgPool) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM workers")
+        .fetch_one(pool)
+        .await?)
+}
+
+async fn inventory(pool: &PgPool) -> anyhow::Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT inventory::bigint FROM products WHERE id = 1")
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+async fn order_count(pool: &PgPool) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM orders")
+        .fetch_one(pool)
+        .await?)
+}
+
+/// Stock conserved: initial stock = current stock + orders not cancelled.
+async fn assert_stock_conserved(pool: &PgPool, initial: i64) -> anyhow::Result<()> {
+    let (stock, live): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT inventory FROM products WHERE id = 1)::bigint,
+                (SELECT count(*) FROM orders WHERE status <> 'CANCELLED')",
+    )
+    .fetch_one(pool)
+    .await?;
+    assert_eq!(
+        stock + live,
+        initial,
+        "stock leaked: {stock} in stock + {live} live orders != {initial}"
+    );
+    Ok(())
+}
+
+async fn order_status(api: &Api, order_id: &str) -> anyhow::Result<Value> {
+    api.get_json(&format!("/order/{order_id}")).await
+}
+
+async fn wait_order_status(
+    api: &Api,
+    order_id: &str,
+    status: &str,
+    timeout: Duration,
+) -> anyhow::Result<Value> {
+    wait_until(&format!("order {order_id} {status}"), timeout, || async {
+        Ok(order_status(api, order_id).await?["status"] == status)
+    })
+    .await?;
+    order_status(api, order_id).await
+}
+
+fn key() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+#[tokio::test]
+async fn happy_path_reaches_dispatched() -> anyhow::Result<()> {
+    let s = stack(&[]).await?;
+    let product = s.api.get_json("/product").await?;
+    assert_eq!(product["product"], "Premium Quality Widget");
+    assert_eq!(
+        product["description"],
+        "Enhance your productivity with our top-rated widgets!"
+    );
+    assert_eq!(product["inventory"], 100);
+    assert_eq!(product["price"], 99.99);
+
+    let key = key();
+    let (status, payment_id) = s.api.post(&format!("/checkout/{key}")).await?;
+    assert_eq!(
+        (status, payment_id.as_str()),
+        (200, key.as_str()),
+        "payment id is the checkout key, as text"
+    );
+    assert_eq!(inventory(&s.db.pool).await?, 99);
+    let pending = s.api.get_json("/orders").await?;
+    assert_eq!(pending[0]["status"], "PENDING");
+    assert_eq!(pending[0]["order_status"], 0);
+    assert_eq!(pending[0]["progress_remaining"], 10);
+
+    let (status, order_id) = s
+        .api
+        .post(&format!("/payment_webhook/{payment_id}/paid"))
+        .await?;
+    assert_eq!(status, 200, "{order_id}");
+    let order = wait_order_status(&s.api, &order_id, "DISPATCHED", Duration::from_secs(30)).await?;
+    assert_eq!(order["order_status"], 1);
+    assert_eq!(order["progress_remaining"], 0);
+    assert!(order["last_update_time"].is_string());
+    assert_stock_conserved(&s.db.pool, 100).await
+}
+
+#[tokio::test]
+async fn failed_payment_cancels_and_returns_the_unit() -> anyhow::Result<()> {
+    let s = stack(&[]).await?;
+    let key = key();
+    let (status, payment_id) = s.api.post(&format!("/checkout/{key}")).await?;
+    assert_eq!(status, 200);
+    assert_eq!(inventory(&s.db.pool).await?, 99);
+    let (status, order_id) = s
+        .api
+        .post(&format!("/payment_webhook/{payment_id}/failed"))
+        .await?;
+    assert_eq!(status, 200, "{order_id}");
+    let order = order_status(&s.api, &order_id).await?;
+    assert_eq!(order["status"], "CANCELLED");
+    assert_eq!(order["order_status"], -1);
+    assert_eq!(
+        inventory(&s.db.pool).await?,
+        100,
+        "the unit is back in stock"
+    );
+    assert_stock_conserved(&s.db.pool, 100).await
+}
+
+#[tokio::test]
+async fn payment_timeout_cancels_and_a_late_webhook_gets_409() -> anyhow::Result<()> {
+    let s = stack(&[("PAYMENT_TIMEOUT_MS", "1500")]).await?;
+    let key = key();
+    let (status, payment_id) = s.api.post(&format!("/checkout/{key}")).await?;
+    assert_eq!(status, 200);
+    let order_id: i64 = sqlx::query_scalar("SELECT id FROM orders WHERE checkout_id = $1")
+        .bind(&key)
+        .fetch_one(&s.db.pool)
+        .await?;
+    wait_order_status(
+        &s.api,
+        &order_id.to_string(),
+        "CANCELLED",
+        Duration::from_secs(30),
+    )
+    .await?;
+    assert_eq!(inventory(&s.db.pool).await?, 100);
+    for late in ["paid", "failed"] {
+        let (status, body) = s
+            .api
+            .post(&format!("/payment_webhook/{payment_id}/{late}"))
+            .await?;
+        assert_eq!(status, 409, "{body}");
+        assert!(body.contains("checkout_expired"), "{body}");
+    }
+    let order = order_status(&s.api, &order_id.to_string()).await?;
+    assert_eq!(
+        order["status"], "CANCELLED",
+        "a late webhook resurrects nothing"
+    );
+    assert_stock_conserved(&s.db.pool, 100).await
+}
+
+#[tokio::test]
+async fn out_of_stock_is_409_and_restock_works() -> anyhow::Result<()> {
+    let s = stack(&[]).await?;
+    let (status, _) = s
+        .api
+        .call("POST", "/restock", Some(r#"{"inventory": 1}"#))
+        .await?;
+    assert_eq!(status, 200);
+    let (status, _) = s.api.post(&format!("/checkout/{}", key())).await?;
+    assert_eq!(status, 200);
+    let orders_before = order_count(&s.db.pool).await?;
+    let sold_out_key = key();
+    let (status, body) = s.api.post(&format!("/checkout/{sold_out_key}")).await?;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("out_of_stock"), "{body}");
+    assert_eq!(
+        order_count(&s.db.pool).await?,
+        orders_before,
+        "nothing created"
+    );
+    assert_eq!(inventory(&s.db.pool).await?, 0);
+    // The same key stays out of stock (idempotent), even after a restock.
+    let (status, body) = s.api.post("/restock").await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(inventory(&s.db.pool).await?, 100);
+    let (status, _) = s.api.post(&format!("/checkout/{sold_out_key}")).await?;
+    assert_eq!(status, 409);
+    let (status, _) = s.api.post(&format!("/checkout/{}", key())).await?;
+    assert_eq!(status, 200, "a new key buys after the restock");
+    Ok(())
+}
+
+#[tokio::test]
+async fn twenty_concurrent_checkouts_with_one_key_make_one_order() -> anyhow::Result<()> {
+    let s = stack(&[]).await?;
+    let key = key();
+    let path = format!("/checkout/{key}");
+    let calls = (0..20).map(|_| s.api.post(&path));
+    let answers = futures::future::try_join_all(calls).await?;
+    for (status, body) in &answers {
+        assert_eq!((*status, body.as_str()), (200, key.as_str()));
+    }
+    assert_eq!(order_count(&s.db.pool).await?, 1);
+    assert_eq!(inventory(&s.db.pool).await?, 99, "one unit reserved");
+    // Days later (here: now) the same key still answers the same.
+    let (status, again) = s.api.post(&format!("/checkout/{key}")).await?;
+    assert_eq!((status, again.as_str()), (200, key.as_str()));
+    let (status, json) = s
+        .api
+        .http
+        .post(format!("{}/checkout/{key}", s.api.base))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .map(|r| (r.status().as_u16(), r))?;
+    assert_eq!(status, 200);
+    assert_eq!(json.json::<Value>().await?["payment_id"], key.as_str());
+    assert_stock_conserved(&s.db.pool, 100).await
+}
+
+#[tokio::test]
+async fn duplicate_and_conflicting_webhooks() -> anyhow::Result<()> {
+    let s = stack(&[]).await?;
+    let key = key();
+    let (_, payment_id) = s.api.post(&format!("/checkout/{key}")).await?;
+    let path = format!("/payment_webhook/{payment_id}/paid");
+    let concurrent = futures::future::try_join_all((0..5).map(|_| s.api.post(&path))).await?;
+    let order_id = concurrent[0].1.clone();
+    for (status, body) in &concurrent {
+        assert_eq!(
+            (*status, body.as_str()),
+            (200, order_id.as_str()),
+            "same order id every time"
+        );
+    }
+    let (status, again) = s.api.post(&path).await?;
+    assert_eq!((status, again.as_str()), (200, order_id.as_str()));
+    let (status, body) = s
+        .api
+        .post(&format!("/payment_webhook/{payment_id}/failed"))
+        .await?;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("payment_conflict"), "{body}");
+    wait_order_status(&s.api, &order_id, "DISPATCHED", Duration::from_secs(30)).await?;
+    let dispatches: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM workflows WHERE kind = 'dispatch'")
+            .fetch_one(&s.db.pool)
+            .await?;
+    assert_eq!(dispatches, 1, "paid once, dispatched once");
+    // Unknown payment id.
+    let (status, body) = s
+        .api
+        .post(&format!("/payment_webhook/{}/paid", self::key()))
+        .await?;
+    assert_eq!(status, 404, "{body}");
+    assert_stock_conserved(&s.db.pool, 100).await
+}
+
+#[tokio::test]
+async fn sigkill_between_order_and_payment_still_dispatches_on_the_other_worker()
+-> anyhow::Result<()> {
+    let mut s = stack(&[]).await?;
+    let key = key();
+    let (status, payment_id) = s.api.post(&format!("/checkout/{key}")).await?;
+    assert_eq!(status, 200);
+    // The checkout now waits for its payment. Kill one worker outright.
+    let victim = s.workers.remove(0);
+    let victim_pid = victim.pid() as i32;
+    victim.signal("KILL")?;
+    drop(victim);
+    wait_until(
+        "the dead worker is reaped",
+        Duration::from_secs(15),
+        || async { Ok(live_workers(&s.db.pool).await? == 1) },
+    )
+    .await?;
+    let (status, order_id) = s
+        .api
+        .post(&format!("/payment_webhook/{payment_id}/paid"))
+        .await?;
+    assert_eq!(status, 200, "{order_id}");
+    wait_order_status(&s.api, &order_id, "DISPATCHED", Duration::from_secs(30)).await?;
+    let survivor_pid: i32 = sqlx::query_scalar("SELECT pid FROM workers")
+        .fetch_one(&s.db.pool)
+        .await?;
+    assert_ne!(survivor_pid, victim_pid);
+    let steps_by_survivor: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM workflow_steps s JOIN workers w ON w.id = s.worker_id
+         WHERE s.workflow_id = $1 AND s.name = 'mark_paid'",
+    )
+    .bind(&key)
+    .fetch_one(&s.db.pool)
+    .await?;
+    assert_eq!(
+        steps_by_survivor, 1,
+        "the surviving worker settled the payment"
+    );
+    assert_stock_conserved(&s.db.pool, 100).await
+}
+
+#[tokio::test]
+async fn bad_inputs_get_a_4xx_json_error_and_change_nothing() -> anyhow::Result<()> {
+    let s = stack(&[]).await?;
+    let (_, payment_id) = s.api.post(&format!("/checkout/{}", key())).await?;
+    let snapshot = || async {
+        let row: (i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT (SELECT inventory FROM products)::bigint, (SELECT count(*) FROM orders),
+                    (SELECT count(*) FROM workflows), (SELECT count(*) FROM workflow_messages)",
+        )
+        .fetch_one(&s.db.pool)
+        .await?;
+        anyhow::Ok(row)
+    };
+    let before = snapshot().await?;
+    let long_key = "k".repeat(129);
+    let big_body = format!(r#"{{"inventory": 1, "pad": "{}"}}"#, "x".repeat(64 * 1024));
+    let cases: Vec<(&str, String, Option<&str>, u16)> = vec![
+        ("POST", "/checkout/bad%20key".into(), None, 400),
+        ("POST", "/checkout/bad.key".into(), None, 400),
+        ("POST", format!("/checkout/{long_key}"), None, 400),
+        ("POST", "/checkout/dispatch-1".into(), None, 400),
+        ("POST", "/checkout/%C3%A9t%C3%A9".into(), None, 400),
+        ("GET", "/checkout/abc".into(), None, 405),
+        (
+            "POST",
+            format!("/payment_webhook/{payment_id}/maybe"),
+            None,
+            400,
+        ),
+        (
+            "POST",
+            format!("/payment_webhook/{payment_id}/PAID"),
+            None,
+            400,
+        ),
+        (
+            "POST",
+            "/payment_webhook/no-such-payment/paid".into(),
+            None,
+            404,
+        ),
+        ("POST", "/payment_webhook/bad%20id/paid".into(), None, 400),
+        ("GET", "/payment_webhook/x/paid".into(), None, 405),
+        ("GET", "/order/abc".into(), None, 400),
+        ("GET", "/order/-1".into(), None, 400),
+        ("GET", "/order/99999999999999999999".into(), None, 400),
+        ("GET", "/order/424242".into(), None, 404),
+        ("GET", "/orders?limit=0".into(), None, 400),
+        ("GET", "/orders?limit=100000".into(), None, 400),
+        ("GET", "/orders?limit=ten".into(), None, 400),
+        ("POST", "/restock".into(), Some(r#"{"inventory": -1}"#), 400),
+        (
+            "POST",
+            "/restock".into(),
+            Some(r#"{"inventory": 2000000}"#),
+            400,
+        ),
+        (
+            "POST",
+            "/restock".into(),
+            Some(r#"{"inventory": "lots"}"#),
+            400,
+        ),
+        ("POST", "/restock".into(), Some("not json"), 400),
+        ("POST", "/restock".into(), Some(&big_body), 413),
+        ("DELETE", "/product".into(), None, 405),
+        ("GET", "/no/such/path".into(), None, 404),
+    ];
+    for (method, path, body, expected) in &cases {
+        let (status, text) = s.api.call(method, path, *body).await?;
+        assert_eq!(status, *expected, "{method} {path} -> {status} {text}");
+        let json: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{method} {path}: not JSON: {text}"))?;
+        assert!(json["error"]["code"].is_string(), "{method} {path}: {text}");
+        assert!(
+            json["error"]["message"].is_string(),
+            "{method} {path}: {text}"
+        );
+    }
+    assert_eq!(snapshot().await?, before, "bad input changed nothing");
+    Ok(())
+}
+
+#[tokio::test]
+async fn crash_application_aborts_a_worker_and_the_launcher_can_replace_it() -> anyhow::Result<()> {
+    let mut s = stack(&[]).await?;
+    let (status, worker_id) = s.api.post("/crash_application").await?;
+    assert_eq!(status, 202, "{worker_id}");
+    let pid: i32 = worker_id
+        .rsplitn(3, '-')
+        .nth(1)
+        .context("pid in worker id")?
+        .parse()?;
+    let crashed = s
+        .workers
+        .iter()
+        .position(|w| w.pid() as i32 == pid)
+        .context("crashed worker is ours")?;
+    let mut victim = s.workers.remove(crashed);
+    let code = victim.wait_exit(Duration::from_secs(15)).await?;
+    assert_eq!(code, None, "aborted by a signal, no clean exit");
+    wait_until("crashed worker reaped", Duration::from_secs(15), || async {
+        Ok(live_workers(&s.db.pool).await? == 1)
+    })
+    .await?;
+    let (status, body) = s.api.call("GET", "/healthz", None).await?;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "ok"),
+        "the API itself never crashes"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn crash_application_is_forbidden_without_chaos() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let api = Api::start(&db, &[("CHAOS", "false")]).await?;
+    let (status, body) = api.post("/crash_application").await?;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("chaos_disabled"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn readiness_and_database_outage_answer_503_quickly() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let api = Api::start(&db, &[]).await?;
+    assert_eq!(
+        api.call("GET", "/readyz", None).await?,
+        (200, "ready".to_owned())
+    );
+    // Cut the API off its database: terminate its sessions and forbid new ones.
+    let admin = sqlx::PgPool::connect(&harness::admin_url()).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE \"{}\" WITH ALLOW_CONNECTIONS false",
+        db.name
+    )))
+    .execute(&admin)
+    .await?;
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
+        .bind(&db.name)
+        .execute(&admin)
+        .await?;
+    let started = std::time::Instant::now();
+    let (status, body) = api.call("GET", "/product", None).await?;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("database_unavailable"), "{body}");
+    assert!(
+        !body.to_lowercase().contains("postgres"),
+        "no database words on the wire: {body}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "503 quickly, not a hang: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(api.call("GET", "/readyz", None).await?.0, 503);
+    assert_eq!(api.call("GET", "/healthz", None).await?.0, 200);
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE \"{}\" WITH ALLOW_CONNECTIONS true",
+        db.name
+    )))
+    .execute(&admin)
+    .await?;
+    wait_until(
+        "API recovers by itself",
+        Duration::from_secs(15),
+        || async { Ok(api.call("GET", "/product", None).await?.0 == 200) },
+    )
+    .await?;
+    Ok(())
+}

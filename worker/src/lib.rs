@@ -60,6 +60,9 @@ pub struct Config {
     /// On SIGTERM, how long running steps get to finish.
     #[arg(long, env = "WORKER_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
     pub drain_timeout_ms: u64,
+    /// Finished queue jobs older than this are deleted.
+    #[arg(long, env = "WORKER_PRUNE_AFTER_MS", default_value_t = 300_000)]
+    pub prune_after_ms: u64,
 }
 
 impl Config {
@@ -80,6 +83,7 @@ impl Config {
             poll_interval: Duration::from_millis(self.poll_interval_ms),
             hold_threshold: Duration::from_millis(self.hold_threshold_ms),
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
+            prune_after: Duration::from_millis(self.prune_after_ms),
             allow_remote_crash: self.chaos,
             ..RuntimeConfig::default()
         }

@@ -117,7 +117,7 @@ impl WorkflowContext {
                     return Err(self.step_failed(seq, name, format!("{e:#}"), attempt));
                 }
                 Ok(Err(StepError::Retryable(e))) => format!("{e:#}"),
-                Err(panic) => format!("panicked: {}", panic_message(&panic)),
+                Err(panic) => format!("panicked: {}", panic_message(&*panic)),
             };
             drop(tx);
             self.retry_or_fail(seq, name, error, attempt, &retry)
@@ -161,7 +161,7 @@ impl WorkflowContext {
                     return Err(self.step_failed(seq, name, format!("{e:#}"), attempt));
                 }
                 Ok(Err(StepError::Retryable(e))) => format!("{e:#}"),
-                Err(panic) => format!("panicked: {}", panic_message(&panic)),
+                Err(panic) => format!("panicked: {}", panic_message(&*panic)),
             };
             self.retry_or_fail(seq, name, error, attempt, &retry)
                 .await?;

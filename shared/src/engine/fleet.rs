@@ -218,10 +218,7 @@ pub(crate) async fn reap(
         .bind(&dead)
         .execute(&mut *tx)
         .await?;
-    sqlx::query("DELETE FROM apalis.workers WHERE split_part(id, '/', 1) = ANY($1)")
-        .bind(&dead)
-        .execute(&mut *tx)
-        .await?;
+    forget_apalis_workers(&mut tx, &dead).await?;
     sqlx::query("DELETE FROM workers WHERE id = ANY($1)")
         .bind(&dead)
         .execute(&mut *tx)
@@ -278,10 +275,7 @@ pub(crate) async fn leave(pool: &PgPool, me: &str) -> Result<u64, sqlx::Error> {
         .bind(me)
         .execute(&mut *tx)
         .await?;
-    sqlx::query("DELETE FROM apalis.workers WHERE split_part(id, '/', 1) = $1")
-        .bind(me)
-        .execute(&mut *tx)
-        .await?;
+    forget_apalis_workers(&mut tx, &ids).await?;
     sqlx::query("DELETE FROM workers WHERE id = $1")
         .bind(me)
         .execute(&mut *tx)
@@ -290,9 +284,39 @@ pub(crate) async fn leave(pool: &PgPool, me: &str) -> Result<u64, sqlx::Error> {
     Ok(moved)
 }
 
-/// Deletes finished jobs older than `older_than`: apalis.jobs stays small,
-/// so claiming stays fast however many jobs have run.
+/// Removes the apalis worker rows of these processes. Finished jobs still
+/// reference their worker (a foreign key), so rows in use stay until the
+/// janitor has pruned those jobs.
+async fn forget_apalis_workers(
+    conn: &mut PgConnection,
+    worker_ids: &[String],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "DELETE FROM apalis.workers w WHERE split_part(w.id, '/', 1) = ANY($1)
+         AND NOT EXISTS (SELECT 1 FROM apalis.jobs j WHERE j.lock_by = w.id)",
+    )
+    .bind(worker_ids)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Deletes finished jobs older than `older_than` (apalis.jobs stays small,
+/// so claiming stays fast however many jobs have run), then the apalis
+/// worker rows of processes that left and hold no job any more.
 pub(crate) async fn prune_jobs(pool: &PgPool, older_than: Duration) -> Result<u64, sqlx::Error> {
+    let pruned = prune_finished_jobs(pool, older_than).await?;
+    sqlx::query(
+        "DELETE FROM apalis.workers w
+         WHERE NOT EXISTS (SELECT 1 FROM workers k WHERE k.id = split_part(w.id, '/', 1))
+           AND NOT EXISTS (SELECT 1 FROM apalis.jobs j WHERE j.lock_by = w.id)",
+    )
+    .execute(pool)
+    .await?;
+    Ok(pruned)
+}
+
+async fn prune_finished_jobs(pool: &PgPool, older_than: Duration) -> Result<u64, sqlx::Error> {
     Ok(sqlx::query(
         "DELETE FROM apalis.jobs
          WHERE (status IN ('Done', 'Killed') OR (status = 'Failed' AND attempts >= max_attempts))

@@ -278,14 +278,15 @@ impl Runtime {
                 "drain timeout: leaving with steps still running; their workflows replay elsewhere"
             );
         }
+        // Stop the heartbeat first: it would otherwise re-register us.
+        let _ = stop_membership.send(true);
+        let _ = membership.await;
         match fleet::leave(&inner.pool, &inner.worker_id).await {
             Ok(released) => tracing::info!(released, "left the fleet; unfinished jobs handed back"),
             Err(e) => {
                 tracing::warn!(error = %e, "could not leave cleanly; the reaper will hand our jobs back")
             }
         }
-        let _ = stop_membership.send(true);
-        let _ = membership.await;
         for task in background {
             task.abort();
         }

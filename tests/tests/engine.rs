@@ -1,0 +1,950 @@
+//! The durable workflow engine against a real PostgreSQL, with real worker
+//! processes (`engine-test-worker`) killed with real signals.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use harness::workflows::{
+    self, COUNTER, FLAKY, FlakyInput, MESSENGER, MessengerInput, TICKER, Ticker, TickerInput,
+    counter,
+};
+use harness::{Proc, TestDb, wait_until, worker_env};
+use rand::Rng;
+use serde_json::{Value, json};
+use shared::db::DatabaseArgs;
+use shared::engine::{
+    Engine, EngineError, EventListener, ExecutionOutcome, Message, Runtime, RuntimeConfig,
+    SendOutcome, WorkflowStatus,
+};
+use sqlx::PgPool;
+
+async fn engine_db() -> anyhow::Result<TestDb> {
+    let db = TestDb::create().await?;
+    workflows::create_tables(&db.pool).await?;
+    Ok(db)
+}
+
+fn spawn_worker(db: &TestDb, label: &str, extra: &[(&str, &str)]) -> anyhow::Result<Proc> {
+    let mut env = vec![("WORKER_QUEUES", "engine")];
+    env.extend_from_slice(extra);
+    Proc::spawn(
+        label,
+        Path::new(env!("CARGO_BIN_EXE_engine-test-worker")),
+        &[],
+        &worker_env(db, &env),
+    )
+}
+
+async fn status(pool: &PgPool, id: &str) -> anyhow::Result<String> {
+    Ok(
+        sqlx::query_scalar("SELECT status FROM workflows WHERE id = $1")
+            .bind(id)
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+async fn wait_status(
+    pool: &PgPool,
+    id: &str,
+    expected: &str,
+    timeout: Duration,
+) -> anyhow::Result<Duration> {
+    wait_until(&format!("workflow {id} {expected}"), timeout, || async {
+        Ok(status(pool, id).await? == expected)
+    })
+    .await
+}
+
+async fn count(pool: &PgPool, sql: &'static str) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar(sql).fetch_one(pool).await?)
+}
+
+async fn live_workers(pool: &PgPool) -> anyhow::Result<i64> {
+    count(pool, "SELECT count(*) FROM workers").await
+}
+
+async fn wait_workers(pool: &PgPool, n: i64) -> anyhow::Result<()> {
+    wait_until(
+        &format!("{n} live workers"),
+        Duration::from_secs(30),
+        || async { Ok(live_workers(pool).await? == n) },
+    )
+    .await?;
+    Ok(())
+}
+
+/// The worker process that owns a running workflow, as (worker id, pid).
+async fn owner_of(pool: &PgPool, id: &str) -> anyhow::Result<(String, i32)> {
+    Ok(sqlx::query_as(
+        "SELECT k.id, k.pid FROM workflows w JOIN workers k ON k.id = w.owner WHERE w.id = $1",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await?)
+}
+
+fn runtime(db: &TestDb) -> anyhow::Result<Runtime> {
+    let args = DatabaseArgs::from_url(&db.url);
+    Ok(Runtime::new(
+        db.pool.clone(),
+        args.connect_options("in-process")?,
+        RuntimeConfig::default(),
+    )
+    .register(Ticker))
+}
+
+#[tokio::test]
+async fn start_is_idempotent_under_50_concurrent_callers() -> anyhow::Result<()> {
+    let db = engine_db().await?;
+    let engine = Engine::new(db.pool.clone());
+    let calls = (0..50).map(|_| {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.start(COUNTER, "one-id", &json!({})).await })
+    });
+    let handles: Vec<_> = futures::future::try_join_all(calls)
+        .await?
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    assert!(
+        handles
+            .iter()
+            .all(|h| h.id == "one-id" && h.kind == "counter")
+    );
+    assert_eq!(
+        handles.iter().filter(|h| h.created).count(),
+        1,
+        "exactly one caller created it"
+    );
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM workflows").await?, 1);
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM apalis.jobs WHERE job_type = 'engine'"
+        )
+        .await?,
+        1
+    );
+    match engine.start(TICKER, "one-id", &json!({})).await {
+        Err(EngineError::KindConflict {
+            existing,
+            requested,
+            ..
+        }) => {
+            assert_eq!(
+                (existing.as_str(), requested.as_str()),
+                ("counter", "ticker")
+            );
+        }
+        other => panic!("expected a kind conflict, got {other:?}"),
+    }
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM apalis.jobs").await?,
+        1,
+        "the conflict enqueued nothing"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn database_steps_happen_exactly_once_while_workers_are_killed() -> anyhow::Result<()> {
+    let db = engine_db().await?;
+    let engine = Engine::new(db.pool.clone());
+    let total: i64 = std::env::var("ENGINE_KILL_WORKFLOWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(400);
+    for i in 0..total {
+        engine
+            .start(COUNTER, &format!("counter-{i}"), &json!({}))
+            .await?;
+    }
+    let slow = [("WORKER_CONCURRENCY", "4")];
+    let mut workers = vec![
+        spawn_worker(&db, "killed", &slow)?,
+        spawn_worker(&db, "killed", &slow)?,
+    ];
+    let started = Instant::now();
+    let mut kills = 0;
+    loop {
+        let done = count(
+            &db.pool,
+            "SELECT count(*) FROM workflows WHERE status = 'succeeded'",
+        )
+        .await?;
+        if done == total {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(240),
+            "only {done}/{total} finished"
+        );
+        let pause = rand::rng().random_range(150..500);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        if kills < 12 {
+            let victim = workers.remove(rand::rng().random_range(0..workers.len()));
+            victim.signal("KILL")?;
+            drop(victim);
+            kills += 1;
+            workers.push(spawn_worker(&db, "killed", &slow)?);
+        }
+    }
+    println!(
+        "{total} workflows finished in {:?} with {kills} SIGKILLs",
+        started.elapsed()
+    );
+    assert!(
+        kills >= 3,
+        "the run was too quick to kill anything ({kills} kills)"
+    );
+    for name in ["a", "b", "c"] {
+        assert_eq!(
+            counter(&db.pool, name).await?,
+            total,
+            "counter {name}: each step applied exactly once"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_checkpoint_that_does_not_match_the_code_fails_loudly() -> anyhow::Result<()> {
+    let db = engine_db().await?;
+    let engine = Engine::new(db.pool.clone());
+    let _worker = spawn_worker(&db, "replay", &[])?;
+    let input = MessengerInput {
+        topic: "t".into(),
+        timeout_ms: 60_000,
+    };
+    engine.start(MESSENGER, "renamed", &input).await?;
+    wait_status(&db.pool, "renamed", "waiting", Duration::from_secs(20)).await?;
+    sqlx::query("UPDATE workflow_steps SET name = 'some_other_step' WHERE workflow_id = 'renamed' AND step_seq = 0")
+        .execute(&db.pool)
+        .await?;
+    let message = Message {
+        workflow_id: "renamed",
+        topic: "t",
+        payload: json!("hi"),
+        key: None,
+    };
+    engine.send(message).await?;
+    wait_status(&db.pool, "renamed", "failed", Duration::from_secs(20)).await?;
+    let info = engine.info("renamed").await?.context("workflow row")?;
+    let error = info.error.context("error kept")?;
+    assert!(
+        error.contains("step 0")
+            && error.contains("some_other_step")
+            && error.contains("recv:t:deadline"),
+        "the error names the step and both names: {error}"
+    );
+    assert_eq!(
+        counter(&db.pool, "received:renamed").await?,
+        0,
+        "nothing after the mismatch ran"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn completed_steps_replay_without_running_again() -> anyhow::Result<()> {
+    let db = engine_db().await?;
+    let engine = Engine::new(db.pool.clone());
+    let input = TickerInput {
+        steps: 6,
+        interval_ms: 1,
+    };
+    engine.start(TICKER, "replayed", &input).await?;
+    let rt = runtime(&db)?;
+    // Cancel after the first execution has checkpointed some ticks, then
+    // resume: the new execution replays those and runs only the rest.
+    let first = tokio::spawn({
+        let rt = rt.clone();
+        async move { rt.execute("replayed").await }
+    });
+    wait_until("some ticks", Duration::from_secs(10), || async {
+        Ok(counter(&db.pool, "ticks:replayed").await? >= 2)
+    })
+    .await?;
+    engine.cancel("replayed").await?;
+    let outcome = first.await?;
+    assert!(
+        matches!(
+            outcome,
+            ExecutionOutcome::Cancelled | ExecutionOutcome::Succeeded
+        ),
+        "{outcome:?}"
+    );
+    if outcome == ExecutionOutcome::Cancelled {
+        engine.resume("replayed").await?;
+        assert_eq!(rt.execute("replayed").await, ExecutionOutcome::Succeeded);
+    }
+    assert_eq!(
+        counter(&db.pool, "ticks:replayed").await?,
+        6,
+        "every tick exactly once across executions"
+    );
+    let distinct: i64 = count(
+        &db.pool,
+        "SELECT count(DISTINCT step_seq) FROM workflow_steps WHERE workflow_id = 'replayed'",
+    )
+    .await?;
+    assert_eq!(distinct, 12, "6 sleeps + 6 ticks, each checkpointed once");
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_executions_at_once_apply_no_step_twice() -> anyhow::Result<()> {
+    let db = engine_db().await?;
+    let engine = Engine::new(db.pool.clone());
+    engine
+        .start(
+            TICKER,
+            "raced",
+            &TickerInput {
+                steps: 8,
+                interval_ms: 20,
+            },
+        )
+        .await?;
+    // Two runtimes that are not in the fleet registry: neither sees the
+    // other as a live owner, so both really execute the workflow.
+    let (one, two) = (runtime(&db)?, runtime(&db)?);
+    let (a, b) = tokio::join!(one.execute("raced"), two.execute("raced"));
+    let mut outcomes = [a, b];
+    outcomes.sort_by_key(|o| format!("{o:?}"));
+    assert_eq!(
+        outcomes,
+        [ExecutionOutcome::Fenced, ExecutionOutcome::Succeeded],
+        "one wins, the other is fenced off"
+    );
+    assert_eq!(
+        counter(&db.pool, "ticks:raced").await?,
+        8,
+        "no tick applied twice"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn messages_are_consumed_once_and_deadlines_survive_restarts() -> anyhow::Result<()> {
+    let db = engine_db().await?;
+    let engine = Engine::new(db.pool.clone());
+    let mut worker = spawn_worker(&db, "messages", &[])?;
+    let input = MessengerInput {
+        topic: "greet".into(),
+        timeout_ms: 30_000,
+    };
+    engine.start(MESSENGER, "m1", &input).await?;
+    wait_status(&db.pool, "m1", "waiting", Duration::from_secs(20)).await?;
+    let send = |payload: &str, key: &'static str| Message {
+        workflow_id: "m1",
+        topic: "greet",
+        payload: json!(payload),
+        key: Some(key),
+    };
+    assert_eq!(
+        engine.send(send("hello", "k1")).await?,
+        SendOutcome::Delivered
+    );
+    assert_eq!(
+        engine.send(send("again", "k1")).await?,
+        SendOutcome::Duplicate {
+            payload: json!("hello")
+        }
+    );
+    wait_status(&db.pool, "m1", "succeeded", Duration::from_secs(20)).await?;
+    let output = engine
+        .info("m1")
+        .await?
+        .context("m1")?
+        .output
+        .context("output")?;
+    assert_eq!(output["message"], "hello");
+    assert_eq!(counter(&db.pool, "received:m1").await?, 1);
+    let consumed = count(
+        &db.pool,
+        "SELECT count(*) FROM workflow_messages WHERE consumed_at IS NOT NULL",
+    )
+    .await?;
+    assert_eq!(consumed, 1);
+    assert!(matches!(
+        engine.send(send("late", "k2")).await,
+        Err(EngineError::Finished { .. })
+    ));
+    let unknown = Message {
+        workflow_id: "nobody",
+        topic: "greet",
+        payload: json!(1),
+        key: None,
+    };
+    assert!(matches!(
+        engine.send(unknown).await,
+        Err(EngineError::UnknownWorkflow(_))
+    ));
+
+    // A message sent before the workflow reaches recv waits for it.
+    engine.start(MESSENGER, "early", &input).await?;
+    engine
+        .send(Message {
+            workflow_id: "early",
+            topic: "greet",
+            payload: json!("first"),
+            key: None,
+        })
+        .await?;
+    wait_status(&db.pool, "early", "succeeded", Duration::from_secs(20)).await?;
+
+    // The recv deadline is checkpointed: it holds across a SIGKILL and a new worker.
+    let short = MessengerInput {
+        topic: "greet".into(),
+        timeout_ms: 2_500,
+    };
+    engine.start(MESSENGER, "deadline", &short).await?;
+    wait_status(&db.pool, "deadline", "waiting", Duration::from_secs(20)).await?;
+    worker.signal("KILL")?;
+    worker.wait_exit(Duration::from_secs(10)).await?;
+    let _replacement = spawn_worker(&db, "messages", &[])?;
+    wait_status(&db.pool, "deadline", "succeeded", Duration::from_secs(30)).await?;
+    let (output, lived): (Value, f64) = sqlx::query_as(
+        "SELECT output, extract(epoch FROM updated_at - created_at)::float8 FROM workflows WHERE id = 'deadline'",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    assert_eq!(output["message"], Value::Null, "timed out");
+    assert!(
+        lived >= 2.5,
+        "not before its deadline: finished after {lived:.2}s"
+    );
+    println!("recv deadline 2.5 s across a worker restart: timed out after {lived:.2} s");
+    Ok(())
+}
+
+#[tokio::test]
+async fn parked_workflows_hold_no_worker_slot() -> anyhow::Result<()> {
+    let db = engine_db().await?;
+    let total: usize = std::env::var("ENGINE_PARKED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let engine = Engine::new(db.pool.clone());
+    let started = Instant::now();
+    let input = MessengerInput {
+        topic: "go".into(),
+        timeout_ms: 3_600_000,
+    };
+    let input = serde_json::to_value(&input)?;
+    futures::future::try_join_all((0..8).map(|lane| {
+        let (engine, input) = (engine.clone(), input.clone());
+        async move {
+            for i in (lane..total).step_by(8) {
+                engine.start(MESSENGER, &format!("p{i}"), &input).await?;
+            }
+            anyhow::Ok(())
+        }
+    }))
+    .await?;
+    let _worker = spawn_worker(
+        &db,
+        "parked",
+        &[("WORKER_CONCURRENCY", "8"), ("DB_MAX_CONNECTIONS", "10")],
+    )?;
+    wait_until(
+        &format!("{total} workflows parked"),
+        Duration::from_secs(600),
+        || async {
+            Ok(count(
+                &db.pool,
+                "SELECT count(*) FROM workflows WHERE status = 'waiting'",
+            )
+            .await?
+                == total as i64)
+        },
+    )
+    .await?;
+    let parked_after = started.elapsed();
+    let connections = count(
+        &db.pool,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+         AND application_name LIKE 'engine-test-worker%'",
+    )
+    .await?;
+    assert!(
+        connections <= 12,
+        "{total} parked workflows hold no connection: worker has {connections}"
+    );
+    // The registry's in_flight is refreshed every heartbeat (1 s).
+    wait_until("no worker slot held", Duration::from_secs(5), || async {
+        Ok(count(
+            &db.pool,
+            "SELECT coalesce(sum(in_flight), 0)::bigint FROM workers",
+        )
+        .await?
+            == 0)
+    })
+    .await?;
+    let sent = Instant::now();
+    futures::future::try_join_all((0..8).map(|lane| {
+        let engine = engine.clone();
+        async move {
+            for i in (lane..total).step_by(8) {
+                let id = format!("p{i}");
+                engine
+                    .send(Message {
+                        workflow_id: &id,
+                        topic: "go",
+                        payload: json!(i),
+                        key: None,
+                    })
+                    .await?;
+            }
+            anyhow::Ok(())
+        }
+    }))
+    .await?;
+    wait_until(
+        &format!("{total} workflows finished"),
+        Duration::from_secs(900),
+        || async {
+            Ok(count(
+                &db.pool,
+                "SELECT count(*) FROM workflows WHERE status = 'succeeded'",
+            )
+            .await?
+                == total as i64)
+        },
+    )
+    .await?;
+    println!(
+        "{total} workflows: all parked after {:.1?} (worker connections {connections}); all finished {:.1?} after the sends began",
+        parked_after,
+        sent.elapsed()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn events_wake_waiters_fast_and_survive_the_listener_dropping() -> anyhow::Result<()> {
+    let db = engine_db().await?;
+    // A slow fallback poll: a fast wake-up can only come from NOTIFY.
+    let engine = Engine::new(db.pool.clone()).with_events(
+        EventListener::spawn(db.pool.clone()),
+        Duration::from_secs(5),
+    );
+    let _worker = spawn_worker(&db, "events", &[])?;
+    let input = MessengerInput {
+        topic: "t".into(),
+        timeout_ms: 60_000,
+    };
+    engine.start(MESSENGER, "e1", &input).await?;
+    wait_status(&db.pool, "e1", "waiting", Duration::from_secs(20)).await?;
+    let waiter = tokio::spawn({
+        let engine = engine.clone();
+        async move {
+            let value = engine
+                .get_event("e1", "received", Duration::from_secs(20))
+                .await;
+            (value, Instant::now())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await; // let the waiter subscribe; correctness does not depend on it
+    let sent = Instant::now();
+    engine
+        .send(Message {
+            workflow_id: "e1",
+            topic: "t",
+            payload: json!("ping"),
+            key: None,
+        })
+        .await?;
+    let (value, woke) = waiter.await?;
+    assert_eq!(value?, Some(json!("ping")));
+    let latency = woke - sent;
+    println!("send -> workflow resumes -> event -> waiter woke: {latency:?}");
+    assert!(
+        latency < Duration::from_secs(2),
+        "woken by NOTIFY, not the 5 s poll: {latency:?}"
+    );
+
+    let asked = Instant::now();
+    assert_eq!(
+        engine
+            .get_event("e1", "never", Duration::from_millis(300))
+            .await?,
+        None,
+        "not yet"
+    );
+    let waited = asked.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
+
+    engine.start(MESSENGER, "e2", &input).await?;
+    wait_status(&db.pool, "e2", "waiting", Duration::from_secs(20)).await?;
+    let waiter = tokio::spawn({
+        let engine = engine.clone();
+        async move {
+            engine
+                .get_event("e2", "received", Duration::from_secs(30))
+                .await
+        }
+    });
+    let admin = PgPool::connect(&harness::admin_url()).await?;
+    let terminated: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = $1 AND query ILIKE 'LISTEN%' AND application_name NOT LIKE 'engine-test-worker%') t",
+    )
+    .bind(&db.name)
+    .fetch_one(&admin)
+    .await?;
+    assert!(
+        terminated >= 1,
+        "the listener connection was found and dropped"
+    );
+    engine
+        .send(Message {
+            workflow_id: "e2",
+            topic: "t",
+            payload: json!("after"),
+            key: None,
+        })
+        .await?;
+    let value = tokio::time::timeout(Duration::from_secs(15), waiter).await??;
+    assert_eq!(
+        value?,
+        Some(json!("after")),
+        "waiter still served after the listener reconnected"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_killed_workers_workflow_continues_on_another_worker() -> anyhow::Result<()> {
+    let db = engine_db().await?;
+    let engine = Engine::new(db.pool.clone());
+    let mut workers = vec![
+        spawn_worker(&db, "takeover", &[])?,
+        spawn_worker(&db, "takeover", &[])?,
+    ];
+    wait_workers(&db.pool, 2).await?;
+    engine
+        .start(
+            TICKER,
+            "long",
+            &TickerInput {
+                steps: 40,
+                interval_ms: 50,
+            },
+        )
+        .await?;
+    wait_until("a few ticks", Duration::from_secs(20), || async {
+        Ok(counter(&db.pool, "ticks:long").await? >= 3)
+    })
+    .await?;
+    let (victim_id, victim_pid) = owner_of(&db.pool, "long").await?;
+    let index = workers
+        .iter()
+        .position(|w| w.pid() as i32 == victim_pid)
+        .context("owner is ours")?;
+    let victim = workers.remove(index);
+    victim.signal("KILL")?;
+    let killed_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(&db.pool)
+        .await?;
+    drop(victim);
+    let took = wait_until(
+        "a step on another worker",
+        Duration::from_secs(15),
+        || async { Ok(count_steps_after(&db.pool, "long", &victim_id, killed_at).await? > 0) },
+    )
+    .await?;
+    let first_step: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
+        "SELECT min(finished_at) FROM workflow_steps WHERE workflow_id = 'long' AND worker_id <> $1 AND finished_at > $2",
+    )
+    .bind(&victim_id)
+    .bind(killed_at)
+    .fetch_one(&db.pool)
+    .await?;
+    let takeover = (first_step - killed_at).to_std().unwrap_or_default();
+    println!(
+        "takeover after SIGKILL: next step on another worker {takeover:?} after the kill (observed in {took:?})"
+    );
+    assert!(takeover < Duration::from_secs(15));
+    wait_status(&db.pool, "long", "succeeded", Duration::from_secs(30)).await?;
+    assert_eq!(
+        counter(&db.pool, "ticks:long").await?,
+        40,
+        "every tick exactly once"
+    );
+    Ok(())
+}
+
+async fn count_steps_after(
+    pool: &PgPool,
+    id: &str,
+    not_by: &str,
+    after: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM workflow_steps WHERE workflow_id = $1 AND worker_id <> $2 AND finished_at > $3",
+    )
+    .bind(id)
+    .bind(not_by)
+    .bind(after)
+    .fetch_one(pool)
+    .await?)
+}
+
+#[tokio::test]
+async fn retries_back_off_then_dead_letter_keeps_the_last_error() -> anyhow::Result<()> {
+    let db = engine_db().await?;
+    let engine = Engine::new(db.pool.clone());
+    let _worker = spawn_worker(&db, "retries", &[])?;
+    let run = |fail_times, fatal, panic| FlakyInput {
+        fail_times,
+        fatal,
+        panic,
+    };
+    engine
+        .start(FLAKY, "recovers", &run(2, false, false))
+        .await?;
+    engine.start(FLAKY, "fatal", &run(0, true, false)).await?;
+    engine.start(FLAKY, "panics", &run(0, false, true)).await?;
+    engine
+        .start(FLAKY, "exhausted", &run(100, false, false))
+        .await?;
+    wait_status(&db.pool, "recovers", "succeeded", Duration::from_secs(20)).await?;
+    assert_eq!(
+        counter(&db.pool, "attempts:recovers").await?,
+        3,
+        "two failures, then success"
+    );
+    for (id, attempts, words) in [
+        ("fatal", 1, "deliberate fatal error"),
+        ("panics", 4, "panicked: deliberate panic"),
+        ("exhausted", 4, "deliberate failure 4"),
+    ] {
+        wait_status(&db.pool, id, "failed", Duration::from_secs(20)).await?;
+        let info = engine.info(id).await?.context("row")?;
+        let error = info.error.unwrap_or_default();
+        assert!(error.contains(words), "{id}: {error}");
+        assert_eq!(
+            counter(&db.pool, &format!("attempts:{id}")).await?,
+            attempts,
+            "{id}"
+        );
+        assert_eq!(
+            info.attempts, attempts as i32,
+            "{id}: attempts kept on the row"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn cancel_at_a_step_boundary_and_resume_from_the_last_checkpoint() -> anyhow::Result<()> {
+    let db = engine_db().await?;
+    let engine = Engine::new(db.pool.clone());
+    let _worker = spawn_worker(&db, "cancel", &[])?;
+    engine
+        .start(
+            TICKER,
+            "c1",
+            &TickerInput {
+                steps: 30,
+                interval_ms: 50,
+            },
+        )
+        .await?;
+    wait_until("ticks", Duration::from_secs(20), || async {
+        Ok(counter(&db.pool, "ticks:c1").await? >= 2)
+    })
+    .await?;
+    engine.cancel("c1").await?;
+    wait_status(&db.pool, "c1", "cancelled", Duration::from_secs(10)).await?;
+    let at_cancel = counter(&db.pool, "ticks:c1").await?;
+    assert!(at_cancel < 30, "stopped early ({at_cancel} ticks)");
+    engine.resume("c1").await?;
+    wait_status(&db.pool, "c1", "succeeded", Duration::from_secs(30)).await?;
+    assert_eq!(
+        counter(&db.pool, "ticks:c1").await?,
+        30,
+        "resumed from the checkpoint: no tick twice, none lost"
+    );
+
+    // A parked workflow is cancelled at once and its wait ends.
+    let input = MessengerInput {
+        topic: "t".into(),
+        timeout_ms: 60_000,
+    };
+    engine.start(MESSENGER, "c2", &input).await?;
+    wait_status(&db.pool, "c2", "waiting", Duration::from_secs(20)).await?;
+    assert_eq!(engine.cancel("c2").await?, WorkflowStatus::Cancelled);
+    let late = Message {
+        workflow_id: "c2",
+        topic: "t",
+        payload: json!(1),
+        key: None,
+    };
+    assert!(matches!(
+        engine.send(late).await,
+        Err(EngineError::Finished { .. })
+    ));
+    assert!(matches!(
+        engine.resume("c1").await,
+        Err(EngineError::NotResumable { .. })
+    ));
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_hands_work_to_another_worker_at_once() -> anyhow::Result<()> {
+    let db = engine_db().await?;
+    let engine = Engine::new(db.pool.clone());
+    let mut workers = vec![
+        spawn_worker(&db, "drain", &[])?,
+        spawn_worker(&db, "drain", &[])?,
+    ];
+    wait_workers(&db.pool, 2).await?;
+    engine
+        .start(
+            TICKER,
+            "d1",
+            &TickerInput {
+                steps: 40,
+                interval_ms: 50,
+            },
+        )
+        .await?;
+    wait_until("ticks", Duration::from_secs(20), || async {
+        Ok(counter(&db.pool, "ticks:d1").await? >= 3)
+    })
+    .await?;
+    let (victim_id, victim_pid) = owner_of(&db.pool, "d1").await?;
+    let index = workers
+        .iter()
+        .position(|w| w.pid() as i32 == victim_pid)
+        .context("owner is ours")?;
+    let mut victim = workers.remove(index);
+    let signalled: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(&db.pool)
+        .await?;
+    victim.signal("TERM")?;
+    assert_eq!(
+        victim.wait_exit(Duration::from_secs(15)).await?,
+        Some(0),
+        "drained worker exits 0"
+    );
+    wait_until(
+        "a step on the other worker",
+        Duration::from_secs(10),
+        || async { Ok(count_steps_after(&db.pool, "d1", &victim_id, signalled).await? > 0) },
+    )
+    .await?;
+    let first: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
+        "SELECT min(finished_at) FROM workflow_steps WHERE workflow_id = 'd1' AND worker_id <> $1 AND finished_at > $2",
+    )
+    .bind(&victim_id)
+    .bind(signalled)
+    .fetch_one(&db.pool)
+    .await?;
+    let handover = (first - signalled).to_std().unwrap_or_default();
+    println!("SIGTERM -> next step on the other worker: {handover:?}");
+    assert!(
+        handover < Duration::from_secs(5),
+        "handed over at once, not after a heartbeat timeout: {handover:?}"
+    );
+    assert_eq!(
+        live_workers(&db.pool).await?,
+        1,
+        "the drained worker left the registry"
+    );
+    wait_status(&db.pool, "d1", "succeeded", Duration::from_secs(30)).await?;
+    assert_eq!(counter(&db.pool, "ticks:d1").await?, 40);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_fleet_registry_shows_each_live_worker() -> anyhow::Result<()> {
+    let db = engine_db().await?;
+    let engine = Engine::new(db.pool.clone());
+    let first = spawn_worker(&db, "registry", &[])?;
+    wait_workers(&db.pool, 1).await?;
+    let (id, host, pid, queues): (String, String, i32, Vec<String>) =
+        sqlx::query_as("SELECT id, host, pid, queues FROM workers")
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!(pid as u32, first.pid());
+    assert!(!host.is_empty() && id.contains(&pid.to_string()));
+    assert_eq!(queues, vec!["engine".to_owned()]);
+    engine
+        .start(
+            TICKER,
+            "busy",
+            &TickerInput {
+                steps: 20,
+                interval_ms: 100,
+            },
+        )
+        .await?;
+    wait_until("in_flight shown", Duration::from_secs(10), || async {
+        Ok(count(
+            &db.pool,
+            "SELECT coalesce(sum(in_flight), 0)::bigint FROM workers",
+        )
+        .await?
+            >= 1)
+    })
+    .await?;
+    let seen_recently = count(
+        &db.pool,
+        "SELECT count(*) FROM workers WHERE last_seen > now() - interval '5 seconds'",
+    )
+    .await?;
+    assert_eq!(seen_recently, 1);
+    // A restarted process gets a new id; the dead one disappears when a live
+    // worker reaps it.
+    first.signal("KILL")?;
+    drop(first);
+    let _second = spawn_worker(&db, "registry", &[])?;
+    wait_until(
+        "dead worker replaced in the registry",
+        Duration::from_secs(20),
+        || async {
+            let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM workers")
+                .fetch_all(&db.pool)
+                .await?;
+            Ok(ids.len() == 1 && ids[0] != id)
+        },
+    )
+    .await?;
+    wait_status(&db.pool, "busy", "succeeded", Duration::from_secs(30)).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn finished_jobs_are_pruned() -> anyhow::Result<()> {
+    let db = engine_db().await?;
+    let engine = Engine::new(db.pool.clone());
+    for i in 0..200 {
+        engine
+            .start(COUNTER, &format!("prune-{i}"), &json!({}))
+            .await?;
+    }
+    let _worker = spawn_worker(&db, "prune", &[("WORKER_PRUNE_AFTER_MS", "1000")])?;
+    wait_until("all done", Duration::from_secs(60), || async {
+        Ok(count(
+            &db.pool,
+            "SELECT count(*) FROM workflows WHERE status = 'succeeded'",
+        )
+        .await?
+            == 200)
+    })
+    .await?;
+    wait_until("done jobs pruned", Duration::from_secs(30), || async {
+        Ok(count(&db.pool, "SELECT count(*) FROM apalis.jobs").await? == 0)
+    })
+    .await?;
+    Ok(())
+}

@@ -7,6 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${CI:-}" = true ]; then export INSTALL_POSTGRES=1; fi
 source deploy/local/postgres.sh
+# sqlx macros (ours and apalis-postgres') would check their SQL against
+# DATABASE_URL at compile time; build from the committed offline data.
+export SQLX_OFFLINE=true
 
 ensure_postgres widget_test_admin
 export WIDGET_TEST_ADMIN_URL="$ADMIN_URL"

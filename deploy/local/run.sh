@@ -6,6 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source deploy/local/postgres.sh
+# sqlx macros (ours and apalis-postgres') would check their SQL against
+# DATABASE_URL at compile time; build from the committed offline data.
+export SQLX_OFFLINE=true
 
 WORKERS=2
 PORT=8080

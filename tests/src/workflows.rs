@@ -73,6 +73,30 @@ impl Workflow for Counter {
     }
 }
 
+/// Three database steps that do nothing but checkpoint: the engine's own
+/// cost per step, for the benchmark.
+pub struct NoOp;
+
+/// Kind of [`NoOp`].
+pub const NOOP: WorkflowKind = WorkflowKind {
+    name: "noop",
+    queue: QUEUE,
+};
+
+impl Workflow for NoOp {
+    type Input = Value;
+    type Output = Value;
+    fn kind(&self) -> WorkflowKind {
+        NOOP
+    }
+    async fn run(&self, ctx: &mut WorkflowContext, _input: Value) -> Result<Value, WorkflowError> {
+        for name in ["one", "two", "three"] {
+            ctx.tx_step(name, |_tx| Box::pin(async { Ok(()) })).await?;
+        }
+        Ok(Value::Null)
+    }
+}
+
 /// Input of [`Ticker`].
 #[derive(Debug, Serialize, Deserialize)]
 pub struct TickerInput {

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use harness::workflows::{Counter, Flaky, Messenger, Ticker};
+use harness::workflows::{Counter, Flaky, Messenger, NoOp, Ticker};
 use shared::db::migrate_with_retry;
 use shared::engine::Runtime;
 
@@ -22,6 +22,7 @@ async fn main() -> anyhow::Result<()> {
         config.runtime(),
     )
     .register(Counter)
+    .register(NoOp)
     .register(Ticker)
     .register(Messenger)
     .register(Flaky { pool })

@@ -128,7 +128,23 @@ impl WorkflowContext {
     /// A step with an effect outside the database (a payment API call):
     /// at least once, checkpointed after it succeeds. `f` gets a stable
     /// idempotency key for the effect, `"<workflow_id>/<step_seq>"`.
-    pub async fn step<T, F, Fut>(&mut self, name: &str, mut f: F) -> Result<T, WorkflowError>
+    pub async fn step<T, F, Fut>(&mut self, name: &str, f: F) -> Result<T, WorkflowError>
+    where
+        T: Serialize + DeserializeOwned + Send,
+        F: FnMut(String) -> Fut + Send,
+        Fut: Future<Output = Result<T, StepError>> + Send,
+    {
+        let retry = self.retry;
+        self.step_with(name, retry, f).await
+    }
+
+    /// [`WorkflowContext::step`] with its own retry policy.
+    pub async fn step_with<T, F, Fut>(
+        &mut self,
+        name: &str,
+        retry: RetryPolicy,
+        mut f: F,
+    ) -> Result<T, WorkflowError>
     where
         T: Serialize + DeserializeOwned + Send,
         F: FnMut(String) -> Fut + Send,
@@ -139,7 +155,6 @@ impl WorkflowContext {
             return Ok(value);
         }
         self.check_draining()?;
-        let retry = self.retry;
         let key = format!("{}/{}", self.workflow_id, seq);
         let started = Utc::now();
         let mut attempt = 0;

@@ -115,6 +115,10 @@ async fn main() -> anyhow::Result<()> {
     }))
     .await?;
     let mut polls = 0;
+    let tenth = (args.workflows / 10).max(1) as i64;
+    let mut next_mark = tenth;
+    let mut last_mark = Instant::now();
+    let mut tenths = Vec::new();
     loop {
         polls += 1;
         let done = scalar(
@@ -122,6 +126,11 @@ async fn main() -> anyhow::Result<()> {
             "SELECT count(*) FROM workflows WHERE status = 'succeeded'",
         )
         .await?;
+        while done >= next_mark && next_mark <= args.workflows as i64 {
+            tenths.push(tenth as f64 / last_mark.elapsed().as_secs_f64());
+            last_mark = Instant::now();
+            next_mark += tenth;
+        }
         if done == args.workflows as i64 {
             break;
         }
@@ -132,6 +141,18 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let elapsed = started.elapsed();
+    let jobs_left = scalar(&db.pool, "SELECT count(*) FROM apalis.jobs").await?;
+    println!(
+        "throughput per tenth of the run (workflows/s; flat means no decay as jobs pile up): {}",
+        tenths
+            .iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!(
+        "apalis.jobs rows at the end: {jobs_left} (finished jobs are pruned after WORKER_PRUNE_AFTER_MS)"
+    );
     // Let apalis' batched acknowledgements land before counting commits.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let commit_delta = commits(&db.pool).await? - commits_before - polls - 1;

@@ -301,9 +301,15 @@ async fn forget_apalis_workers(
     Ok(())
 }
 
+/// Advisory lock key of the queue janitor's VACUUM (one worker at a time).
+const VACUUM_LOCK_KEY: i64 = 0x5749_4447_4554_5641; // "WIDGETVA"
+
 /// Deletes finished jobs older than `older_than` (apalis.jobs stays small,
 /// so claiming stays fast however many jobs have run), then the apalis
-/// worker rows of processes that left and hold no job any more.
+/// worker rows of processes that left and hold no job any more, then
+/// vacuums the queue table when it deleted anything. The explicit VACUUM
+/// matters: a server may run with autovacuum off (this machine's does), and
+/// each job leaves several dead row versions behind.
 pub(crate) async fn prune_jobs(pool: &PgPool, older_than: Duration) -> Result<u64, sqlx::Error> {
     let pruned = prune_finished_jobs(pool, older_than).await?;
     sqlx::query(
@@ -313,7 +319,29 @@ pub(crate) async fn prune_jobs(pool: &PgPool, older_than: Duration) -> Result<u6
     )
     .execute(pool)
     .await?;
+    if pruned > 0 {
+        vacuum_queue(pool).await?;
+    }
     Ok(pruned)
+}
+
+async fn vacuum_queue(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(VACUUM_LOCK_KEY)
+        .fetch_one(&mut *conn)
+        .await?;
+    if !locked {
+        return Ok(());
+    }
+    let vacuumed = sqlx::query("VACUUM (ANALYZE) apalis.jobs")
+        .execute(&mut *conn)
+        .await;
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(VACUUM_LOCK_KEY)
+        .execute(&mut *conn)
+        .await?;
+    vacuumed.map(|_| ())
 }
 
 async fn prune_finished_jobs(pool: &PgPool, older_than: Duration) -> Result<u64, sqlx::Error> {

@@ -49,6 +49,7 @@ fn spawn(db: &TestDb, concurrency: &str) -> anyhow::Result<Proc> {
         &[
             ("WORKER_QUEUES", "engine"),
             ("WORKER_CONCURRENCY", concurrency),
+            ("WORKER_PRUNE_AFTER_MS", "10000"),
             ("RUST_LOG", "warn"),
         ],
     );

@@ -30,9 +30,7 @@ BIN="$ROOT/target/release"
 export CHAOS
 
 PIDS=()
-STOPPING=0
 cleanup() {
-  STOPPING=1
   trap - INT TERM EXIT
   log "stopping"
   for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done

@@ -401,7 +401,21 @@ impl Runtime {
             .catch_unwind()
             .instrument(span.clone())
             .await;
-        let _enter = span.enter();
+        // Never hold `span.enter()` across an await: the task may resume on
+        // another thread, which corrupts the span registry (it panicked here).
+        self.settle(workflow_id, &queue, result)
+            .instrument(span)
+            .await
+    }
+
+    /// Records how an execution ended.
+    async fn settle(
+        &self,
+        workflow_id: &str,
+        queue: &str,
+        result: Result<Result<Value, WorkflowError>, Box<dyn std::any::Any + Send>>,
+    ) -> Result<ExecutionOutcome, sqlx::Error> {
+        let inner = &self.inner;
         match result {
             Ok(Ok(output)) => {
                 self.finish(workflow_id, "succeeded", Some(&output), None, 0)
@@ -431,7 +445,7 @@ impl Runtime {
                 .bind(workflow_id)
                 .execute(&mut *tx)
                 .await?;
-                enqueue(&mut tx, &queue, workflow_id, None)
+                enqueue(&mut tx, queue, workflow_id, None)
                     .await
                     .map_err(queue_error)?;
                 tx.commit().await?;
@@ -567,10 +581,21 @@ async fn run_queue(inner: Arc<Inner>, queue: QueueConfig) {
             let _ = super::until_true(&mut stop).await;
             Ok::<(), WorkerError>(())
         };
-        match worker.run_until(signal).await {
-            Ok(()) if *drain.borrow() => return,
-            Ok(()) => tracing::warn!(queue = %queue.name, "queue worker stopped; restarting"),
-            Err(e) => {
+        // A panic anywhere in the apalis worker must not silently end this
+        // queue's consumption while the process still looks alive: catch it
+        // and start a new generation.
+        let ran = AssertUnwindSafe(worker.run_until(signal))
+            .catch_unwind()
+            .await;
+        match ran {
+            Ok(Ok(())) if *drain.borrow() => return,
+            Ok(Ok(())) => tracing::warn!(queue = %queue.name, "queue worker stopped; restarting"),
+            Err(panic) => tracing::error!(
+                queue = %queue.name,
+                panic = %panic_message(&*panic),
+                "queue worker panicked; restarting"
+            ),
+            Ok(Err(e)) => {
                 tracing::warn!(queue = %queue.name, error = %e, "queue worker failed; restarting")
             }
         }

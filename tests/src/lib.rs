@@ -141,6 +141,11 @@ impl Proc {
         Ok(status.code())
     }
 
+    /// True once the process has exited (without waiting).
+    pub fn has_exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Reads stdout lines until one contains `needle`; returns that line.
     pub async fn read_line_containing(
         &mut self,

@@ -1,0 +1,895 @@
+//! The chaos runner: drives checkout load against two APIs and a worker
+//! fleet while killing workers (SIGKILL, SIGTERM, crash endpoint), killing
+//! and restarting an API, restarting PostgreSQL and rescaling the fleet;
+//! then waits for quiet and checks that nothing was lost, charged twice or
+//! leaked.
+//!
+//!   cargo run -p widget-tests --bin chaos -- --duration 60 --workers 3
+//!
+//! It runs its own private PostgreSQL cluster (from the installed binaries)
+//! because it must be able to restart it. Exit status 1 on any violation.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use chrono::{DateTime, Utc};
+use clap::Parser;
+use harness::{Proc, bin, wait_until};
+use rand::Rng;
+use rand::seq::IndexedRandom;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio::sync::watch;
+
+#[derive(Parser, Clone)]
+#[command(
+    about = "Chaos test of Widget Store: kills everything under load, then checks the invariants"
+)]
+struct Args {
+    /// Seconds of chaos.
+    #[arg(long, default_value_t = 60)]
+    duration: u64,
+    /// Worker processes in steady state (scaled to 2x, 1 and back during the run).
+    #[arg(long, default_value_t = 3)]
+    workers: usize,
+    /// Mean pause between two chaos actions.
+    #[arg(long, default_value_t = 3000)]
+    kill_every_ms: u64,
+    /// Concurrent load-generating clients.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Skip the PostgreSQL restart.
+    #[arg(long)]
+    no_db_restart: bool,
+    /// Use release binaries (cargo build --release --bins).
+    #[arg(long)]
+    release: bool,
+    /// Also write the summary here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+const INITIAL_STOCK: i64 = 1_000_000;
+const PAYMENT_TIMEOUT_MS: &str = "4000";
+
+// ---------------------------------------------------------------- PostgreSQL
+
+/// A private cluster this runner owns (and may restart).
+struct Postgres {
+    bin: PathBuf,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Postgres {
+    fn create() -> anyhow::Result<Self> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .context("PostgreSQL binaries not found under /usr/lib/postgresql (apt-get install postgresql)")?
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|p| p.join("initdb").exists())
+            .max()
+            .context("no initdb found")?;
+        let dir =
+            std::env::temp_dir().join(format!("widget-chaos-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir)?;
+        let port = free_port()?;
+        let pg = Self { bin, dir, port };
+        if is_root() {
+            run(Command::new("chown").arg("postgres").arg(&pg.dir))?;
+        }
+        run(pg
+            .command("initdb")
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "-D"])
+            .arg(pg.data()))?;
+        pg.start()?;
+        Ok(pg)
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let path = self.bin.join(program);
+        if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            Command::new(path)
+        }
+    }
+
+    fn start(&self) -> anyhow::Result<()> {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=400",
+            self.port,
+            self.dir.display()
+        );
+        run(self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .arg("-l")
+            .arg(self.dir.join("server.log"))
+            .args(["-w", "-t", "60", "-o", &options, "start"]))
+    }
+
+    fn stop_immediate(&self) -> anyhow::Result<()> {
+        run(self.command("pg_ctl").arg("-D").arg(self.data()).args([
+            "-m",
+            "immediate",
+            "-w",
+            "stop",
+        ]))
+    }
+
+    fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = self.stop_immediate();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn is_root() -> bool {
+    std::env::var("USER").map(|u| u == "root").unwrap_or(false)
+        || Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout.starts_with(b"0"))
+            .unwrap_or(false)
+}
+
+fn run(command: &mut Command) -> anyhow::Result<()> {
+    let output = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+// ------------------------------------------------------------------ the fleet
+
+struct Fleet {
+    database_url: String,
+    release: bool,
+    workers: Vec<Proc>,
+    draining: Vec<Proc>,
+    apis: Vec<(u16, Option<Proc>)>,
+}
+
+impl Fleet {
+    fn binary(&self, name: &str) -> PathBuf {
+        let debug = bin(name);
+        if self.release {
+            debug
+                .parent()
+                .and_then(|d| d.parent())
+                .expect("target")
+                .join("release")
+                .join(name)
+        } else {
+            debug
+        }
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("DATABASE_URL", self.database_url.clone()),
+            ("DB_MAX_CONNECTIONS", "12".into()),
+            ("CHAOS", "true".into()),
+            ("PAYMENT_TIMEOUT_MS", PAYMENT_TIMEOUT_MS.into()),
+            ("DISPATCH_INTERVAL_MS", "100".into()),
+            ("EVENT_WAIT_MS", "15000".into()),
+            ("WORKER_CONCURRENCY", "16".into()),
+            ("WORKER_DRAIN_TIMEOUT_MS", "5000".into()),
+            ("RUST_LOG", "warn,shared=info".into()),
+        ]
+    }
+
+    fn spawn_worker(&mut self) -> anyhow::Result<()> {
+        let proc = Proc::spawn(
+            "chaos-worker",
+            &self.binary("widget-worker"),
+            &[],
+            &self.env(),
+        )?;
+        self.workers.push(proc);
+        Ok(())
+    }
+
+    async fn spawn_api(&mut self, index: usize) -> anyhow::Result<()> {
+        let port = self.apis[index].0;
+        let mut env = self.env();
+        env.push(("API_ADDR", format!("127.0.0.1:{port}")));
+        let mut proc = Proc::spawn("chaos-api", &self.binary("widget-api"), &[], &env)?;
+        proc.read_line_containing("listening on", Duration::from_secs(60))
+            .await?;
+        self.apis[index].1 = Some(proc);
+        Ok(())
+    }
+
+    /// Replaces exited workers up to `target`, drains extras, forgets the drained.
+    fn keep(&mut self, target: usize) -> anyhow::Result<usize> {
+        let before = self.workers.len();
+        self.workers.retain_mut(|w| !w.has_exited());
+        let crashed = before - self.workers.len();
+        self.draining.retain_mut(|w| !w.has_exited());
+        while self.workers.len() > target {
+            let w = self.workers.pop().expect("non-empty");
+            let _ = w.signal("TERM");
+            self.draining.push(w);
+        }
+        while self.workers.len() < target {
+            self.spawn_worker()?;
+        }
+        Ok(crashed)
+    }
+
+    fn bases(&self) -> Vec<String> {
+        self.apis
+            .iter()
+            .map(|(port, _)| format!("http://127.0.0.1:{port}"))
+            .collect()
+    }
+}
+
+// ------------------------------------------------------------------ records
+
+#[derive(Default)]
+struct Records {
+    flows: u64,
+    checkouts_ok: u64,
+    out_of_stock: u64,
+    paid: u64,
+    failed: u64,
+    never_paid: u64,
+    webhook_409: BTreeMap<String, u64>,
+    retries: u64,
+    errors: BTreeMap<String, u64>,
+    server_errors: Vec<(DateTime<Utc>, u16, String)>,
+    key_to_payment: HashMap<String, String>,
+    payment_to_order: HashMap<String, String>,
+    inconsistencies: Vec<String>,
+    recent_keys: Vec<String>,
+}
+
+struct Shared {
+    http: reqwest::Client,
+    bases: Vec<String>,
+    records: Mutex<Records>,
+}
+
+enum Answer {
+    Ok(u16, String),
+    Retry,
+}
+
+impl Shared {
+    /// One POST to a random API; transport errors, 502-504 and 503 are "retry".
+    async fn post(&self, path: &str) -> Answer {
+        let base = self.bases.choose(&mut rand::rng()).expect("apis").clone();
+        match self.http.post(format!("{base}{path}")).send().await {
+            Err(e) => {
+                let kind = if e.is_connect() {
+                    "connect"
+                } else if e.is_timeout() {
+                    "timeout"
+                } else {
+                    "transport"
+                };
+                self.note_error(kind);
+                Answer::Retry
+            }
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let body = response.text().await.unwrap_or_default();
+                if status >= 500 {
+                    let code = serde_json::from_str::<Value>(&body)
+                        .ok()
+                        .and_then(|v| v["error"]["code"].as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    self.note_error(&format!("{status} {code}"));
+                    self.records
+                        .lock()
+                        .unwrap()
+                        .server_errors
+                        .push((Utc::now(), status, code));
+                    return Answer::Retry;
+                }
+                Answer::Ok(status, body)
+            }
+        }
+    }
+
+    fn note_error(&self, kind: &str) {
+        let mut r = self.records.lock().unwrap();
+        *r.errors.entry(kind.to_owned()).or_default() += 1;
+        r.retries += 1;
+    }
+
+    /// Retries with the same idempotency key, as a real client would.
+    async fn post_until_answered(&self, path: &str, deadline: Instant) -> Option<(u16, String)> {
+        while Instant::now() < deadline {
+            match self.post(path).await {
+                Answer::Ok(status, body) => return Some((status, body)),
+                Answer::Retry => {
+                    let pause = rand::rng().random_range(100..400);
+                    tokio::time::sleep(Duration::from_millis(pause)).await
+                }
+            }
+        }
+        self.note_error("gave up");
+        None
+    }
+
+    fn record_pair(
+        &self,
+        map: fn(&mut Records) -> &mut HashMap<String, String>,
+        what: &str,
+        from: &str,
+        to: &str,
+    ) {
+        let mut r = self.records.lock().unwrap();
+        let existing = map(&mut r)
+            .entry(from.to_owned())
+            .or_insert_with(|| to.to_owned())
+            .clone();
+        if existing != to {
+            r.inconsistencies
+                .push(format!("{what} {from} answered {existing} and then {to}"));
+        }
+    }
+}
+
+async fn one_flow(shared: &Shared) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let key = {
+        let mut r = shared.records.lock().unwrap();
+        r.flows += 1;
+        let reuse = rand::rng().random_bool(0.1) && !r.recent_keys.is_empty();
+        if reuse {
+            r.recent_keys
+                .choose(&mut rand::rng())
+                .cloned()
+                .expect("non-empty")
+        } else {
+            let key = uuid::Uuid::new_v4().to_string();
+            r.recent_keys.push(key.clone());
+            if r.recent_keys.len() > 200 {
+                r.recent_keys.remove(0);
+            }
+            key
+        }
+    };
+    let Some((status, payment_id)) = shared
+        .post_until_answered(&format!("/checkout/{key}"), deadline)
+        .await
+    else {
+        return;
+    };
+    match status {
+        200 => {}
+        409 => {
+            shared.records.lock().unwrap().out_of_stock += 1;
+            return;
+        }
+        other => {
+            shared.note_error(&format!("checkout {other}"));
+            return;
+        }
+    }
+    shared.records.lock().unwrap().checkouts_ok += 1;
+    shared.record_pair(|r| &mut r.key_to_payment, "key", &key, &payment_id);
+
+    let roll: f64 = rand::rng().random();
+    let statuses: &[&str] = if roll < 0.55 {
+        &["paid"]
+    } else if roll < 0.75 {
+        &["failed"]
+    } else if roll < 0.9 {
+        shared.records.lock().unwrap().never_paid += 1;
+        &[]
+    } else {
+        &["paid", "failed"]
+    };
+    for (i, status) in statuses.iter().enumerate() {
+        let path = format!("/payment_webhook/{payment_id}/{status}");
+        let copies = if rand::rng().random_bool(0.1) { 2 } else { 1 };
+        let answers = futures::future::join_all(
+            (0..copies).map(|_| shared.post_until_answered(&path, deadline)),
+        )
+        .await;
+        let mut twice = rand::rng().random_bool(0.15);
+        for answer in answers.into_iter().flatten() {
+            let (code, body) = answer;
+            match code {
+                200 => {
+                    shared.record_pair(|r| &mut r.payment_to_order, "payment", &payment_id, &body);
+                    if i == 0 {
+                        let mut r = shared.records.lock().unwrap();
+                        if *status == "paid" {
+                            r.paid += 1
+                        } else {
+                            r.failed += 1
+                        }
+                    }
+                }
+                409 => {
+                    let code = serde_json::from_str::<Value>(&body)
+                        .ok()
+                        .and_then(|v| v["error"]["code"].as_str().map(str::to_owned))
+                        .unwrap_or_else(|| "409".into());
+                    *shared
+                        .records
+                        .lock()
+                        .unwrap()
+                        .webhook_409
+                        .entry(code)
+                        .or_default() += 1;
+                    twice = false;
+                }
+                other => shared.note_error(&format!("webhook {other}")),
+            }
+        }
+        if twice
+            && let Some((200, body)) = shared.post_until_answered(&path, deadline).await
+        {
+            shared.record_pair(|r| &mut r.payment_to_order, "payment", &payment_id, &body);
+        }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ the run
+
+#[derive(Default)]
+struct Kills {
+    sigkill: u64,
+    sigterm: u64,
+    crash_endpoint: u64,
+    api_kill: u64,
+    db_restart: u64,
+    crashed_noticed: u64,
+    /// (victim worker id, kill time, workflows it owned)
+    victims: Vec<(String, DateTime<Utc>, Vec<String>)>,
+    db_down: Option<(DateTime<Utc>, DateTime<Utc>)>,
+}
+
+async fn owned_by(pool: &PgPool, pid: u32) -> Option<(String, Vec<String>)> {
+    let id: String = sqlx::query_scalar("SELECT id FROM workers WHERE pid = $1")
+        .bind(pid as i32)
+        .fetch_optional(pool)
+        .await
+        .ok()??;
+    let owned: Vec<String> =
+        sqlx::query_scalar("SELECT id FROM workflows WHERE owner = $1 AND status = 'running'")
+            .bind(&id)
+            .fetch_all(pool)
+            .await
+            .ok()?;
+    Some((id, owned))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    println!(
+        "chaos: {} s, {} workers, 2 APIs, an action every ~{} ms, {} clients",
+        args.duration, args.workers, args.kill_every_ms, args.clients
+    );
+    let pg = Postgres::create()?;
+    let admin = PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&pg.url("postgres"))
+        .await?;
+    sqlx::query("CREATE DATABASE widget_chaos")
+        .execute(&admin)
+        .await?;
+    admin.close().await;
+    let database_url = pg.url("widget_chaos");
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&database_url)
+        .await?;
+    shared::db::migrate(&pool).await?;
+    sqlx::query("UPDATE products SET inventory = $1")
+        .bind(INITIAL_STOCK as i32)
+        .execute(&pool)
+        .await?;
+
+    let mut fleet = Fleet {
+        database_url,
+        release: args.release,
+        workers: Vec::new(),
+        draining: Vec::new(),
+        apis: vec![(free_port()?, None), (free_port()?, None)],
+    };
+    fleet.spawn_api(0).await?;
+    fleet.spawn_api(1).await?;
+    fleet.keep(args.workers)?;
+    wait_until("workers registered", Duration::from_secs(60), || async {
+        Ok(sqlx::query_scalar::<_, i64>("SELECT count(*) FROM workers")
+            .fetch_one(&pool)
+            .await?
+            == args.workers as i64)
+    })
+    .await?;
+
+    let shared = Arc::new(Shared {
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()?,
+        bases: fleet.bases(),
+        records: Mutex::new(Records::default()),
+    });
+    let (stop_load, load_stopped) = watch::channel(false);
+    let clients: Vec<_> = (0..args.clients)
+        .map(|_| {
+            let shared = shared.clone();
+            let stopped = load_stopped.clone();
+            tokio::spawn(async move {
+                while !*stopped.borrow() {
+                    one_flow(&shared).await;
+                }
+            })
+        })
+        .collect();
+
+    // Chaos.
+    let started = Instant::now();
+    let total = Duration::from_secs(args.duration);
+    let mut kills = Kills::default();
+    let mut db_restarted = args.no_db_restart;
+    while started.elapsed() < total {
+        let pause = rand::rng().random_range(args.kill_every_ms / 2..=args.kill_every_ms * 3 / 2);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let progress = started.elapsed().as_secs_f64() / total.as_secs_f64();
+        let target = match progress {
+            p if p < 0.25 => args.workers,
+            p if p < 0.5 => args.workers * 2,
+            p if p < 0.75 => 1,
+            _ => args.workers,
+        };
+        kills.crashed_noticed += fleet.keep(target)? as u64;
+        if !db_restarted && progress >= 0.4 {
+            db_restarted = true;
+            let down = Utc::now();
+            println!("  restarting PostgreSQL (immediate stop, then start)");
+            pg.stop_immediate()?;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            pg.start()?;
+            kills.db_restart += 1;
+            kills.db_down = Some((down, Utc::now()));
+            continue;
+        }
+        let action = rand::rng().random_range(0..100);
+        if action < 40 && !fleet.workers.is_empty() {
+            let index = rand::rng().random_range(0..fleet.workers.len());
+            let pid = fleet.workers[index].pid();
+            let owned = owned_by(&pool, pid).await;
+            let victim = fleet.workers.remove(index);
+            victim.signal("KILL")?;
+            let at = Utc::now();
+            drop(victim);
+            kills.sigkill += 1;
+            if let Some((id, owned)) = owned {
+                kills.victims.push((id, at, owned));
+            }
+        } else if action < 60 && !fleet.workers.is_empty() {
+            let index = rand::rng().random_range(0..fleet.workers.len());
+            let victim = fleet.workers.remove(index);
+            victim.signal("TERM")?;
+            fleet.draining.push(victim);
+            kills.sigterm += 1;
+        } else if action < 80 {
+            if let Answer::Ok(202, _) = shared.post("/crash_application").await {
+                kills.crash_endpoint += 1;
+            }
+        } else {
+            let index = rand::rng().random_range(0..fleet.apis.len());
+            if let Some(api) = fleet.apis[index].1.take() {
+                api.signal("KILL")?;
+                drop(api);
+                kills.api_kill += 1;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                fleet.spawn_api(index).await?;
+            }
+        }
+        fleet.keep(target)?;
+    }
+    println!(
+        "  chaos over after {:.1?}; stopping the load",
+        started.elapsed()
+    );
+
+    // Quiet.
+    let _ = stop_load.send(true);
+    for client in clients {
+        let _ = tokio::time::timeout(Duration::from_secs(90), client).await;
+    }
+    fleet.keep(args.workers)?;
+    let quiet_started = Instant::now();
+    let quiet = wait_until(
+        "every workflow finished",
+        Duration::from_secs(180),
+        || async { fleet_keep_quiet(&pool).await },
+    )
+    .await;
+    let time_to_quiet = quiet_started.elapsed();
+
+    // Takeover times.
+    let mut takeovers = Vec::new();
+    for (victim, at, owned) in &kills.victims {
+        for id in owned {
+            let first: Option<DateTime<Utc>> = sqlx::query_scalar(
+                "SELECT min(finished_at) FROM workflow_steps WHERE workflow_id = $1 AND worker_id <> $2 AND finished_at > $3",
+            )
+            .bind(id)
+            .bind(victim)
+            .bind(at)
+            .fetch_one(&pool)
+            .await?;
+            if let Some(first) = first {
+                takeovers.push((first - *at).to_std().unwrap_or_default());
+            }
+        }
+    }
+    takeovers.sort();
+
+    let checks = invariants(&pool, &shared, &kills).await?;
+    let records = shared.records.lock().unwrap();
+    let pct = |p: f64| -> String {
+        if takeovers.is_empty() {
+            return "-".into();
+        }
+        let i = ((p / 100.0) * (takeovers.len() - 1) as f64).round() as usize;
+        format!("{:.0?}", takeovers[i])
+    };
+    println!(
+        "\nflows: {} ({} checkouts answered, {} out of stock; paid {}, failed {}, never paid {})",
+        records.flows,
+        records.checkouts_ok,
+        records.out_of_stock,
+        records.paid,
+        records.failed,
+        records.never_paid
+    );
+    println!("webhook 409s: {:?}", records.webhook_409);
+    println!(
+        "kills: SIGKILL {}, SIGTERM {}, crash endpoint {}, API kills {}, PostgreSQL restarts {}, crashed workers replaced {}",
+        kills.sigkill,
+        kills.sigterm,
+        kills.crash_endpoint,
+        kills.api_kill,
+        kills.db_restart,
+        kills.crashed_noticed
+    );
+    println!(
+        "client retries: {} ; errors by kind: {:?}",
+        records.retries, records.errors
+    );
+    println!(
+        "takeover after SIGKILL ({} workflows): p50 {} p99 {} max {}",
+        takeovers.len(),
+        pct(50.0),
+        pct(99.0),
+        takeovers
+            .last()
+            .map(|d| format!("{d:.0?}"))
+            .unwrap_or("-".into())
+    );
+    println!(
+        "time to quiet: {time_to_quiet:.1?}{}",
+        if quiet.is_err() { " (NOT QUIET)" } else { "" }
+    );
+    let mut failed = quiet.is_err();
+    for (name, offending) in &checks {
+        let ok = offending.is_empty();
+        failed |= !ok;
+        println!("  [{}] {name}", if ok { "pass" } else { "FAIL" });
+        for row in offending.iter().take(10) {
+            println!("        {row}");
+        }
+    }
+    if let Some(path) = &args.json {
+        let summary = json!({
+            "flows": records.flows, "paid": records.paid, "failed": records.failed, "never_paid": records.never_paid,
+            "kills": { "sigkill": kills.sigkill, "sigterm": kills.sigterm, "crash_endpoint": kills.crash_endpoint,
+                       "api": kills.api_kill, "db_restart": kills.db_restart },
+            "errors": records.errors,
+            "takeover_ms": takeovers.iter().map(|d| d.as_millis() as u64).collect::<Vec<_>>(),
+            "time_to_quiet_ms": time_to_quiet.as_millis() as u64,
+            "invariants": checks.iter().map(|(n, o)| json!({"name": n, "pass": o.is_empty(), "offending": o})).collect::<Vec<_>>(),
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&summary)?)?;
+    }
+    drop(records);
+    drop(fleet);
+    if failed {
+        println!("chaos: VIOLATIONS FOUND");
+        std::process::exit(1);
+    }
+    println!("chaos: all invariants hold");
+    Ok(())
+}
+
+async fn fleet_keep_quiet(pool: &PgPool) -> anyhow::Result<bool> {
+    let busy: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM workflows WHERE status IN ('enqueued', 'running')
+            OR (status = 'waiting' AND (wait_until IS NULL OR wait_until < now() - interval '5 seconds'))",
+    )
+    .fetch_one(pool)
+    .await?;
+    let waiting: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM workflows WHERE status = 'waiting'")
+            .fetch_one(pool)
+            .await?;
+    Ok(busy == 0 && waiting == 0)
+}
+
+type Check = (String, Vec<String>);
+
+async fn rows(pool: &PgPool, sql: &'static str) -> anyhow::Result<Vec<String>> {
+    Ok(sqlx::query_scalar(sql).fetch_all(pool).await?)
+}
+
+async fn invariants(pool: &PgPool, shared: &Shared, kills: &Kills) -> anyhow::Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    let (stock, live): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT inventory FROM products WHERE id = 1)::bigint,
+                (SELECT count(*) FROM orders WHERE status <> 'CANCELLED')",
+    )
+    .fetch_one(pool)
+    .await?;
+    checks.push((
+        "1 stock conserved: initial = current + orders not cancelled".into(),
+        if stock + live == INITIAL_STOCK {
+            vec![]
+        } else {
+            vec![format!(
+                "initial {INITIAL_STOCK} != stock {stock} + live orders {live}"
+            )]
+        },
+    ));
+    let mut one_order = rows(
+        pool,
+        "SELECT 'checkout ' || w.id || ' has ' || count(o.id) || ' orders'
+         FROM workflows w JOIN workflow_events e ON e.workflow_id = w.id AND e.key = 'payment_id' AND e.value <> 'null'::jsonb
+         LEFT JOIN orders o ON o.checkout_id = w.id
+         WHERE w.kind = 'checkout' GROUP BY w.id HAVING count(o.id) <> 1",
+    )
+    .await?;
+    one_order.extend(
+        rows(
+            pool,
+            "SELECT 'order ' || o.id || ' has no checkout' FROM orders o
+             LEFT JOIN workflows w ON w.id = o.checkout_id AND w.kind = 'checkout' WHERE w.id IS NULL",
+        )
+        .await?,
+    );
+    let handed_out: Vec<String> = shared
+        .records
+        .lock()
+        .unwrap()
+        .key_to_payment
+        .values()
+        .cloned()
+        .collect();
+    let with_order: Vec<String> =
+        sqlx::query_scalar("SELECT checkout_id FROM orders WHERE checkout_id = ANY($1)")
+            .bind(&handed_out)
+            .fetch_all(pool)
+            .await?;
+    if with_order.len() != handed_out.len() {
+        one_order.push(format!(
+            "{} payment ids handed to clients, {} have an order",
+            handed_out.len(),
+            with_order.len()
+        ));
+    }
+    checks.push((
+        "2 every payment id handed out has exactly one order; no order without a checkout".into(),
+        one_order,
+    ));
+    checks.push((
+        "3 every order is DISPATCHED or CANCELLED (or waiting for a payment still due)".into(),
+        rows(
+            pool,
+            "SELECT 'order ' || o.id || ' ' || o.status FROM orders o
+             JOIN workflows w ON w.id = o.checkout_id
+             WHERE o.status NOT IN ('DISPATCHED', 'CANCELLED')
+               AND NOT (o.status = 'PENDING' AND w.status = 'waiting' AND w.wait_until > now())",
+        )
+        .await?,
+    ));
+    let mut dispatched = rows(
+        pool,
+        "SELECT 'order ' || o.id || ': progress ' || o.progress_remaining || ', dispatch workflows '
+                || (SELECT count(*) FROM workflows d WHERE d.id = 'dispatch-' || o.id)
+                || ', progress steps ' || (SELECT count(*) FROM workflow_steps s WHERE s.workflow_id = 'dispatch-' || o.id AND s.name = 'update_progress')
+         FROM orders o WHERE o.status IN ('PAID', 'DISPATCHED')
+           AND (o.progress_remaining <> 0
+                OR (SELECT count(*) FROM workflows d WHERE d.id = 'dispatch-' || o.id AND d.status = 'succeeded') <> 1
+                OR (SELECT count(*) FROM workflow_steps s WHERE s.workflow_id = 'dispatch-' || o.id AND s.name = 'update_progress') <> 10)",
+    )
+    .await?;
+    dispatched.extend(
+        rows(
+            pool,
+            "SELECT 'checkout ' || e.workflow_id || ' was paid but its order is ' || o.status
+             FROM workflow_events e JOIN orders o ON o.checkout_id = e.workflow_id
+             WHERE e.key = 'payment_outcome' AND e.value = '\"paid\"'::jsonb AND o.status <> 'DISPATCHED'",
+        )
+        .await?,
+    );
+    checks.push((
+        "4 every paid order dispatched exactly once (one dispatch, 10 steps, progress 0)".into(),
+        dispatched,
+    ));
+    let mut stuck = rows(
+        pool,
+        "SELECT 'workflow ' || id || ' ' || status || coalesce(' on ' || owner, '') FROM workflows
+         WHERE status IN ('running', 'enqueued') OR (status = 'failed')",
+    )
+    .await?;
+    stuck.extend(
+        rows(
+            pool,
+            "SELECT 'job ' || id || ' ' || status || ' by ' || coalesce(lock_by, '-') FROM apalis.jobs j
+             WHERE (status IN ('Queued', 'Running') AND NOT EXISTS (SELECT 1 FROM workers k WHERE k.id = split_part(j.lock_by, '/', 1)))
+                OR (status = 'Pending' AND run_at < now() - interval '10 seconds')",
+        )
+        .await?,
+    );
+    checks.push((
+        "5 no workflow left on a dead worker, none failed, no job stuck".into(),
+        stuck,
+    ));
+    checks.push((
+        "6 clients saw one payment id per key and one order id per payment".into(),
+        shared.records.lock().unwrap().inconsistencies.clone(),
+    ));
+    let grace = chrono::Duration::seconds(15);
+    let bad_5xx: Vec<String> = shared
+        .records
+        .lock()
+        .unwrap()
+        .server_errors
+        .iter()
+        .filter(|(at, status, _)| {
+            let during_outage = kills
+                .db_down
+                .is_some_and(|(down, up)| *at >= down && *at <= up + grace);
+            !(during_outage && matches!(status, 503 | 504))
+        })
+        .map(|(at, status, code)| format!("{status} {code} at {at}"))
+        .collect();
+    checks.push((
+        "7 no 5xx except 503/504 while the database was down".into(),
+        bad_5xx,
+    ));
+    Ok(checks)
+}

@@ -453,11 +453,8 @@ async fn one_flow(shared: &Shared) {
                 other => shared.note_error(&format!("webhook {other}")),
             }
         }
-        if twice
-            && let Some((200, body)) = shared.post_until_answered(&path, deadline).await
-        {
+        if twice && let Some((200, body)) = shared.post_until_answered(&path, deadline).await {
             shared.record_pair(|r| &mut r.payment_to_order, "payment", &payment_id, &body);
-        }
         }
     }
 }

@@ -307,8 +307,8 @@ async fn two_executions_at_once_apply_no_step_twice() -> anyhow::Result<()> {
             },
         )
         .await?;
-    // Two runtimes that are not in the fleet registry: neither sees the
-    // other as a live owner, so both really execute the workflow.
+    // Two runtimes execute the same workflow at the same time (as after a
+    // duplicate job, or a worker presumed dead that was only slow).
     let (one, two) = (runtime(&db)?, runtime(&db)?);
     let (a, b) = tokio::join!(one.execute("raced"), two.execute("raced"));
     let mut outcomes = [a, b];

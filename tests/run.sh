@@ -25,4 +25,17 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 log "building binaries"
 cargo build --workspace --bins --quiet
 log "running tests"
-cargo test --workspace --quiet -- --test-threads="${TEST_THREADS:-2}" "$@"
+mkdir -p target
+cargo test --workspace --quiet -- --test-threads="${TEST_THREADS:-2}" "$@" 2>&1 | tee target/test-output.txt
+[ "${PIPESTATUS[0]}" = 0 ] || exit 1
+# The short chaos run: about a minute of kills, an API restart and one
+# PostgreSQL restart under load; any broken invariant fails the build.
+log "chaos (short form)"
+cargo run --quiet -p widget-tests --bin chaos -- --duration "${CHAOS_DURATION:-60}" --workers 3 \
+  --json target/chaos-summary.json 2>&1 | tee target/chaos-output.txt
+[ "${PIPESTATUS[0]}" = 0 ] || exit 1
+
+passed=$(grep -Eo '[0-9]+ passed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
+invariants=$(grep -c '^  \[pass\]' target/chaos-output.txt || true)
+echo "total: $((passed + invariants)) passed, $failed failed"

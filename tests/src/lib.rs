@@ -201,6 +201,56 @@ where
     }
 }
 
+/// Workers in the fleet registry.
+pub async fn live_workers(pool: &PgPool) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM workers")
+        .fetch_one(pool)
+        .await?)
+}
+
+/// When workflow `id` first checkpointed a step on a worker other than
+/// `not_by` after `after` (a takeover), if it has.
+pub async fn first_step_elsewhere(
+    pool: &PgPool,
+    id: &str,
+    not_by: &str,
+    after: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<Option<chrono::DateTime<chrono::Utc>>> {
+    Ok(sqlx::query_scalar(
+        "SELECT min(finished_at) FROM workflow_steps WHERE workflow_id = $1 AND worker_id <> $2 AND finished_at > $3",
+    )
+    .bind(id)
+    .bind(not_by)
+    .bind(after)
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Waits until workflow `id` checkpoints a step on a worker other than
+/// `not_by` after `after`; returns how long after `after` that step committed.
+pub async fn wait_step_elsewhere(
+    pool: &PgPool,
+    id: &str,
+    not_by: &str,
+    after: chrono::DateTime<chrono::Utc>,
+    timeout: Duration,
+) -> anyhow::Result<Duration> {
+    wait_until(
+        &format!("{id}: a step on a worker other than {not_by}"),
+        timeout,
+        || async {
+            Ok(first_step_elsewhere(pool, id, not_by, after)
+                .await?
+                .is_some())
+        },
+    )
+    .await?;
+    let first = first_step_elsewhere(pool, id, not_by, after)
+        .await?
+        .unwrap_or(after);
+    Ok((first - after).to_std().unwrap_or_default())
+}
+
 /// Environment for a worker process in tests: quick polls and short waits.
 pub fn worker_env(db: &TestDb, extra: &[(&str, &str)]) -> Vec<(&'static str, String)> {
     let mut env = vec![

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use harness::{Api, Proc, TestDb, spawn_store_worker, wait_until};
+use harness::{Api, Proc, TestDb, live_workers, spawn_store_worker, wait_until};
 use serde_json::Value;
 use sqlx::PgPool;
 
@@ -31,12 +31,6 @@ async fn stack(extra: &[(&str, &str)]) -> anyhow::Result<Stack> {
     )
     .await?;
     Ok(Stack { db, api, workers })
-}
-
-async fn live_workers(pool: &PgPool) -> anyhow::Result<i64> {
-    Ok(sqlx::query_scalar("SELECT count(*) FROM workers")
-        .fetch_one(pool)
-        .await?)
 }
 
 async fn inventory(pool: &PgPool) -> anyhow::Result<i64> {

@@ -112,12 +112,8 @@ impl WorkflowContext {
                     tx.commit().await?;
                     return Ok(value);
                 }
-                Ok(Err(StepError::Unavailable(e))) => return Err(WorkflowError::Unavailable(e)),
-                Ok(Err(StepError::Fatal(e))) => {
-                    return Err(self.step_failed(seq, name, format!("{e:#}"), attempt));
-                }
-                Ok(Err(StepError::Retryable(e))) => format!("{e:#}"),
-                Err(panic) => format!("panicked: {}", panic_message(&*panic)),
+                Ok(Err(error)) => self.retryable(seq, name, attempt, Ok(error))?,
+                Err(panic) => self.retryable(seq, name, attempt, Err(panic))?,
             };
             drop(tx);
             self.retry_or_fail(seq, name, error, attempt, &retry)
@@ -171,12 +167,8 @@ impl WorkflowContext {
                     tx.commit().await?;
                     return Ok(value);
                 }
-                Ok(Err(StepError::Unavailable(e))) => return Err(WorkflowError::Unavailable(e)),
-                Ok(Err(StepError::Fatal(e))) => {
-                    return Err(self.step_failed(seq, name, format!("{e:#}"), attempt));
-                }
-                Ok(Err(StepError::Retryable(e))) => format!("{e:#}"),
-                Err(panic) => format!("panicked: {}", panic_message(&*panic)),
+                Ok(Err(error)) => self.retryable(seq, name, attempt, Ok(error))?,
+                Err(panic) => self.retryable(seq, name, attempt, Err(panic))?,
             };
             self.retry_or_fail(seq, name, error, attempt, &retry)
                 .await?;
@@ -454,6 +446,23 @@ impl WorkflowContext {
         tokio::select! {
             _ = tokio::time::sleep(backoff) => Ok(()),
             _ = super::until_true(&mut draining) => Err(WorkflowError::Draining),
+        }
+    }
+
+    /// A failed attempt: the error text when another attempt may follow,
+    /// or the error that stops the workflow (fatal, or database down).
+    fn retryable(
+        &self,
+        seq: i32,
+        name: &str,
+        attempt: u32,
+        failure: Result<StepError, Box<dyn std::any::Any + Send>>,
+    ) -> Result<String, WorkflowError> {
+        match failure {
+            Ok(StepError::Unavailable(e)) => Err(WorkflowError::Unavailable(e)),
+            Ok(StepError::Fatal(e)) => Err(self.step_failed(seq, name, format!("{e:#}"), attempt)),
+            Ok(StepError::Retryable(e)) => Ok(format!("{e:#}")),
+            Err(panic) => Ok(format!("panicked: {}", panic_message(&*panic))),
         }
     }
 

@@ -641,15 +641,7 @@ async fn main() -> anyhow::Result<()> {
     let mut takeovers = Vec::new();
     for (victim, at, owned) in &kills.victims {
         for id in owned {
-            let first: Option<DateTime<Utc>> = sqlx::query_scalar(
-                "SELECT min(finished_at) FROM workflow_steps WHERE workflow_id = $1 AND worker_id <> $2 AND finished_at > $3",
-            )
-            .bind(id)
-            .bind(victim)
-            .bind(at)
-            .fetch_one(&pool)
-            .await?;
-            if let Some(first) = first {
+            if let Some(first) = harness::first_step_elsewhere(&pool, id, victim, *at).await? {
                 takeovers.push((first - *at).to_std().unwrap_or_default());
             }
         }

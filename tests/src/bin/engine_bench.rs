@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::Parser;
 use harness::workflows::{self, NOOP, TICKER, TickerInput};
-use harness::{Proc, TestDb, wait_until, worker_env};
+use harness::{Proc, TestDb, wait_step_elsewhere, wait_until, worker_env};
 use rand::Rng;
 use serde_json::json;
 use shared::engine::Engine;
@@ -229,27 +229,10 @@ async fn main() -> anyhow::Result<()> {
         drop(victim);
         fleet.push(spawn(&db, "16")?);
         for id in &owned_ids {
-            wait_until("takeover", Duration::from_secs(60), || async {
-                let n: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM workflow_steps WHERE workflow_id = $1 AND worker_id <> $2 AND finished_at > $3",
-                )
-                .bind(id)
-                .bind(&victim_id)
-                .bind(killed_at)
-                .fetch_one(&db.pool)
-                .await?;
-                Ok(n > 0)
-            })
-            .await?;
-            let first: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
-                "SELECT min(finished_at) FROM workflow_steps WHERE workflow_id = $1 AND worker_id <> $2 AND finished_at > $3",
-            )
-            .bind(id)
-            .bind(&victim_id)
-            .bind(killed_at)
-            .fetch_one(&db.pool)
-            .await?;
-            takeovers.push((first - killed_at).to_std().unwrap_or_default());
+            let took =
+                wait_step_elsewhere(&db.pool, id, &victim_id, killed_at, Duration::from_secs(60))
+                    .await?;
+            takeovers.push(took);
         }
         eprintln!("kill {}: {owned} workflow(s) taken over", kill + 1);
         wait_until(

@@ -547,8 +547,10 @@ async fn parked(s: &Stack, n: usize) -> anyhow::Result<Value> {
     })
     .await?;
     tokio::time::sleep(Duration::from_millis(1500)).await; // one registry heartbeat
+    // Slots held by the parked checkouts themselves (dispatches of earlier
+    // phases may still be running and are reported apart).
     let (in_flight, connections): (i64, i64) = sqlx::query_as(
-        "SELECT (SELECT coalesce(sum(in_flight), 0)::bigint FROM workers),
+        "SELECT (SELECT count(*) FROM workflows WHERE id LIKE 'parked-%' AND status = 'running'),
                 (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'widget-worker%')",
     )
     .fetch_one(&s.db.pool)
@@ -585,7 +587,7 @@ async fn parked(s: &Stack, n: usize) -> anyhow::Result<Value> {
     .await?;
     let finished_in = paying.elapsed();
     println!(
-        "parked: {n} checkouts waiting for payment ({:.1?} to start them): worker slots in use {in_flight}, worker connections {connections}, RSS API {api_mb:.1} MB, largest worker {worker_mb:.1} MB; all settled {:.1?} after their webhooks began",
+        "parked: {n} checkouts waiting for payment ({:.1?} to start them): slots they hold {in_flight}, worker connections open (pooled, idle included) {connections}, RSS API {api_mb:.1} MB, largest worker {worker_mb:.1} MB; all settled {:.1?} after their webhooks began",
         parked_in, finished_in
     );
     Ok(json!({
@@ -624,7 +626,7 @@ fn markdown(r: &Value) -> String {
     md.push_str(&format!(
         "\nPeak RSS after the flow levels: API {:.1} MB, largest worker {:.1} MB.\n\n\
          Takeover after SIGKILL under load ({} workflows over {} kills): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms.\n\n\
-         Parked capacity: {} checkouts waiting for payment at once held {} worker slots and {} worker connections; \
+         Parked capacity: {} checkouts waiting for payment at once held {} worker slots; the workers had {} connections open (their pools, idle included); \
          RSS API {:.1} MB, largest worker {:.1} MB; all settled {:.1} s after their webhooks began.\n\n\
          ![flows/s and p99 flow latency against client concurrency](throughput.svg)\n",
         f(&r["rss"]["api_peak_mb"]), f(&r["rss"]["workers_peak_mb"]),

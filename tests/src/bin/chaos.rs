@@ -716,7 +716,11 @@ async fn main() -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&summary)?)?;
     }
     drop(records);
+    // Stop the processes and the private cluster before exiting:
+    // `process::exit` runs no destructors.
     drop(fleet);
+    drop(pool);
+    drop(pg);
     if failed {
         println!("chaos: VIOLATIONS FOUND");
         std::process::exit(1);

@@ -325,26 +325,35 @@ impl Runtime {
 
     async fn execute_once(&self, workflow_id: &str) -> Result<ExecutionOutcome, sqlx::Error> {
         let inner = &self.inner;
-        type Row = (String, String, String, Value, Option<String>, i32);
-        let row: Option<Row> = sqlx::query_as(
-            "SELECT kind, queue, status, input, owner, executions FROM workflows WHERE id = $1",
+        // Claim in one statement: lock the row, mark it running unless it has
+        // finished, and return what the execution needs.
+        type Claim = (String, String, Value, String, Option<String>, i32);
+        let claimed: Option<Claim> = sqlx::query_as(
+            "WITH previous AS (SELECT id, status, owner FROM workflows WHERE id = $1 FOR UPDATE)
+             UPDATE workflows w SET status = 'running', owner = $2, executions = w.executions + 1,
+                 wait_topic = NULL, wait_until = NULL, updated_at = now()
+             FROM previous
+             WHERE w.id = previous.id AND previous.status NOT IN ('succeeded', 'failed', 'cancelled')
+             RETURNING w.kind, w.queue, w.input, previous.status, previous.owner, w.executions",
         )
         .bind(workflow_id)
+        .bind(&*inner.worker_id)
         .fetch_optional(&inner.pool)
         .await?;
-        let Some((kind, queue, status, input, owner, executions)) = row else {
-            tracing::warn!(workflow_id, "job for an unknown workflow; ignored");
+        let Some((kind, queue, input, previous_status, previous_owner, execution)) = claimed else {
+            // Finished already (a late or duplicate job), or no such workflow.
             return Ok(ExecutionOutcome::Skipped);
         };
-        if matches!(status.as_str(), "succeeded" | "failed" | "cancelled") {
-            return Ok(ExecutionOutcome::Skipped);
-        }
         // A workflow marked running elsewhere is executed anyway: its owner's
         // execution may be gone while the owner process lives on (its queue
         // consumer died with the database, say), and nothing outside that
         // process can tell. Fencing makes the duplicate harmless.
-        if status == "running" && owner.as_deref().is_some_and(|o| o != &*inner.worker_id) {
-            tracing::info!(workflow_id, owner = ?owner, "running elsewhere per its row; executing it too (fenced)");
+        if previous_status == "running"
+            && previous_owner
+                .as_deref()
+                .is_some_and(|o| o != &*inner.worker_id)
+        {
+            tracing::info!(workflow_id, owner = ?previous_owner, "running elsewhere per its row; executing it too (fenced)");
         }
         let Some(definition) = inner.workflows.get(kind.as_str()).cloned() else {
             let error = format!(
@@ -356,26 +365,16 @@ impl Runtime {
             tracing::error!(workflow_id, %error, "workflow failed");
             return Ok(ExecutionOutcome::Failed);
         };
-        if executions >= inner.config.max_executions {
-            let error = format!("started {executions} times without finishing (crash loop?)");
+        if execution > inner.config.max_executions {
+            let error = format!(
+                "started {} times without finishing (crash loop?)",
+                execution - 1
+            );
             self.finish(workflow_id, "failed", None, Some(&error), 0)
                 .await?;
             tracing::error!(workflow_id, %error, "workflow failed");
             return Ok(ExecutionOutcome::Failed);
         }
-        let claimed: Option<i32> = sqlx::query_scalar(
-            "UPDATE workflows SET status = 'running', owner = $2, executions = executions + 1,
-             wait_topic = NULL, wait_until = NULL, updated_at = now()
-             WHERE id = $1 AND status NOT IN ('succeeded', 'failed', 'cancelled')
-             RETURNING executions",
-        )
-        .bind(workflow_id)
-        .bind(&*inner.worker_id)
-        .fetch_optional(&inner.pool)
-        .await?;
-        let Some(execution) = claimed else {
-            return Ok(ExecutionOutcome::Skipped);
-        };
         let checkpoints: Vec<Checkpoint> = sqlx::query_as(
             "SELECT step_seq, name, output FROM workflow_steps WHERE workflow_id = $1 ORDER BY step_seq",
         )

@@ -295,9 +295,17 @@ pub struct Api {
 impl Api {
     /// Starts the API on port 0 and reads the address it bound.
     pub async fn start(db: &TestDb, extra: &[(&str, &str)]) -> anyhow::Result<Self> {
-        let mut env = worker_env(db, extra);
+        Self::launch(&bin("widget-api"), worker_env(db, extra)).await
+    }
+
+    /// Starts `program` (a `widget-api` build) with `env` on a free port and
+    /// reads the address it bound from its banner.
+    pub async fn launch(
+        program: &Path,
+        mut env: Vec<(&'static str, String)>,
+    ) -> anyhow::Result<Self> {
         env.push(("API_ADDR", "127.0.0.1:0".into()));
-        let mut proc = Proc::spawn("api", &bin("widget-api"), &[], &env)?;
+        let mut proc = Proc::spawn("api", program, &[], &env)?;
         let line = proc
             .read_line_containing("listening on http://", Duration::from_secs(60))
             .await?;

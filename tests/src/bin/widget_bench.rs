@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
-use harness::{Proc, TestDb, first_step_elsewhere, wait_until};
+use harness::{Api, Proc, TestDb, first_step_elsewhere, wait_until};
 use rand::Rng;
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -263,8 +263,7 @@ async fn commits(pool: &PgPool) -> anyhow::Result<i64> {
 
 struct Stack {
     db: TestDb,
-    api: Proc,
-    base: String,
+    api: Api,
     workers: Vec<Proc>,
 }
 
@@ -294,17 +293,7 @@ async fn stack(workers: usize) -> anyhow::Result<Stack> {
     sqlx::query("UPDATE products SET inventory = 1000000")
         .execute(&db.pool)
         .await?;
-    let mut api_env = env(&db);
-    api_env.push(("API_ADDR", "127.0.0.1:0".into()));
-    let mut api = Proc::spawn("bench-api", &release("widget-api"), &[], &api_env)?;
-    let line = api
-        .read_line_containing("listening on http://", Duration::from_secs(60))
-        .await?;
-    let base = line
-        .split_whitespace()
-        .last()
-        .context("address")?
-        .to_owned();
+    let api = Api::launch(&release("widget-api"), env(&db)).await?;
     let workers = (0..workers)
         .map(|_| spawn_worker(&db))
         .collect::<Result<Vec<_>, _>>()?;
@@ -313,12 +302,7 @@ async fn stack(workers: usize) -> anyhow::Result<Stack> {
         Ok(harness::live_workers(&db.pool).await? == expected)
     })
     .await?;
-    Ok(Stack {
-        db,
-        api,
-        base,
-        workers,
-    })
+    Ok(Stack { db, api, workers })
 }
 
 #[tokio::main]
@@ -349,15 +333,15 @@ async fn main() -> anyhow::Result<()> {
     let mut levels = Vec::new();
     for &clients in &args.levels {
         let measure = Duration::from_secs(args.seconds);
-        run_flows(&s.base, clients, measure / 3).await; // warm-up
+        run_flows(&s.api.base, clients, measure / 3).await; // warm-up
         let commits_before = commits(&s.db.pool).await?;
         let cpu_before = (
-            cpu_seconds(s.api.pid()),
+            cpu_seconds(s.api.proc.pid()),
             s.workers.iter().map(|w| cpu_seconds(w.pid())).sum::<f64>(),
             postgres_cpu_seconds(),
         );
         let started = Instant::now();
-        let mut samples = run_flows(&s.base, clients, measure).await;
+        let mut samples = run_flows(&s.api.base, clients, measure).await;
         let elapsed = started.elapsed().as_secs_f64();
         let commit_delta = (commits(&s.db.pool).await? - commits_before) as f64;
         let flows = samples.flow.len() as f64;
@@ -372,7 +356,7 @@ async fn main() -> anyhow::Result<()> {
             "flow": summary(&mut samples.flow),
             "commits_per_paid_order": commit_delta / (samples.paid as f64).max(1.0),
             "cpu_s_per_1000_flows": {
-                "api": per_1000(cpu_before.0, cpu_seconds(s.api.pid())),
+                "api": per_1000(cpu_before.0, cpu_seconds(s.api.proc.pid())),
                 "workers": per_1000(cpu_before.1, s.workers.iter().map(|w| cpu_seconds(w.pid())).sum()),
                 "postgres": per_1000(cpu_before.2, postgres_cpu_seconds()),
             },
@@ -395,7 +379,7 @@ async fn main() -> anyhow::Result<()> {
         levels.push(level);
     }
     let rss = json!({
-        "api_peak_mb": memory_mb(s.api.pid(), "VmHWM"),
+        "api_peak_mb": memory_mb(s.api.proc.pid(), "VmHWM"),
         "workers_peak_mb": s.workers.iter().map(|w| memory_mb(w.pid(), "VmHWM")).fold(0.0, f64::max),
     });
     println!(
@@ -450,7 +434,7 @@ fn total_memory_gib() -> f64 {
 /// it was running, the kill until its next step on another worker.
 async fn takeover(s: &mut Stack, kills: usize) -> anyhow::Result<Value> {
     let load = tokio::spawn({
-        let base = s.base.clone();
+        let base = s.api.base.clone();
         async move { run_flows(&base, 8, Duration::from_secs(3600)).await }
     });
     let mut times = Vec::new();
@@ -526,7 +510,7 @@ async fn parked(s: &Stack, n: usize) -> anyhow::Result<Value> {
     let http = reqwest::Client::new();
     let started = Instant::now();
     futures::future::try_join_all((0..64).map(|lane| {
-        let (http, keys, base) = (http.clone(), keys.clone(), s.base.clone());
+        let (http, keys, base) = (http.clone(), keys.clone(), s.api.base.clone());
         async move {
             for key in keys.iter().skip(lane).step_by(64) {
                 let r = http.post(format!("{base}/checkout/{key}")).send().await?;
@@ -555,7 +539,7 @@ async fn parked(s: &Stack, n: usize) -> anyhow::Result<Value> {
     )
     .fetch_one(&s.db.pool)
     .await?;
-    let api_mb = memory_mb(s.api.pid(), "VmRSS");
+    let api_mb = memory_mb(s.api.proc.pid(), "VmRSS");
     let worker_mb = s
         .workers
         .iter()
@@ -563,7 +547,7 @@ async fn parked(s: &Stack, n: usize) -> anyhow::Result<Value> {
         .fold(0.0, f64::max);
     let paying = Instant::now();
     futures::future::try_join_all((0..64).map(|lane| {
-        let (http, keys, base) = (http.clone(), keys.clone(), s.base.clone());
+        let (http, keys, base) = (http.clone(), keys.clone(), s.api.base.clone());
         async move {
             for key in keys.iter().skip(lane).step_by(64) {
                 let r = http

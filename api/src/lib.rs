@@ -14,7 +14,7 @@ use axum::Router;
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use shared::db::{DatabaseArgs, migrate_with_retry};
+use shared::db::DatabaseArgs;
 use shared::engine::{Engine, EventListener};
 use shared::telemetry::LogArgs;
 use sqlx::PgPool;
@@ -107,11 +107,9 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let pool = config
         .database
-        .pool("widget-api")
-        .context("bad database settings")?;
-    migrate_with_retry(&pool, Duration::from_secs(60))
+        .migrated_pool("widget-api", Duration::from_secs(60))
         .await
-        .context("migrating the database")?;
+        .context("preparing the database")?;
     let events = EventListener::spawn(pool.clone());
     let state = AppState {
         engine: Engine::new(pool.clone())

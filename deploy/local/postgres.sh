@@ -62,14 +62,6 @@ start_private_postgres() {
   ADMIN_URL="postgres://postgres@127.0.0.1:$PRIVATE_PG_PORT/postgres"
 }
 
-# Prints the PostgreSQL control commands for the private cluster (chaos
-# tests restart it); empty when the server is not ours.
-private_pg_ctl() {
-  local bin
-  bin=$(pg_bin_dir) || return 1
-  if [ "$(id -u)" = 0 ]; then echo "runuser -u postgres -- $bin/pg_ctl -D $PRIVATE_PG_DIR/data"; else echo "$bin/pg_ctl -D $PRIVATE_PG_DIR/data"; fi
-}
-
 ensure_postgres() {
   local dbname="$1"
   command -v psql >/dev/null 2>&1 || { local bin; bin=$(pg_bin_dir) && export PATH="$bin:$PATH"; }

@@ -54,6 +54,20 @@ impl DatabaseArgs {
         Ok(options.application_name(application_name))
     }
 
+    /// The pool of a process at start-up: created, then the migrations
+    /// applied, waiting up to `wait` for the database to come up.
+    pub async fn migrated_pool(
+        &self,
+        application_name: &str,
+        wait: Duration,
+    ) -> Result<PgPool, MigrateError> {
+        let pool = self
+            .pool(application_name)
+            .map_err(MigrateError::Settings)?;
+        migrate_with_retry(&pool, wait).await?;
+        Ok(pool)
+    }
+
     /// A lazily connecting pool: the process starts even while the database
     /// is down and recovers by itself when it returns.
     pub fn pool(&self, application_name: &str) -> Result<PgPool, sqlx::Error> {
@@ -69,6 +83,9 @@ impl DatabaseArgs {
 /// Errors of [`migrate`].
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
+    /// The connection settings do not parse.
+    #[error("bad database settings")]
+    Settings(#[source] sqlx::Error),
     /// apalis-postgres' own migrations failed.
     #[error("queue schema migration failed")]
     Queue(#[source] apalis_postgres::Error),
@@ -89,10 +106,7 @@ pub async fn migrate(pool: &PgPool) -> Result<(), MigrateError> {
 
 /// Runs [`migrate`] until it succeeds, so a process started before its
 /// database comes up waits for it instead of exiting.
-pub async fn migrate_with_retry(
-    pool: &PgPool,
-    give_up_after: Duration,
-) -> Result<(), MigrateError> {
+async fn migrate_with_retry(pool: &PgPool, give_up_after: Duration) -> Result<(), MigrateError> {
     let deadline = tokio::time::Instant::now() + give_up_after;
     let mut delay = Duration::from_millis(200);
     loop {
@@ -129,14 +143,6 @@ pub fn is_unavailable(error: &sqlx::Error) -> bool {
                 || matches!(code.as_ref(), "53300" | "55000" | "3D000")
         }),
         _ => false,
-    }
-}
-
-/// The name of the constraint a database error violated, if any.
-pub fn violated_constraint(error: &sqlx::Error) -> Option<&str> {
-    match error {
-        sqlx::Error::Database(db) => db.constraint(),
-        _ => None,
     }
 }
 

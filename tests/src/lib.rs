@@ -208,6 +208,17 @@ pub async fn live_workers(pool: &PgPool) -> anyhow::Result<i64> {
         .await?)
 }
 
+/// Waits until exactly `n` workers are in the fleet registry.
+pub async fn wait_workers(pool: &PgPool, n: i64) -> anyhow::Result<()> {
+    wait_until(
+        &format!("{n} live workers"),
+        Duration::from_secs(30),
+        || async { Ok(live_workers(pool).await? == n) },
+    )
+    .await?;
+    Ok(())
+}
+
 /// When workflow `id` first checkpointed a step on a worker other than
 /// `not_by` after `after` (a takeover), if it has.
 pub async fn first_step_elsewhere(

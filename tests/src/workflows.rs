@@ -32,6 +32,19 @@ pub async fn bump(tx: &mut PgConnection, name: &str) -> Result<i64, sqlx::Error>
     .await
 }
 
+/// A database step named `step` that bumps counter `name`.
+async fn bump_step(
+    ctx: &mut WorkflowContext,
+    step: &str,
+    name: String,
+) -> Result<i64, WorkflowError> {
+    ctx.tx_step(step, move |tx| {
+        let name = name.clone();
+        Box::pin(async move { Ok(bump(tx, &name).await?) })
+    })
+    .await
+}
+
 /// Reads a counter (0 when absent).
 pub async fn counter(pool: &PgPool, name: &str) -> anyhow::Result<i64> {
     Ok(
@@ -130,12 +143,7 @@ impl Workflow for Ticker {
         let name = format!("ticks:{}", ctx.workflow_id());
         for _ in 0..input.steps {
             ctx.sleep(Duration::from_millis(input.interval_ms)).await?;
-            let name = name.clone();
-            ctx.tx_step("tick", move |tx| {
-                let name = name.clone();
-                Box::pin(async move { Ok(bump(tx, &name).await?) })
-            })
-            .await?;
+            bump_step(ctx, "tick", name.clone()).await?;
         }
         Ok(json!(input.steps))
     }
@@ -174,11 +182,7 @@ impl Workflow for Messenger {
             .recv(&input.topic, Duration::from_millis(input.timeout_ms))
             .await?;
         let name = format!("received:{}", ctx.workflow_id());
-        ctx.tx_step("count_received", move |tx| {
-            let name = name.clone();
-            Box::pin(async move { Ok(bump(tx, &name).await?) })
-        })
-        .await?;
+        bump_step(ctx, "count_received", name).await?;
         ctx.set_event("received", &message).await?;
         Ok(json!({ "message": message }))
     }

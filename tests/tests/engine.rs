@@ -9,7 +9,9 @@ use harness::workflows::{
     self, COUNTER, FLAKY, FlakyInput, MESSENGER, MessengerInput, TICKER, Ticker, TickerInput,
     counter,
 };
-use harness::{Proc, TestDb, live_workers, wait_step_elsewhere, wait_until, worker_env};
+use harness::{
+    Proc, TestDb, live_workers, wait_step_elsewhere, wait_until, wait_workers, worker_env,
+};
 use rand::Rng;
 use serde_json::{Value, json};
 use shared::db::DatabaseArgs;
@@ -59,16 +61,6 @@ async fn wait_status(
 
 async fn count(pool: &PgPool, sql: &'static str) -> anyhow::Result<i64> {
     Ok(sqlx::query_scalar(sql).fetch_one(pool).await?)
-}
-
-async fn wait_workers(pool: &PgPool, n: i64) -> anyhow::Result<()> {
-    wait_until(
-        &format!("{n} live workers"),
-        Duration::from_secs(30),
-        || async { Ok(live_workers(pool).await? == n) },
-    )
-    .await?;
-    Ok(())
 }
 
 /// The worker process that owns a running workflow, as (worker id, pid).

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use harness::{Api, Proc, TestDb, live_workers, spawn_store_worker, wait_until};
+use harness::{Api, Proc, TestDb, live_workers, spawn_store_worker, wait_until, wait_workers};
 use serde_json::Value;
 use sqlx::PgPool;
 
@@ -24,12 +24,7 @@ async fn stack(extra: &[(&str, &str)]) -> anyhow::Result<Stack> {
         spawn_store_worker(&db, "worker-a", &env)?,
         spawn_store_worker(&db, "worker-b", &env)?,
     ];
-    wait_until(
-        "two workers registered",
-        Duration::from_secs(30),
-        || async { Ok(live_workers(&db.pool).await? == 2) },
-    )
-    .await?;
+    wait_workers(&db.pool, 2).await?;
     Ok(Stack { db, api, workers })
 }
 

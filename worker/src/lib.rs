@@ -7,7 +7,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use shared::db::{DatabaseArgs, migrate_with_retry};
+use shared::db::DatabaseArgs;
 use shared::engine::{QueueConfig, Runtime, RuntimeConfig};
 use shared::telemetry::LogArgs;
 
@@ -94,11 +94,9 @@ impl Config {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     let pool = config
         .database
-        .pool("widget-worker")
-        .context("bad database settings")?;
-    migrate_with_retry(&pool, Duration::from_secs(60))
+        .migrated_pool("widget-worker", Duration::from_secs(60))
         .await
-        .context("migrating the database")?;
+        .context("preparing the database")?;
     let runtime = Runtime::new(
         pool,
         config.database.connect_options("widget-worker-registry")?,

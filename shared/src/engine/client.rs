@@ -64,11 +64,6 @@ impl Engine {
         self
     }
 
-    /// The pool it uses.
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
     /// Starts a workflow, or returns the existing one with this id.
     pub async fn start(
         &self,

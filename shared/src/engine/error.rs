@@ -72,13 +72,6 @@ impl From<apalis_postgres::Error> for EngineError {
     }
 }
 
-impl EngineError {
-    /// True when the database could not be reached: try again later.
-    pub fn is_unavailable(&self) -> bool {
-        matches!(self, EngineError::Unavailable(_))
-    }
-}
-
 /// What a step body returns on failure.
 #[derive(Debug, thiserror::Error)]
 pub enum StepError {

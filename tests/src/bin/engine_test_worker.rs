@@ -5,15 +5,16 @@ use std::time::Duration;
 
 use clap::Parser;
 use harness::workflows::{Counter, Flaky, Messenger, NoOp, Ticker};
-use shared::db::migrate_with_retry;
 use shared::engine::Runtime;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = worker::Config::parse();
     shared::telemetry::init(&config.log);
-    let pool = config.database.pool("engine-test-worker")?;
-    migrate_with_retry(&pool, Duration::from_secs(30)).await?;
+    let pool = config
+        .database
+        .migrated_pool("engine-test-worker", Duration::from_secs(30))
+        .await?;
     Runtime::new(
         pool.clone(),
         config

@@ -660,6 +660,61 @@ async fn a_killed_workers_workflow_continues_on_another_worker() -> anyhow::Resu
     Ok(())
 }
 
+/// An in-process sleep gives the queue slot back: one worker with one slot
+/// has every one of 20 sleeping workflows ticking at once. Were the slot
+/// held through the sleeps, they would run one after another (5 s each).
+#[tokio::test]
+async fn sleeping_workflows_hold_no_worker_slot() -> anyhow::Result<()> {
+    let db = engine_db().await?;
+    let engine = Engine::new(db.pool.clone());
+    let _worker = spawn_worker(&db, "sleepers", &[("WORKER_CONCURRENCY", "1")])?;
+    wait_workers(&db.pool, 1).await?;
+    let input = TickerInput {
+        steps: 5,
+        interval_ms: 1_000,
+    };
+    for i in 0..20 {
+        engine.start(TICKER, &format!("sleeper{i}"), &input).await?;
+    }
+    wait_until("all 20 ticking", Duration::from_secs(30), || async {
+        Ok(count(
+            &db.pool,
+            "SELECT count(*) FROM engine_test_counters WHERE name LIKE 'ticks:sleeper%' AND value >= 1",
+        )
+        .await?
+            == 20)
+    })
+    .await?;
+    let finished = count(
+        &db.pool,
+        "SELECT count(*) FROM workflows WHERE status = 'succeeded'",
+    )
+    .await?;
+    assert!(
+        finished < 20,
+        "20 workflows ticked with one slot before all of them finished"
+    );
+    wait_until("all 20 finished", Duration::from_secs(60), || async {
+        Ok(count(
+            &db.pool,
+            "SELECT count(*) FROM workflows WHERE status = 'succeeded'",
+        )
+        .await?
+            == 20)
+    })
+    .await?;
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT sum(value)::bigint FROM engine_test_counters WHERE name LIKE 'ticks:sleeper%'"
+        )
+        .await?,
+        100,
+        "every tick exactly once"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn retries_back_off_then_dead_letter_keeps_the_last_error() -> anyhow::Result<()> {
     let db = engine_db().await?;

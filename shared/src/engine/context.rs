@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use sqlx::{PgConnection, PgPool};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use super::events::{EVENTS_CHANNEL, EventListener};
 use super::queue::enqueue;
@@ -40,6 +40,9 @@ pub struct WorkflowContext {
     pub(crate) hold_threshold: Duration,
     pub(crate) draining: watch::Receiver<bool>,
     pub(crate) execution: i32,
+    /// Fired (once) to hand the apalis queue slot back while the execution
+    /// goes on holding none: see [`WorkflowContext::sleep`].
+    pub(crate) slot: Option<oneshot::Sender<()>>,
 }
 
 /// Where a step's value comes from.
@@ -265,6 +268,12 @@ impl WorkflowContext {
     /// A durable sleep: the wake-up time is checkpointed on first execution.
     /// Short sleeps (up to the runtime's hold threshold) wait in-process;
     /// longer ones park until a job scheduled at the wake-up time.
+    ///
+    /// An in-process sleep gives the execution's queue slot back first, so a
+    /// worker's concurrency bounds the steps it runs at once, not the
+    /// workflows it has sleeping. From then on the workflow row's `owner` is
+    /// what recovers it: the reaper re-enqueues the running workflows of a
+    /// dead worker.
     pub async fn sleep(&mut self, duration: Duration) -> Result<(), WorkflowError> {
         let seq = self.take_seq();
         let wake_at = match self.replay::<DateTime<Utc>>(seq, "sleep")? {
@@ -300,10 +309,18 @@ impl WorkflowContext {
             tx.commit().await?;
             return Err(WorkflowError::Parked);
         }
+        self.release_slot();
         let mut draining = self.draining.clone();
         tokio::select! {
             _ = tokio::time::sleep(remaining) => Ok(()),
             _ = super::until_true(&mut draining) => Err(WorkflowError::Draining),
+        }
+    }
+
+    /// Hands the queue slot back (once); the execution continues.
+    fn release_slot(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            let _ = slot.send(());
         }
     }
 

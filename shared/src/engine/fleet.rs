@@ -5,6 +5,7 @@
 //! their next reap, without waiting for a heartbeat to go stale. Staleness
 //! of `last_seen` remains the fallback for a hung or cut-off process.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -15,7 +16,7 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::{oneshot, watch};
 
-use super::queue::JOB_INSERT_CHANNEL;
+use super::queue::{JOB_INSERT_CHANNEL, enqueue, queue_error};
 
 /// Channel on which a worker is asked to crash (chaos testing only).
 pub const CONTROL_CHANNEL: &str = "widget_worker_control";
@@ -213,11 +214,7 @@ pub(crate) async fn reap(
     if dead.is_empty() {
         return Ok(dead);
     }
-    let moved = release_jobs(&mut tx, &dead, None).await?;
-    sqlx::query("UPDATE workflows SET owner = NULL WHERE owner = ANY($1)")
-        .bind(&dead)
-        .execute(&mut *tx)
-        .await?;
+    let moved = release_work(&mut tx, &dead).await?;
     forget_apalis_workers(&mut tx, &dead).await?;
     sqlx::query("DELETE FROM workers WHERE id = ANY($1)")
         .bind(&dead)
@@ -228,31 +225,64 @@ pub(crate) async fn reap(
     Ok(dead)
 }
 
+/// Hands back to the queue everything the given worker processes (dead, or
+/// leaving) hold: the jobs they fetched, and the running workflows they own
+/// whose job is already acked (an execution gives its job back while it
+/// sleeps in-process). Each such workflow gets one job, with a wake-up.
+/// Returns how many workflows go back to the queue.
+async fn release_work(conn: &mut PgConnection, worker_ids: &[String]) -> Result<u64, sqlx::Error> {
+    let released = release_jobs(conn, worker_ids, None).await?;
+    let owned: Vec<(String, String)> = sqlx::query_as(
+        "UPDATE workflows SET status = 'enqueued', owner = NULL, updated_at = now()
+         WHERE owner = ANY($1) AND status = 'running'
+         RETURNING id, queue",
+    )
+    .bind(worker_ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut moved = released.len() as u64;
+    for (workflow_id, queue) in &owned {
+        if !released.contains(workflow_id) {
+            enqueue(conn, queue, workflow_id, None)
+                .await
+                .map_err(queue_error)?;
+            moved += 1;
+        }
+    }
+    // Not running (parked, finished): nothing to hand back, only the owner.
+    sqlx::query("UPDATE workflows SET owner = NULL WHERE owner = ANY($1)")
+        .bind(worker_ids)
+        .execute(&mut *conn)
+        .await?;
+    Ok(moved)
+}
+
 /// Puts jobs held by the given worker processes back to Pending and wakes
 /// idle workers (apalis' insert trigger does not fire for an update).
 /// With `only_queue`, just that queue's jobs, except those of the apalis
 /// worker name `except` (a restarted queue worker releasing its earlier
-/// incarnations' jobs).
+/// incarnations' jobs). Returns the workflow ids of the released jobs.
 pub(crate) async fn release_jobs(
     conn: &mut PgConnection,
     worker_ids: &[String],
     only_queue: Option<(&str, &str)>,
-) -> Result<u64, sqlx::Error> {
+) -> Result<HashSet<String>, sqlx::Error> {
     let (queue, except) = only_queue.unzip();
-    let moved: Vec<(String, String)> = sqlx::query_as(
+    // A job's payload is the JSON of a `WorkflowJob`.
+    let moved: Vec<(String, String, Option<String>)> = sqlx::query_as(
         "UPDATE apalis.jobs SET status = 'Pending', lock_by = NULL, lock_at = NULL, done_at = NULL
          WHERE status IN ('Queued', 'Running')
            AND split_part(lock_by, '/', 1) = ANY($1)
            AND ($2::text IS NULL OR job_type = $2)
            AND ($3::text IS NULL OR lock_by <> $3)
-         RETURNING id, job_type",
+         RETURNING id, job_type, convert_from(job, 'UTF8')::json ->> 'workflow_id'",
     )
     .bind(worker_ids)
     .bind(queue)
     .bind(except)
     .fetch_all(&mut *conn)
     .await?;
-    for (id, job_type) in &moved {
+    for (id, job_type, _) in &moved {
         sqlx::query(
             "SELECT pg_notify($1, json_build_object('job_type', $2::text, 'id', $3::text)::text)",
         )
@@ -262,7 +292,7 @@ pub(crate) async fn release_jobs(
         .execute(&mut *conn)
         .await?;
     }
-    Ok(moved.len() as u64)
+    Ok(moved.into_iter().filter_map(|(_, _, workflow)| workflow).collect())
 }
 
 /// A clean exit: hands this worker's remaining jobs back and removes it
@@ -270,11 +300,7 @@ pub(crate) async fn release_jobs(
 pub(crate) async fn leave(pool: &PgPool, me: &str) -> Result<u64, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let ids = [me.to_owned()];
-    let moved = release_jobs(&mut tx, &ids, None).await?;
-    sqlx::query("UPDATE workflows SET owner = NULL WHERE owner = $1")
-        .bind(me)
-        .execute(&mut *tx)
-        .await?;
+    let moved = release_work(&mut tx, &ids).await?;
     forget_apalis_workers(&mut tx, &ids).await?;
     sqlx::query("DELETE FROM workers WHERE id = $1")
         .bind(me)

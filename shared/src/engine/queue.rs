@@ -43,3 +43,11 @@ pub async fn enqueue(
     }
     apalis_postgres::queries::push_tasks(conn, queue, vec![task.build()]).await
 }
+
+/// A queue error as the database error it is (or a protocol error).
+pub(crate) fn queue_error(error: apalis_postgres::Error) -> sqlx::Error {
+    match error {
+        apalis_postgres::Error::Database(e) => e,
+        other => sqlx::Error::Protocol(format!("queue: {other}")),
+    }
+}

@@ -24,7 +24,7 @@ use tracing::Instrument;
 
 use super::context::{Checkpoint, WorkflowContext, panic_message};
 use super::fleet::{self, CONTROL_CHANNEL, Registration};
-use super::queue::{WorkflowJob, enqueue};
+use super::queue::{WorkflowJob, enqueue, queue_error};
 use super::{RetryPolicy, WorkflowError, WorkflowKind};
 
 /// A workflow definition: typed input, output and retry policy.
@@ -296,6 +296,17 @@ impl Runtime {
     /// Executes (or resumes) one workflow to its next park or its end.
     /// The queue handler calls this; tests call it to force races.
     pub async fn execute(&self, workflow_id: &str) -> ExecutionOutcome {
+        self.execute_in_slot(workflow_id, None).await
+    }
+
+    /// [`Runtime::execute`] for a queue job: `slot` fires when the execution
+    /// gives its queue slot back (an in-process sleep); dropping it unfired
+    /// means the execution is over.
+    async fn execute_in_slot(
+        &self,
+        workflow_id: &str,
+        mut slot: Option<oneshot::Sender<()>>,
+    ) -> ExecutionOutcome {
         let inner = &self.inner;
         if !inner
             .in_flight
@@ -309,7 +320,7 @@ impl Runtime {
         let _guard = InFlightGuard { inner, workflow_id };
         let mut delay = Duration::from_millis(100);
         loop {
-            match self.execute_once(workflow_id).await {
+            match self.execute_once(workflow_id, &mut slot).await {
                 Ok(outcome) => return outcome,
                 Err(e) => {
                     if *inner.drain.borrow() {
@@ -323,7 +334,11 @@ impl Runtime {
         }
     }
 
-    async fn execute_once(&self, workflow_id: &str) -> Result<ExecutionOutcome, sqlx::Error> {
+    async fn execute_once(
+        &self,
+        workflow_id: &str,
+        slot: &mut Option<oneshot::Sender<()>>,
+    ) -> Result<ExecutionOutcome, sqlx::Error> {
         let inner = &self.inner;
         // Claim in one statement: lock the row, mark it running unless it has
         // finished, and return what the execution needs.
@@ -392,12 +407,15 @@ impl Runtime {
             hold_threshold: inner.config.hold_threshold,
             draining: inner.drain.subscribe(),
             execution,
+            slot: slot.take(),
         };
         let span = tracing::info_span!("workflow", workflow_id, kind = %kind, execution, worker_id = %inner.worker_id);
         let result = AssertUnwindSafe(definition.run_json(&mut ctx, input))
             .catch_unwind()
             .instrument(span.clone())
             .await;
+        // Still held (no in-process sleep happened): keep it until settled.
+        *slot = ctx.slot.take();
         // Never hold `span.enter()` across an await: the task may resume on
         // another thread, which corrupts the span registry (it panicked here).
         self.settle(workflow_id, &queue, result)
@@ -514,18 +532,22 @@ impl Drop for InFlightGuard<'_> {
     }
 }
 
-fn queue_error(error: apalis_postgres::Error) -> sqlx::Error {
-    match error {
-        apalis_postgres::Error::Database(e) => e,
-        other => sqlx::Error::Protocol(format!("queue: {other}")),
-    }
-}
-
+/// Runs the job's workflow on a task of its own and returns (acking the
+/// job, freeing its slot) when the execution ends or gives the slot back
+/// for an in-process sleep. An execution that outlives its job is
+/// recovered through `workflows.owner` should this process die.
 async fn handle_job(job: WorkflowJob, inner: Data<Arc<Inner>>) -> Result<(), BoxDynError> {
     let runtime = Runtime {
         inner: (*inner).clone(),
     };
-    runtime.execute(&job.workflow_id).await;
+    let (slot, released) = oneshot::channel();
+    tokio::spawn(async move {
+        runtime
+            .execute_in_slot(&job.workflow_id, Some(slot))
+            .await
+    });
+    // Fired, or dropped when the execution ended: either way, done here.
+    let _ = released.await;
     Ok(())
 }
 

@@ -236,15 +236,20 @@ async fn payment_webhook(
         ));
     }
     let engine = &state.engine;
-    match engine.info(&payment_id).await? {
-        Some(info) if info.kind == CHECKOUT.name => {}
-        _ => return Err(ApiError::not_found("unknown_payment", "no such payment id")),
-    }
-    if engine.event(&payment_id, topics::PAYMENT_ID).await? == Some(Value::Null) {
-        return Err(ApiError::conflict(
-            "out_of_stock",
-            "this checkout found no stock; nothing to pay",
-        ));
+    // A payment id handed out is a checkout's PAYMENT_ID event: one read
+    // settles the usual case; the workflow row only for the rest.
+    match engine.event(&payment_id, topics::PAYMENT_ID).await? {
+        Some(Value::Null) => {
+            return Err(ApiError::conflict(
+                "out_of_stock",
+                "this checkout found no stock; nothing to pay",
+            ));
+        }
+        Some(_) => {}
+        None => match engine.info(&payment_id).await? {
+            Some(info) if info.kind == CHECKOUT.name => {}
+            _ => return Err(ApiError::not_found("unknown_payment", "no such payment id")),
+        },
     }
     let sent = engine
         .send(Message {

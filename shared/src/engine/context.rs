@@ -20,7 +20,7 @@ use super::queue::enqueue;
 use super::{RetryPolicy, StepError, WorkflowError, WorkflowKind};
 
 /// A checkpoint loaded at the start of an execution.
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug, serde::Deserialize)]
 pub(crate) struct Checkpoint {
     pub(crate) step_seq: i32,
     pub(crate) name: String,
@@ -43,6 +43,15 @@ pub struct WorkflowContext {
     /// Fired (once) to hand the apalis queue slot back while the execution
     /// goes on holding none: see [`WorkflowContext::sleep`].
     pub(crate) slot: Option<oneshot::Sender<()>>,
+    /// Checkpoints of in-process sleeps, written with the next checkpoint.
+    pub(crate) pending: Vec<PendingCheckpoint>,
+}
+
+/// A checkpoint waiting for the next step's transaction.
+pub(crate) struct PendingCheckpoint {
+    seq: i32,
+    output: Value,
+    started: DateTime<Utc>,
 }
 
 /// Where a step's value comes from.
@@ -265,9 +274,11 @@ impl WorkflowContext {
         Err(WorkflowError::Parked)
     }
 
-    /// A durable sleep: the wake-up time is checkpointed on first execution.
-    /// Short sleeps (up to the runtime's hold threshold) wait in-process;
-    /// longer ones park until a job scheduled at the wake-up time.
+    /// A durable sleep. Long sleeps (over the runtime's hold threshold)
+    /// checkpoint their wake-up time and park until a job scheduled then.
+    /// Short ones wait in-process; their checkpoint rides in the next step's
+    /// transaction, so a crash during one replays it whole (it lasts at
+    /// most the threshold longer) and the sleep costs no commit of its own.
     ///
     /// An in-process sleep gives the execution's queue slot back first, so a
     /// worker's concurrency bounds the steps it runs at once, not the
@@ -283,16 +294,21 @@ impl WorkflowContext {
                 let now = Utc::now();
                 let at =
                     now + chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX);
-                let mut tx = self.pool.begin().await?;
-                self.guard(&mut tx).await?;
-                self.checkpoint(&mut tx, seq, "sleep", &json!(at), now)
-                    .await?;
-                let parks = duration > self.hold_threshold;
-                if parks {
+                if duration <= self.hold_threshold {
+                    // Written by the next step's transaction: one commit
+                    // fewer. A crash before then replays the sleep whole.
+                    self.pending.push(PendingCheckpoint {
+                        seq,
+                        output: json!(at),
+                        started: now,
+                    });
+                } else {
+                    let mut tx = self.pool.begin().await?;
+                    self.guard(&mut tx).await?;
+                    self.checkpoint(&mut tx, seq, "sleep", &json!(at), now)
+                        .await?;
                     self.park(&mut tx, None, at).await?;
-                }
-                tx.commit().await?;
-                if parks {
+                    tx.commit().await?;
                     return Err(WorkflowError::Parked);
                 }
                 at
@@ -391,30 +407,52 @@ impl WorkflowContext {
         }
     }
 
-    /// Inserts a checkpoint; a checkpoint already there means another
-    /// execution won this step: this one is fenced off.
+    /// Inserts a checkpoint, after those of the in-process sleeps before it;
+    /// a checkpoint already there means another execution won this step:
+    /// this one is fenced off.
     async fn checkpoint(
-        &self,
+        &mut self,
         tx: &mut PgConnection,
         seq: i32,
         name: &str,
         output: &Value,
         started: DateTime<Utc>,
     ) -> Result<(), WorkflowError> {
+        // Taken once: every caller commits this transaction next, or ends
+        // the execution (which then replays from the last commit).
+        let pending = std::mem::take(&mut self.pending);
+        let mut seqs = Vec::with_capacity(pending.len() + 1);
+        let mut names = Vec::with_capacity(pending.len() + 1);
+        let mut outputs = Vec::with_capacity(pending.len() + 1);
+        let mut starts = Vec::with_capacity(pending.len() + 1);
+        for p in pending {
+            seqs.push(p.seq);
+            names.push("sleep".to_owned());
+            outputs.push(p.output);
+            starts.push(p.started);
+        }
+        seqs.push(seq);
+        names.push(name.to_owned());
+        outputs.push(output.clone());
+        starts.push(started);
+        // One statement for all of them.
         let inserted = sqlx::query(
             "INSERT INTO workflow_steps (workflow_id, step_seq, name, output, worker_id, started_at)
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+             SELECT $1, c.step_seq, c.name, c.output, $5, c.started_at
+             FROM unnest($2::int[], $3::text[], $4::jsonb[], $6::timestamptz[])
+                 AS c(step_seq, name, output, started_at)
+             ON CONFLICT DO NOTHING",
         )
         .bind(&self.workflow_id)
-        .bind(seq)
-        .bind(name)
-        .bind(output)
+        .bind(&seqs)
+        .bind(&names)
+        .bind(&outputs)
         .bind(&*self.worker_id)
-        .bind(started)
+        .bind(&starts)
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        if inserted == 1 {
+        if inserted == seqs.len() as u64 {
             Ok(())
         } else {
             Err(WorkflowError::Fenced {

@@ -292,7 +292,10 @@ pub(crate) async fn release_jobs(
         .execute(&mut *conn)
         .await?;
     }
-    Ok(moved.into_iter().filter_map(|(_, _, workflow)| workflow).collect())
+    Ok(moved
+        .into_iter()
+        .filter_map(|(_, _, workflow)| workflow)
+        .collect())
 }
 
 /// A clean exit: hands this worker's remaining jobs back and removes it

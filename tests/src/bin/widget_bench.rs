@@ -169,6 +169,15 @@ struct Samples {
     flow: Vec<f64>,
     paid: u64,
     errors: u64,
+    /// Failed requests by kind ("checkout 503", "webhook transport", ...).
+    error_kinds: std::collections::BTreeMap<String, u64>,
+}
+
+impl Samples {
+    fn error(&mut self, kind: String) {
+        self.errors += 1;
+        *self.error_kinds.entry(kind).or_default() += 1;
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -203,14 +212,14 @@ async fn run_flows(base: &str, clients: usize, duration: Duration) -> Samples {
                     let paid = rand::rng().random_bool(0.8);
                     let t0 = Instant::now();
                     let Ok(r) = http.post(format!("{base}/checkout/{key}")).send().await else {
-                        s.errors += 1;
+                        s.error("checkout transport".into());
                         continue;
                     };
-                    let ok = r.status().is_success();
+                    let status = r.status();
                     let payment_id = r.text().await.unwrap_or_default();
                     let t1 = Instant::now();
-                    if !ok {
-                        s.errors += 1;
+                    if !status.is_success() {
+                        s.error(format!("checkout {}", status.as_u16()));
                         continue;
                     }
                     let status = if paid { "paid" } else { "failed" };
@@ -219,14 +228,14 @@ async fn run_flows(base: &str, clients: usize, duration: Duration) -> Samples {
                         .send()
                         .await
                     else {
-                        s.errors += 1;
+                        s.error("webhook transport".into());
                         continue;
                     };
-                    let ok = r.status().is_success();
+                    let status = r.status();
                     let _ = r.bytes().await;
                     let t2 = Instant::now();
-                    if !ok {
-                        s.errors += 1;
+                    if !status.is_success() {
+                        s.error(format!("webhook {}", status.as_u16()));
                         continue;
                     }
                     s.checkout.push((t1 - t0).as_secs_f64() * 1000.0);
@@ -246,6 +255,9 @@ async fn run_flows(base: &str, clients: usize, duration: Duration) -> Samples {
             all.flow.extend(s.flow);
             all.paid += s.paid;
             all.errors += s.errors;
+            for (kind, n) in s.error_kinds {
+                *all.error_kinds.entry(kind).or_default() += n;
+            }
         }
     }
     all
@@ -351,6 +363,7 @@ async fn main() -> anyhow::Result<()> {
             "flows_per_s": flows / elapsed,
             "flows": flows,
             "errors": samples.errors,
+            "error_kinds": samples.error_kinds,
             "checkout": summary(&mut samples.checkout),
             "webhook": summary(&mut samples.webhook),
             "flow": summary(&mut samples.flow),
@@ -363,7 +376,7 @@ async fn main() -> anyhow::Result<()> {
             "ratio_to_insert_ceiling": flows / elapsed / insert_tps,
         });
         println!(
-            "c={clients:>2}: {:>6.1} flows/s | checkout p50 {:.1} p99 {:.1} ms | webhook p50 {:.1} p99 {:.1} ms | flow p50 {:.1} p95 {:.1} p99 {:.1} max {:.1} ms | {:.1} commits/paid order | errors {}",
+            "c={clients:>2}: {:>6.1} flows/s | checkout p50 {:.1} p99 {:.1} ms | webhook p50 {:.1} p99 {:.1} ms | flow p50 {:.1} p95 {:.1} p99 {:.1} max {:.1} ms | {:.1} commits/paid order | errors {} {:?}",
             level["flows_per_s"].as_f64().unwrap_or(0.0),
             level["checkout"]["p50_ms"].as_f64().unwrap_or(0.0),
             level["checkout"]["p99_ms"].as_f64().unwrap_or(0.0),
@@ -375,6 +388,7 @@ async fn main() -> anyhow::Result<()> {
             level["flow"]["max_ms"].as_f64().unwrap_or(0.0),
             level["commits_per_paid_order"].as_f64().unwrap_or(0.0),
             samples.errors,
+            samples.error_kinds,
         );
         levels.push(level);
     }

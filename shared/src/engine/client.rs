@@ -8,7 +8,7 @@ use sqlx::{PgConnection, PgPool};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 
-use super::events::EventListener;
+use super::events::{EventListener, Notice};
 use super::queue::enqueue;
 use super::{EngineError, StepRecord, WorkflowHandle, WorkflowInfo, WorkflowKind, WorkflowStatus};
 
@@ -207,7 +207,7 @@ impl Engine {
         // Subscribe before the first read: a notification sent in between
         // is then queued for us, never lost.
         let mut receiver = self.events.as_ref().map(EventListener::subscribe);
-        let expected = EventListener::payload(workflow_id, key);
+        let topic = EventListener::topic(workflow_id, key);
         loop {
             if let Some(value) = self.event(workflow_id, key).await? {
                 return Ok(Some(value));
@@ -222,8 +222,11 @@ impl Engine {
                 Some(receiver) => loop {
                     match tokio::time::timeout_at(next_poll, receiver.recv()).await {
                         Err(_elapsed) => break,
-                        Ok(Ok(payload)) if EventListener::concerns(&payload, &expected) => break,
-                        Ok(Ok(_other)) => continue,
+                        Ok(Ok(payload)) => match EventListener::notice(&payload, &topic) {
+                            Notice::Value(value) => return Ok(Some(value)),
+                            Notice::Reread => break,
+                            Notice::Other => continue,
+                        },
                         Ok(Err(RecvError::Lagged(_))) => break,
                         Ok(Err(RecvError::Closed)) => {
                             tokio::time::sleep_until(next_poll).await;

@@ -548,7 +548,7 @@ pub async fn set_event_in(
     .await?;
     sqlx::query("SELECT pg_notify($1, $2)")
         .bind(EVENTS_CHANNEL)
-        .bind(EventListener::payload(workflow_id, key))
+        .bind(EventListener::payload(workflow_id, key, value))
         .execute(&mut *tx)
         .await?;
     Ok(())

@@ -8,9 +8,24 @@ use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::broadcast;
 
-/// The channel `set_event` notifies on; the payload is `workflow_id`,
-/// the unit separator (0x1f), then the event key.
+/// The channel `set_event` notifies on; the payload is `workflow_id`, the
+/// unit separator (0x1f), the event key, and, when the value is small, the
+/// separator again and the value's JSON (a waiter then needs no read).
 pub const EVENTS_CHANNEL: &str = "workflow_events";
+
+/// Largest value JSON carried in a notification (PostgreSQL's limit for a
+/// whole payload is 8000 bytes).
+const VALUE_IN_PAYLOAD_MAX: usize = 4000;
+
+/// What a notification means to one waiter.
+pub(crate) enum Notice {
+    /// Someone else's event.
+    Other,
+    /// Ours, or possibly missed: read the table.
+    Reread,
+    /// Ours, with its value.
+    Value(serde_json::Value),
+}
 
 /// The payload sent to waiters when the listener reconnected: notifications
 /// may have been missed, so every waiter re-reads the table.
@@ -35,15 +50,33 @@ impl EventListener {
         self.sender.subscribe()
     }
 
-    /// The payload `set_event` sends for this workflow and key.
-    pub(crate) fn payload(workflow_id: &str, key: &str) -> String {
+    /// The payload `set_event` sends for this workflow, key and value.
+    pub(crate) fn payload(workflow_id: &str, key: &str, value: &serde_json::Value) -> String {
+        let json = value.to_string();
+        if json.len() <= VALUE_IN_PAYLOAD_MAX {
+            format!("{workflow_id}\u{1f}{key}\u{1f}{json}")
+        } else {
+            format!("{workflow_id}\u{1f}{key}")
+        }
+    }
+
+    /// The prefix of the payloads about this workflow and key.
+    pub(crate) fn topic(workflow_id: &str, key: &str) -> String {
         format!("{workflow_id}\u{1f}{key}")
     }
 
-    /// True when a received payload concerns this workflow and key (or asks
-    /// every waiter to re-read).
-    pub(crate) fn concerns(payload: &str, expected: &str) -> bool {
-        payload == RESYNC || payload == expected
+    /// What a received payload means to the waiter of `topic`.
+    pub(crate) fn notice(payload: &str, topic: &str) -> Notice {
+        if payload == RESYNC || payload == topic {
+            return Notice::Reread;
+        }
+        match payload
+            .strip_prefix(topic)
+            .and_then(|rest| rest.strip_prefix('\u{1f}'))
+        {
+            Some(json) => serde_json::from_str(json).map_or(Notice::Reread, Notice::Value),
+            None => Notice::Other,
+        }
     }
 }
 
@@ -86,5 +119,50 @@ async fn listen_forever(pool: PgPool, sender: broadcast::Sender<Arc<str>>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_waiter_gets_its_value_from_the_notification() {
+        let topic = EventListener::topic("w1", "payment_id");
+        let payload = EventListener::payload("w1", "payment_id", &json!("w1"));
+        assert!(
+            matches!(EventListener::notice(&payload, &topic), Notice::Value(v) if v == json!("w1"))
+        );
+    }
+
+    #[test]
+    fn other_events_and_longer_keys_are_not_ours() {
+        let topic = EventListener::topic("w1", "order");
+        for payload in [
+            EventListener::payload("w2", "order", &json!(1)),
+            EventListener::payload("w1", "order_id", &json!(1)),
+            EventListener::payload("w10", "order", &json!(1)),
+        ] {
+            assert!(
+                matches!(EventListener::notice(&payload, &topic), Notice::Other),
+                "{payload:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_large_value_or_a_resync_means_read_the_table() {
+        let topic = EventListener::topic("w1", "big");
+        let big = json!("x".repeat(VALUE_IN_PAYLOAD_MAX + 1));
+        let payload = EventListener::payload("w1", "big", &big);
+        assert!(matches!(
+            EventListener::notice(&payload, &topic),
+            Notice::Reread
+        ));
+        assert!(matches!(
+            EventListener::notice(RESYNC, &topic),
+            Notice::Reread
+        ));
     }
 }

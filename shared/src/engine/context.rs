@@ -25,6 +25,7 @@ pub(crate) struct Checkpoint {
     pub(crate) step_seq: i32,
     pub(crate) name: String,
     pub(crate) output: Value,
+    pub(crate) finished_at: DateTime<Utc>,
 }
 
 /// The context a workflow function runs in. Steps are numbered in the order
@@ -45,6 +46,12 @@ pub struct WorkflowContext {
     pub(crate) slot: Option<oneshot::Sender<()>>,
     /// Checkpoints of in-process sleeps, written with the next checkpoint.
     pub(crate) pending: Vec<PendingCheckpoint>,
+    /// When the last replayed checkpoint was written.
+    pub(crate) replayed_until: Option<DateTime<Utc>>,
+    /// Set once the execution is past its replayed checkpoints.
+    pub(crate) running: bool,
+    /// `replayed_until`, for the operation that ran first after replay.
+    pub(crate) resumed_after: Option<DateTime<Utc>>,
 }
 
 /// A checkpoint waiting for the next step's transaction.
@@ -277,8 +284,9 @@ impl WorkflowContext {
     /// A durable sleep. Long sleeps (over the runtime's hold threshold)
     /// checkpoint their wake-up time and park until a job scheduled then.
     /// Short ones wait in-process; their checkpoint rides in the next step's
-    /// transaction, so a crash during one replays it whole (it lasts at
-    /// most the threshold longer) and the sleep costs no commit of its own.
+    /// transaction, so the sleep costs no commit of its own. An execution
+    /// that replays up to such an unrecorded sleep counts it from when the
+    /// step before it was written, so a takeover keeps the wake-up time.
     ///
     /// An in-process sleep gives the execution's queue slot back first, so a
     /// worker's concurrency bounds the steps it runs at once, not the
@@ -292,9 +300,16 @@ impl WorkflowContext {
             Replay::Run => {
                 self.check_draining()?;
                 let now = Utc::now();
+                // Right after replay, this sleep began when the last replayed
+                // step was written (its own checkpoint was lost with the
+                // execution that slept): keep that wake-up time.
+                let began = self.resumed_after.take().unwrap_or(now).min(now);
                 let at =
-                    now + chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX);
-                if duration <= self.hold_threshold {
+                    began + chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX);
+                if at - now
+                    <= chrono::Duration::from_std(self.hold_threshold)
+                        .unwrap_or(chrono::Duration::MAX)
+                {
                     // Written by the next step's transaction: one commit
                     // fewer. A crash before then replays the sleep whole.
                     self.pending.push(PendingCheckpoint {
@@ -352,13 +367,21 @@ impl WorkflowContext {
         seq: i32,
         name: &str,
     ) -> Result<Replay<T>, WorkflowError> {
-        let Some(front) = self.checkpoints.front() else {
-            return Ok(Replay::Run);
-        };
-        if front.step_seq != seq {
+        if self
+            .checkpoints
+            .front()
+            .is_none_or(|front| front.step_seq != seq)
+        {
+            self.resumed_after = if self.running {
+                None
+            } else {
+                self.replayed_until
+            };
+            self.running = true;
             return Ok(Replay::Run);
         }
         let checkpoint = self.checkpoints.pop_front().expect("front exists");
+        self.replayed_until = Some(checkpoint.finished_at);
         if checkpoint.name != name {
             return Err(WorkflowError::Nondeterministic {
                 step: seq,

@@ -352,7 +352,8 @@ impl Runtime {
              WHERE w.id = previous.id AND previous.status NOT IN ('succeeded', 'failed', 'cancelled')
              RETURNING w.kind, w.queue, w.input, previous.status, previous.owner, w.executions,
                  (SELECT coalesce(json_agg(json_build_object(
-                          'step_seq', s.step_seq, 'name', s.name, 'output', s.output)
+                          'step_seq', s.step_seq, 'name', s.name, 'output', s.output,
+                          'finished_at', s.finished_at)
                           ORDER BY s.step_seq), '[]')
                   FROM workflow_steps s WHERE s.workflow_id = w.id)",
         )
@@ -412,6 +413,9 @@ impl Runtime {
             execution,
             slot: slot.take(),
             pending: Vec::new(),
+            replayed_until: None,
+            running: false,
+            resumed_after: None,
         };
         let span = tracing::info_span!("workflow", workflow_id, kind = %kind, execution, worker_id = %inner.worker_id);
         let result = AssertUnwindSafe(definition.run_json(&mut ctx, input))

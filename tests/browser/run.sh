@@ -69,6 +69,9 @@ trap 'exit 130' INT TERM
 
 log "starting the stack on $BASE_URL (database $DB_NAME); log in $ARTIFACTS/stack.log"
 started=$(date +%s)
+# Small pools: the server may be shared with other test runs (100
+# connections by default), and one shopper needs few.
+DB_MAX_CONNECTIONS="${DB_MAX_CONNECTIONS:-5}" \
 RUST_LOG="${RUST_LOG:-info,sqlx=warn,apalis=warn,apalis_core=warn,apalis_postgres=warn}" \
   setsid deploy/local/run.sh --workers 3 --port "$PORT" --debug >"$ARTIFACTS/stack.log" 2>&1 &
 LAUNCHER=$!

@@ -183,7 +183,7 @@ scenario('crash workers from the page while the order dispatches: DISPATCHED any
   await page.locator('#continue').click();
   await page.locator('#view-store').waitFor({ state: 'visible' });
   await page.evaluate(() => document.activeElement && document.activeElement.blur());
-  await shot('storefront-desktop.png');
+  await shot('storefront-desktop.png', { fullPage: true });
   await page.setViewportSize(PHONE);
   const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
   check(overflow <= 0, `no horizontal scrolling on a phone (${overflow} px too wide)`);

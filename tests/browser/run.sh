@@ -85,8 +85,12 @@ until curl -fsS "$BASE_URL/readyz" >/dev/null 2>&1; do
   [ "$(date +%s)" -lt "$deadline" ] || { echo "API not ready within 900 s" >&2; exit 1; }
   sleep 0.2
 done
-API_PID=$(pgrep -P "$LAUNCHER" -x widget-api || true)
-[ -n "$API_PID" ] || { echo "cannot find the launcher's widget-api process" >&2; exit 1; }
+# The launcher's widget-api child (read from /proc: no procps needed).
+for stat in /proc/[0-9]*/stat; do
+  read -r pid comm _ ppid _ <"$stat" 2>/dev/null || continue
+  if [ "$ppid" = "$LAUNCHER" ] && [ "$comm" = "(widget-api)" ]; then API_PID=$pid; break; fi
+done
+[ "$API_PID" != 0 ] || { echo "cannot find the launcher's widget-api process" >&2; exit 1; }
 log "stack up in $(( $(date +%s) - started )) s (API pid $API_PID)"
 
 BASE_URL="$BASE_URL" API_PID="$API_PID" ARTIFACTS="$ARTIFACTS" CHROMIUM="$CHROMIUM" \

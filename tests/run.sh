@@ -35,7 +35,26 @@ cargo run --quiet -p widget-tests --bin chaos -- --duration "${CHAOS_DURATION:-6
   --json target/chaos-summary.json 2>&1 | tee target/chaos-output.txt
 [ "${PIPESTATUS[0]}" = 0 ] || exit 1
 
+# The storefront in headless Chromium against the real stack (installs
+# Chromium and playwright-core itself under CI=true). SKIP_BROWSER=1 skips it.
+browser_status=0
+if [ "${SKIP_BROWSER:-0}" = 1 ]; then
+  log "browser stage skipped (SKIP_BROWSER=1)"
+  : >target/browser-output.txt
+else
+  log "browser (tests/browser/run.sh)"
+  set +e
+  tests/browser/run.sh 2>&1 | tee target/browser-output.txt
+  browser_status=${PIPESTATUS[0]}
+  set -e
+fi
+browser_passed=$(grep -c '^\[browser\] PASS' target/browser-output.txt || true)
+browser_failed=$(grep -c '^\[browser\] FAIL' target/browser-output.txt || true)
+# A stage that failed before its scenarios (no Chromium, stack down) counts once.
+if [ "$browser_status" != 0 ] && [ "$browser_failed" = 0 ]; then browser_failed=1; fi
+
 passed=$(grep -Eo '[0-9]+ passed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
 invariants=$(grep -c '^  \[pass\]' target/chaos-output.txt || true)
-echo "total: $((passed + invariants)) passed, $failed failed"
+echo "total: $((passed + invariants + browser_passed)) passed, $((failed + browser_failed)) failed"
+[ "$browser_status" = 0 ] || exit 1

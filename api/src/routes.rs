@@ -12,7 +12,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use shared::engine::{Engine, EngineError, Message, SendOutcome, fleet};
 use shared::store::{
-    self, CHECKOUT, CheckoutInput, DEFAULT_STOCK, Order, PaymentStatus, Product, topics,
+    self, CHECKOUT, CheckoutInput, DEFAULT_STOCK, DISPATCH, DISPATCH_STEPS, Order, PaymentStatus,
+    Product, dispatch_workflow_id, topics,
 };
 
 use crate::AppState;
@@ -26,6 +27,7 @@ pub fn routes() -> Router<AppState> {
         .route("/product", get(product))
         .route("/orders", get(orders))
         .route("/order/{id}", get(order))
+        .route("/order/{id}/timeline", get(order_timeline))
         .route("/restock", post(restock))
         .route("/checkout/{key}", post(checkout))
         .route(
@@ -34,6 +36,8 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/crash_application", post(crash_application))
         .route("/workers", get(workers))
+        .route("/workers/{id}/crash", post(crash_worker))
+        .route("/config", get(config))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
 }
@@ -98,17 +102,66 @@ async fn orders(
     Ok(Json(Value::Array(orders.iter().map(order_json).collect())))
 }
 
-async fn order(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    let id: i64 = id.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+/// An order id from the path: a positive integer.
+fn parse_order_id(text: &str) -> Result<i64, ApiError> {
+    text.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
         ApiError::bad_request("invalid_order_id", "order id must be a positive integer")
-    })?;
-    match store::order(&state.pool, id).await? {
-        Some(order) => Ok(Json(order_json(&order))),
-        None => Err(ApiError::not_found(
-            "unknown_order",
-            format!("no order {id}"),
-        )),
+    })
+}
+
+async fn find_order(state: &AppState, id: &str) -> ApiResult<Order> {
+    let id = parse_order_id(id)?;
+    store::order(&state.pool, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("unknown_order", format!("no order {id}")))
+}
+
+async fn order(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    Ok(Json(order_json(&find_order(&state, &id).await?)))
+}
+
+/// The order's workflow steps in order: its checkout, then its dispatch,
+/// each with the worker that ran it (a takeover after a crash shows as a
+/// change of worker). The checkout's id is the payment id, a bearer
+/// secret, so the timeline names workflows by kind only.
+async fn order_timeline(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let order = find_order(&state, &id).await?;
+    let workflows = [
+        (CHECKOUT.name, order.checkout_id.clone()),
+        (DISPATCH.name, dispatch_workflow_id(order.id)),
+    ];
+    let mut steps = Vec::new();
+    let mut runs = Vec::new();
+    for (kind, workflow_id) in &workflows {
+        let Some(info) = state.engine.info(workflow_id).await? else {
+            continue;
+        };
+        runs.push(json!({
+            "workflow": kind,
+            "status": info.status,
+            "worker_id": info.owner,
+            "executions": info.executions,
+        }));
+        for step in state.engine.steps(workflow_id).await? {
+            let duration = step.finished_at - step.started_at;
+            steps.push(json!({
+                "workflow": kind,
+                "seq": step.step_seq,
+                "name": step.name,
+                "worker_id": step.worker_id,
+                "started_at": step.started_at,
+                "finished_at": step.finished_at,
+                "duration_ms": duration.num_microseconds().map(|us| us as f64 / 1000.0),
+            }));
+        }
     }
+    let mut json = order_json(&order);
+    json["workflows"] = Value::Array(runs);
+    json["steps"] = Value::Array(steps);
+    Ok(Json(json))
 }
 
 #[derive(Deserialize)]
@@ -306,14 +359,20 @@ async fn settled_otherwise(engine: &Engine, payment_id: &str) -> ApiError {
     }
 }
 
-async fn crash_application(State(state): State<AppState>, headers: HeaderMap) -> ApiResult {
-    if !state.chaos {
-        return Err(ApiError::new(
+fn require_chaos(state: &AppState) -> Result<(), ApiError> {
+    if state.chaos {
+        Ok(())
+    } else {
+        Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "chaos_disabled",
             "crashing workers is disabled; start the API and workers with --chaos (CHAOS=true)",
-        ));
+        ))
     }
+}
+
+async fn crash_application(State(state): State<AppState>, headers: HeaderMap) -> ApiResult {
+    require_chaos(&state)?;
     match fleet::request_crash(&state.pool, None).await? {
         Some(worker_id) => Ok(text_or_json(
             &headers,
@@ -329,9 +388,48 @@ async fn crash_application(State(state): State<AppState>, headers: HeaderMap) ->
     }
 }
 
+/// A worker id as the fleet registry makes them: `<host>-<pid>-<hex>`.
+fn valid_worker_id(id: &str) -> bool {
+    (1..=255).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+async fn crash_worker(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    require_chaos(&state)?;
+    if !valid_worker_id(&id) {
+        return Err(ApiError::bad_request(
+            "invalid_worker_id",
+            "malformed worker id",
+        ));
+    }
+    match fleet::request_crash(&state.pool, Some(&id)).await? {
+        Some(worker_id) => Ok(text_or_json(
+            &headers,
+            StatusCode::ACCEPTED,
+            "worker_id",
+            json!(worker_id),
+        )),
+        None => Err(ApiError::not_found(
+            "unknown_worker",
+            "no live worker with this id (it may have exited already)",
+        )),
+    }
+}
+
 async fn workers(State(state): State<AppState>) -> ApiResult<Json<Value>> {
     let workers = fleet::list_workers(&state.pool).await?;
     Ok(Json(json!(workers)))
+}
+
+/// What the storefront page needs to know about this deployment.
+async fn config(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({ "chaos": state.chaos, "dispatch_steps": DISPATCH_STEPS }))
 }
 
 async fn healthz() -> &'static str {

@@ -2,7 +2,10 @@
 # Runs the whole store locally: PostgreSQL (found or private), one API and N
 # workers, restarting any worker that dies. Ctrl-C stops everything.
 #
-#   deploy/local/run.sh [--workers N] [--port P] [--no-chaos]
+#   deploy/local/run.sh [--workers N] [--port P] [--no-chaos] [--debug]
+#
+# --debug runs debug builds (target/debug, as tests/run.sh builds them)
+# instead of building release binaries.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source deploy/local/postgres.sh
@@ -13,20 +16,27 @@ export SQLX_OFFLINE=true
 WORKERS=2
 PORT=8080
 CHAOS=true
+PROFILE=release
 while [ $# -gt 0 ]; do
   case "$1" in
     --workers) WORKERS="$2"; shift 2 ;;
     --port) PORT="$2"; shift 2 ;;
     --no-chaos) CHAOS=false; shift ;;
-    -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+    --debug) PROFILE=debug; shift ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 
 ensure_postgres "${WIDGET_DB:-widget_store}"
-log "building release binaries (first time takes a few minutes)"
-cargo build --release --quiet --bin widget-api --bin widget-worker
-BIN="$ROOT/target/release"
+if [ "$PROFILE" = release ]; then
+  log "building release binaries (first time takes a few minutes)"
+  cargo build --release --quiet --bin widget-api --bin widget-worker
+else
+  log "building debug binaries"
+  cargo build --quiet --bin widget-api --bin widget-worker
+fi
+BIN="${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE"
 export CHAOS
 
 PIDS=()

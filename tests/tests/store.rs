@@ -117,6 +117,30 @@ async fn happy_path_reaches_dispatched() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn the_storefront_page_is_served_self_contained() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let api = Api::start(&db, &[]).await?;
+    let response = api.http.get(format!("{}/", api.base)).send().await?;
+    assert_eq!(response.status().as_u16(), 200);
+    let content_type = response.headers()["content-type"].to_str()?.to_owned();
+    assert!(content_type.starts_with("text/html"), "{content_type}");
+    let page = response.text().await?;
+    for part in [
+        "id=\"buy\"",
+        "id=\"workers\"",
+        "id=\"timeline\"",
+        "id=\"banner\"",
+    ] {
+        assert!(page.contains(part), "the page has {part}");
+    }
+    assert!(
+        !page.contains("http://") && !page.contains("https://") && !page.contains("src=\"//"),
+        "everything the page needs is in it: no CDN, no network at run time"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn failed_payment_cancels_and_returns_the_unit() -> anyhow::Result<()> {
     let s = stack(&[]).await?;
     let key = key();
@@ -379,6 +403,20 @@ async fn bad_inputs_get_a_4xx_json_error_and_change_nothing() -> anyhow::Result<
         ("POST", "/restock".into(), Some("not json"), 400),
         ("DELETE", "/product".into(), None, 405),
         ("GET", "/no/such/path".into(), None, 404),
+        ("GET", "/order/abc/timeline".into(), None, 400),
+        ("GET", "/order/0/timeline".into(), None, 400),
+        ("GET", "/order/424242/timeline".into(), None, 404),
+        ("POST", "/workers/no-such-worker/crash".into(), None, 404),
+        ("POST", "/workers/bad%20id/crash".into(), None, 400),
+        ("POST", "/workers/a%2Fb/crash".into(), None, 400),
+        (
+            "POST",
+            format!("/workers/{}/crash", "w".repeat(256)),
+            None,
+            400,
+        ),
+        ("GET", "/workers/x/crash".into(), None, 405),
+        ("POST", "/config".into(), None, 405),
     ];
     for (method, path, body, expected) in &cases {
         let (status, text) = s.api.call(method, path, *body).await?;
@@ -403,6 +441,7 @@ async fn bad_inputs_get_a_4xx_json_error_and_change_nothing() -> anyhow::Result<
     let json: Value = response.json().await?;
     assert_eq!(json["error"]["code"], "payload_too_large");
     assert_eq!(snapshot().await?, before, "bad input changed nothing");
+    assert_eq!(live_workers(&s.db.pool).await?, 2, "no worker was crashed");
     Ok(())
 }
 
@@ -440,9 +479,235 @@ async fn crash_application_aborts_one_worker_and_the_api_stays_up() -> anyhow::R
 async fn crash_application_is_forbidden_without_chaos() -> anyhow::Result<()> {
     let db = TestDb::create().await?;
     let api = Api::start(&db, &[("CHAOS", "false")]).await?;
-    let (status, body) = api.post("/crash_application").await?;
-    assert_eq!(status, 403, "{body}");
-    assert!(body.contains("chaos_disabled"));
+    let worker = spawn_store_worker(&db, "worker-a", &[("CHAOS", "false")])?;
+    wait_workers(&db.pool, 1).await?;
+    let worker_id: String = sqlx::query_scalar("SELECT id FROM workers")
+        .fetch_one(&db.pool)
+        .await?;
+    for path in [
+        "/crash_application".to_owned(),
+        format!("/workers/{worker_id}/crash"),
+        "/workers/no-such-worker/crash".to_owned(),
+    ] {
+        let (status, body) = api.post(&path).await?;
+        assert_eq!(status, 403, "{path}: {body}");
+        let json: Value = serde_json::from_str(&body)?;
+        assert_eq!(json["error"]["code"], "chaos_disabled", "{path}: {body}");
+    }
+    let config = api.get_json("/config").await?;
+    assert_eq!(config["chaos"], false, "the page hides its crash buttons");
+    assert_eq!(config["dispatch_steps"], 10);
+    assert_eq!(live_workers(&db.pool).await?, 1, "the worker still lives");
+    drop(worker);
+    Ok(())
+}
+
+/// The worker process whose registry row has this id.
+async fn worker_with_id(s: &Stack, worker_id: &str) -> anyhow::Result<usize> {
+    let pid: i32 = sqlx::query_scalar("SELECT pid FROM workers WHERE id = $1")
+        .bind(worker_id)
+        .fetch_one(&s.db.pool)
+        .await?;
+    s.workers
+        .iter()
+        .position(|w| w.pid() as i32 == pid)
+        .context("a worker of this test")
+}
+
+#[tokio::test]
+async fn crash_of_a_named_worker_makes_that_worker_exit() -> anyhow::Result<()> {
+    let mut s = stack(&[]).await?;
+    assert_eq!(s.api.get_json("/config").await?["chaos"], true);
+    let fleet = s.api.get_json("/workers").await?;
+    let fleet = fleet.as_array().context("a list")?;
+    assert_eq!(fleet.len(), 2, "{fleet:?}");
+    for w in fleet {
+        for field in ["id", "pid", "started_at", "last_seen", "in_flight"] {
+            assert!(!w[field].is_null(), "{field} in {w}");
+        }
+    }
+    // The younger worker: not simply the one a random pick would favour.
+    let target = fleet[1]["id"].as_str().context("worker id")?.to_owned();
+    let (status, body) = s.api.post(&format!("/workers/{target}/crash")).await?;
+    assert_eq!((status, body.as_str()), (202, target.as_str()));
+    let index = worker_with_id(&s, &target).await?;
+    let mut victim = s.workers.remove(index);
+    let code = victim.wait_exit(Duration::from_secs(15)).await?;
+    assert_eq!(code, None, "aborted by a signal, no clean exit");
+    wait_until("crashed worker reaped", Duration::from_secs(15), || async {
+        Ok(live_workers(&s.db.pool).await? == 1)
+    })
+    .await?;
+    let survivor = &mut s.workers[0];
+    assert!(!survivor.has_exited(), "only the named worker crashed");
+    let fleet = s.api.get_json("/workers").await?;
+    assert_eq!(fleet.as_array().map(Vec::len), Some(1));
+    assert_ne!(fleet[0]["id"], target.as_str());
+    // The crashed worker is gone: asking again is a 404, with JSON.
+    let (status, body) = s.api.post(&format!("/workers/{target}/crash")).await?;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("unknown_worker"), "{body}");
+    Ok(())
+}
+
+async fn timeline(api: &Api, order_id: &str) -> anyhow::Result<Value> {
+    api.get_json(&format!("/order/{order_id}/timeline")).await
+}
+
+fn step_names<'a>(timeline: &'a Value, workflow: &str) -> Vec<&'a str> {
+    timeline["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["workflow"] == workflow)
+        .filter_map(|s| s["name"].as_str())
+        .collect()
+}
+
+#[tokio::test]
+async fn timeline_lists_checkout_then_dispatch_steps_with_worker_ids() -> anyhow::Result<()> {
+    let s = stack(&[]).await?;
+    let worker_ids: Vec<String> = sqlx::query_scalar("SELECT id FROM workers")
+        .fetch_all(&s.db.pool)
+        .await?;
+    let key = key();
+    let (status, payment_id) = s.api.post(&format!("/checkout/{key}")).await?;
+    assert_eq!(status, 200);
+    let order_id: i64 = sqlx::query_scalar("SELECT id FROM orders WHERE checkout_id = $1")
+        .bind(&key)
+        .fetch_one(&s.db.pool)
+        .await?;
+    let pending = timeline(&s.api, &order_id.to_string()).await?;
+    assert_eq!(pending["status"], "PENDING");
+    assert_eq!(
+        step_names(&pending, "checkout")[..2],
+        ["reserve_inventory", "create_order"]
+    );
+    assert!(step_names(&pending, "dispatch").is_empty(), "{pending}");
+
+    let (status, order_id) = s
+        .api
+        .post(&format!("/payment_webhook/{payment_id}/paid"))
+        .await?;
+    assert_eq!(status, 200, "{order_id}");
+    wait_order_status(&s.api, &order_id, "DISPATCHED", Duration::from_secs(30)).await?;
+    let done = timeline(&s.api, &order_id).await?;
+    assert_eq!(done["order_id"].to_string(), order_id);
+    assert_eq!(done["progress_remaining"], 0);
+    let steps = done["steps"].as_array().context("steps")?;
+    let kinds: Vec<&str> = steps
+        .iter()
+        .filter_map(|s| s["workflow"].as_str())
+        .collect();
+    let first_dispatch = kinds
+        .iter()
+        .position(|k| *k == "dispatch")
+        .context("dispatch steps")?;
+    assert!(
+        kinds[..first_dispatch].iter().all(|k| *k == "checkout")
+            && kinds[first_dispatch..].iter().all(|k| *k == "dispatch"),
+        "checkout steps, then dispatch steps: {kinds:?}"
+    );
+    let checkout = step_names(&done, "checkout");
+    assert_eq!(checkout.first(), Some(&"reserve_inventory"));
+    assert_eq!(checkout.last(), Some(&"mark_paid"));
+    let progress = step_names(&done, "dispatch")
+        .into_iter()
+        .filter(|n| *n == "update_progress")
+        .count();
+    assert_eq!(progress, 10, "each progress step once");
+    for (i, step) in steps.iter().enumerate() {
+        let worker = step["worker_id"].as_str().context("worker id")?;
+        assert!(worker_ids.iter().any(|w| w == worker), "{step}");
+        let started: chrono::DateTime<chrono::Utc> =
+            serde_json::from_value(step["started_at"].clone())?;
+        let finished: chrono::DateTime<chrono::Utc> =
+            serde_json::from_value(step["finished_at"].clone())?;
+        assert!(started <= finished, "{step}");
+        assert!(
+            step["duration_ms"].as_f64().is_some_and(|ms| ms >= 0.0),
+            "{step}"
+        );
+        if i > 0 && steps[i - 1]["workflow"] == step["workflow"] {
+            assert!(
+                step["seq"].as_i64() > steps[i - 1]["seq"].as_i64(),
+                "steps in order: {}",
+                done
+            );
+        }
+    }
+    let runs = done["workflows"].as_array().context("workflows")?;
+    assert_eq!(runs.len(), 2);
+    assert!(runs.iter().all(|r| r["status"] == "succeeded"), "{runs:?}");
+    assert!(
+        !done.to_string().contains(&key),
+        "the payment id (a bearer secret) is not on the timeline"
+    );
+    Ok(())
+}
+
+/// The worker that ran the first dispatch step of the order, once there is one.
+async fn first_dispatch_worker(api: &Api, order_id: &str) -> anyhow::Result<Option<String>> {
+    let t = timeline(api, order_id).await?;
+    Ok(t["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["workflow"] == "dispatch")
+        .and_then(|s| s["worker_id"].as_str())
+        .map(str::to_owned))
+}
+
+#[tokio::test]
+async fn timeline_shows_the_takeover_after_the_dispatching_worker_crashes() -> anyhow::Result<()> {
+    let mut s = stack(&[("DISPATCH_INTERVAL_MS", "300")]).await?;
+    let (_, payment_id) = s.api.post(&format!("/checkout/{}", key())).await?;
+    let (status, order_id) = s
+        .api
+        .post(&format!("/payment_webhook/{payment_id}/paid"))
+        .await?;
+    assert_eq!(status, 200, "{order_id}");
+    // The worker that ran the dispatch's first step runs the next ones too
+    // (its sleeps are held in-process) until it dies.
+    wait_until(
+        "a dispatch step on the timeline",
+        Duration::from_secs(15),
+        || async { Ok(first_dispatch_worker(&s.api, &order_id).await?.is_some()) },
+    )
+    .await?;
+    let first_worker = first_dispatch_worker(&s.api, &order_id)
+        .await?
+        .context("dispatch step")?;
+    let (status, body) = s
+        .api
+        .post(&format!("/workers/{first_worker}/crash"))
+        .await?;
+    assert_eq!(status, 202, "{body}");
+    let index = worker_with_id(&s, &first_worker).await?;
+    s.workers
+        .remove(index)
+        .wait_exit(Duration::from_secs(15))
+        .await?;
+    wait_order_status(&s.api, &order_id, "DISPATCHED", Duration::from_secs(30)).await?;
+    let done = timeline(&s.api, &order_id).await?;
+    let dispatch: Vec<&Value> = done["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["workflow"] == "dispatch")
+        .collect();
+    let workers: std::collections::BTreeSet<&str> = dispatch
+        .iter()
+        .filter_map(|s| s["worker_id"].as_str())
+        .collect();
+    assert_eq!(workers.len(), 2, "dispatch taken over: {done}");
+    assert!(workers.contains(first_worker.as_str()));
+    let progress = dispatch
+        .iter()
+        .filter(|s| s["name"] == "update_progress")
+        .count();
+    assert_eq!(progress, 10, "each progress step once: {done}");
+    assert_eq!(done["progress_remaining"], 0);
     Ok(())
 }
 

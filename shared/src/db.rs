@@ -10,6 +10,11 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 /// The store's and the engine's migrations (`migrations/` at the workspace root).
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 
+/// Default pool size of each process. Small on purpose: on this 2-core
+/// machine PostgreSQL did more work with fewer busy backends (widget-bench,
+/// docs/benchmarks/latest.md).
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 16;
+
 /// Connection settings shared by every binary (flatten it into a clap struct).
 #[derive(Debug, Clone, clap::Args)]
 pub struct DatabaseArgs {
@@ -25,7 +30,7 @@ pub struct DatabaseArgs {
     #[arg(
         long = "db-max-connections",
         env = "DB_MAX_CONNECTIONS",
-        default_value_t = 16
+        default_value_t = DEFAULT_MAX_CONNECTIONS
     )]
     pub max_connections: u32,
     /// How long a request waits for a pooled connection before failing with
@@ -43,7 +48,7 @@ impl DatabaseArgs {
     pub fn from_url(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
-            max_connections: 16,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             acquire_timeout_ms: 3000,
         }
     }

@@ -36,6 +36,9 @@ struct Args {
     /// Checkouts parked at once for the capacity measurement.
     #[arg(long, default_value_t = 10_000)]
     parked: usize,
+    /// Pool size of the API and of each worker (DB_MAX_CONNECTIONS).
+    #[arg(long, default_value_t = shared::db::DEFAULT_MAX_CONNECTIONS)]
+    db_max_connections: u32,
     /// Where to write latest.json, latest.md and throughput.svg.
     #[arg(long, default_value = "docs/benchmarks")]
     out: PathBuf,
@@ -277,12 +280,14 @@ struct Stack {
     db: TestDb,
     api: Api,
     workers: Vec<Proc>,
+    /// Pool size of each process.
+    pool_size: u32,
 }
 
-fn env(db: &TestDb) -> Vec<(&'static str, String)> {
+fn env(db: &TestDb, pool_size: u32) -> Vec<(&'static str, String)> {
     vec![
         ("DATABASE_URL", db.url.clone()),
-        ("DB_MAX_CONNECTIONS", "24".into()),
+        ("DB_MAX_CONNECTIONS", pool_size.to_string()),
         ("WORKER_CONCURRENCY", "64".into()),
         ("DISPATCH_INTERVAL_MS", "1000".into()),
         ("PAYMENT_TIMEOUT_MS", "600000".into()),
@@ -291,30 +296,35 @@ fn env(db: &TestDb) -> Vec<(&'static str, String)> {
     ]
 }
 
-fn spawn_worker(db: &TestDb) -> anyhow::Result<Proc> {
+fn spawn_worker(db: &TestDb, pool_size: u32) -> anyhow::Result<Proc> {
     Proc::spawn(
         "bench-store-worker",
         &release("widget-worker"),
         &[],
-        &env(db),
+        &env(db, pool_size),
     )
 }
 
-async fn stack(workers: usize) -> anyhow::Result<Stack> {
+async fn stack(workers: usize, pool_size: u32) -> anyhow::Result<Stack> {
     let db = TestDb::create().await?;
     sqlx::query("UPDATE products SET inventory = 1000000")
         .execute(&db.pool)
         .await?;
-    let api = Api::launch(&release("widget-api"), env(&db)).await?;
+    let api = Api::launch(&release("widget-api"), env(&db, pool_size)).await?;
     let workers = (0..workers)
-        .map(|_| spawn_worker(&db))
+        .map(|_| spawn_worker(&db, pool_size))
         .collect::<Result<Vec<_>, _>>()?;
     let expected = workers.len() as i64;
     wait_until("workers registered", Duration::from_secs(60), || async {
         Ok(harness::live_workers(&db.pool).await? == expected)
     })
     .await?;
-    Ok(Stack { db, api, workers })
+    Ok(Stack {
+        db,
+        api,
+        workers,
+        pool_size,
+    })
 }
 
 #[tokio::main]
@@ -324,7 +334,7 @@ async fn main() -> anyhow::Result<()> {
         release("widget-api").exists(),
         "build first: cargo build --release --bins"
     );
-    let mut s = stack(args.workers).await?;
+    let mut s = stack(args.workers, args.db_max_connections).await?;
     let machine = format!(
         "{} cores, {:.0} GiB, PostgreSQL {}",
         std::thread::available_parallelism()
@@ -472,7 +482,7 @@ async fn takeover(s: &mut Stack, kills: usize) -> anyhow::Result<Value> {
             .fetch_one(&s.db.pool)
             .await?;
         drop(dead);
-        s.workers.push(spawn_worker(&s.db)?);
+        s.workers.push(spawn_worker(&s.db, s.pool_size)?);
         for id in owned {
             let first = wait_for_step(&s.db.pool, &id, &victim, at).await?;
             if let Some(first) = first {

@@ -105,6 +105,21 @@ impl WorkflowContext {
         &mut self,
         name: &str,
         retry: RetryPolicy,
+        f: F,
+    ) -> Result<T, WorkflowError>
+    where
+        T: Serialize + DeserializeOwned + Send,
+        F: for<'c> FnMut(&'c mut PgConnection) -> BoxFuture<'c, Result<T, StepError>> + Send,
+    {
+        // Boxed: a workflow's future then stays small while it waits
+        // (thousands of sleeping dispatches live in one worker).
+        Box::pin(self.run_tx_step(name, retry, f)).await
+    }
+
+    async fn run_tx_step<T, F>(
+        &mut self,
+        name: &str,
+        retry: RetryPolicy,
         mut f: F,
     ) -> Result<T, WorkflowError>
     where
@@ -155,6 +170,22 @@ impl WorkflowContext {
 
     /// [`WorkflowContext::step`] with its own retry policy.
     pub async fn step_with<T, F, Fut>(
+        &mut self,
+        name: &str,
+        retry: RetryPolicy,
+        f: F,
+    ) -> Result<T, WorkflowError>
+    where
+        T: Serialize + DeserializeOwned + Send,
+        F: FnMut(String) -> Fut + Send,
+        Fut: Future<Output = Result<T, StepError>> + Send,
+    {
+        // Boxed: a workflow's future then stays small while it waits
+        // (thousands of sleeping dispatches live in one worker).
+        Box::pin(self.run_step(name, retry, f)).await
+    }
+
+    async fn run_step<T, F, Fut>(
         &mut self,
         name: &str,
         retry: RetryPolicy,
@@ -221,6 +252,16 @@ impl WorkflowContext {
     /// nothing is there the workflow parks (returns [`WorkflowError::Parked`]
     /// through `?`) and holds no worker slot.
     pub async fn recv(
+        &mut self,
+        topic: &str,
+        timeout: Duration,
+    ) -> Result<Option<Value>, WorkflowError> {
+        // Boxed: a workflow's future then stays small while it waits
+        // (thousands of sleeping dispatches live in one worker).
+        Box::pin(self.run_recv(topic, timeout)).await
+    }
+
+    async fn run_recv(
         &mut self,
         topic: &str,
         timeout: Duration,
@@ -311,19 +352,15 @@ impl WorkflowContext {
                         .unwrap_or(chrono::Duration::MAX)
                 {
                     // Written by the next step's transaction: one commit
-                    // fewer. A crash before then replays the sleep whole.
+                    // fewer. Should this execution die first, the replay
+                    // finds no checkpoint and begins the sleep at `began`.
                     self.pending.push(PendingCheckpoint {
                         seq,
                         output: json!(at),
-                        started: now,
+                        started: began,
                     });
                 } else {
-                    let mut tx = self.pool.begin().await?;
-                    self.guard(&mut tx).await?;
-                    self.checkpoint(&mut tx, seq, "sleep", &json!(at), now)
-                        .await?;
-                    self.park(&mut tx, None, at).await?;
-                    tx.commit().await?;
+                    Box::pin(self.park_sleep(Some((seq, now)), at)).await?;
                     return Err(WorkflowError::Parked);
                 }
                 at
@@ -334,10 +371,7 @@ impl WorkflowContext {
             return Ok(());
         }
         if remaining > self.hold_threshold {
-            let mut tx = self.pool.begin().await?;
-            self.guard(&mut tx).await?;
-            self.park(&mut tx, None, wake_at).await?;
-            tx.commit().await?;
+            Box::pin(self.park_sleep(None, wake_at)).await?;
             return Err(WorkflowError::Parked);
         }
         self.release_slot();
@@ -346,6 +380,24 @@ impl WorkflowContext {
             _ = tokio::time::sleep(remaining) => Ok(()),
             _ = super::until_true(&mut draining) => Err(WorkflowError::Draining),
         }
+    }
+
+    /// Parks a sleep until `at`, first checkpointing it (`(seq, started)`)
+    /// when it is new.
+    async fn park_sleep(
+        &mut self,
+        checkpoint: Option<(i32, DateTime<Utc>)>,
+        at: DateTime<Utc>,
+    ) -> Result<(), WorkflowError> {
+        let mut tx = self.pool.begin().await?;
+        self.guard(&mut tx).await?;
+        if let Some((seq, started)) = checkpoint {
+            self.checkpoint(&mut tx, seq, "sleep", &json!(at), started)
+                .await?;
+        }
+        self.park(&mut tx, None, at).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Hands the queue slot back (once); the execution continues.

@@ -344,7 +344,10 @@ impl Runtime {
         // finished, and return what the execution needs.
         // The checkpoints come with it (a statement fewer per execution).
         type Claim = (String, String, Value, String, Option<String>, i32, Value);
-        let claimed: Option<Claim> = sqlx::query_as(
+        // Boxed, like every call below but the workflow's own future: the
+        // execution's future then stays small through a long sleep.
+        let claimed: Option<Claim> = Box::pin(
+            sqlx::query_as(
             "WITH previous AS (SELECT id, status, owner FROM workflows WHERE id = $1 FOR UPDATE)
              UPDATE workflows w SET status = 'running', owner = $2, executions = w.executions + 1,
                  wait_topic = NULL, wait_until = NULL, updated_at = now()
@@ -357,9 +360,10 @@ impl Runtime {
                           ORDER BY s.step_seq), '[]')
                   FROM workflow_steps s WHERE s.workflow_id = w.id)",
         )
-        .bind(workflow_id)
-        .bind(&*inner.worker_id)
-        .fetch_optional(&inner.pool)
+            .bind(workflow_id)
+            .bind(&*inner.worker_id)
+            .fetch_optional(&inner.pool),
+        )
         .await?;
         let Some((kind, queue, input, previous_status, previous_owner, execution, checkpoints)) =
             claimed
@@ -383,8 +387,7 @@ impl Runtime {
                 "no workflow of kind `{kind}` is registered on worker {}",
                 inner.worker_id
             );
-            self.finish(workflow_id, "failed", None, Some(&error), 0)
-                .await?;
+            Box::pin(self.finish(workflow_id, "failed", None, Some(&error), 0)).await?;
             tracing::error!(workflow_id, %error, "workflow failed");
             return Ok(ExecutionOutcome::Failed);
         };
@@ -393,8 +396,7 @@ impl Runtime {
                 "started {} times without finishing (crash loop?)",
                 execution - 1
             );
-            self.finish(workflow_id, "failed", None, Some(&error), 0)
-                .await?;
+            Box::pin(self.finish(workflow_id, "failed", None, Some(&error), 0)).await?;
             tracing::error!(workflow_id, %error, "workflow failed");
             return Ok(ExecutionOutcome::Failed);
         }
@@ -426,9 +428,7 @@ impl Runtime {
         *slot = ctx.slot.take();
         // Never hold `span.enter()` across an await: the task may resume on
         // another thread, which corrupts the span registry (it panicked here).
-        self.settle(workflow_id, &queue, result)
-            .instrument(span)
-            .await
+        Box::pin(self.settle(workflow_id, &queue, result).instrument(span)).await
     }
 
     /// Records how an execution ended.

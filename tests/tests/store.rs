@@ -445,6 +445,20 @@ async fn bad_inputs_get_a_4xx_json_error_and_change_nothing() -> anyhow::Result<
     Ok(())
 }
 
+/// The worker at `index` was told to crash: it dies by a signal, not a
+/// clean exit, and the fleet reaps it.
+async fn expect_crashed(s: &mut Stack, index: usize) -> anyhow::Result<()> {
+    let mut victim = s.workers.remove(index);
+    let code = victim.wait_exit(Duration::from_secs(15)).await?;
+    assert_eq!(code, None, "aborted by a signal, no clean exit");
+    let live = s.workers.len() as i64;
+    wait_until("crashed worker reaped", Duration::from_secs(15), || async {
+        Ok(live_workers(&s.db.pool).await? == live)
+    })
+    .await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn crash_application_aborts_one_worker_and_the_api_stays_up() -> anyhow::Result<()> {
     let mut s = stack(&[]).await?;
@@ -459,13 +473,7 @@ async fn crash_application_aborts_one_worker_and_the_api_stays_up() -> anyhow::R
         .iter()
         .position(|w| w.pid() as i32 == pid)
         .context("crashed worker is ours")?;
-    let mut victim = s.workers.remove(crashed);
-    let code = victim.wait_exit(Duration::from_secs(15)).await?;
-    assert_eq!(code, None, "aborted by a signal, no clean exit");
-    wait_until("crashed worker reaped", Duration::from_secs(15), || async {
-        Ok(live_workers(&s.db.pool).await? == 1)
-    })
-    .await?;
+    expect_crashed(&mut s, crashed).await?;
     let (status, body) = s.api.call("GET", "/healthz", None).await?;
     assert_eq!(
         (status, body.as_str()),
@@ -531,13 +539,7 @@ async fn crash_of_a_named_worker_makes_that_worker_exit() -> anyhow::Result<()> 
     let (status, body) = s.api.post(&format!("/workers/{target}/crash")).await?;
     assert_eq!((status, body.as_str()), (202, target.as_str()));
     let index = worker_with_id(&s, &target).await?;
-    let mut victim = s.workers.remove(index);
-    let code = victim.wait_exit(Duration::from_secs(15)).await?;
-    assert_eq!(code, None, "aborted by a signal, no clean exit");
-    wait_until("crashed worker reaped", Duration::from_secs(15), || async {
-        Ok(live_workers(&s.db.pool).await? == 1)
-    })
-    .await?;
+    expect_crashed(&mut s, index).await?;
     let survivor = &mut s.workers[0];
     assert!(!survivor.has_exited(), "only the named worker crashed");
     let fleet = s.api.get_json("/workers").await?;

@@ -371,15 +371,15 @@ fn require_chaos(state: &AppState) -> Result<(), ApiError> {
     }
 }
 
+/// 202 with the id of the worker told to crash.
+fn crash_requested(headers: &HeaderMap, worker_id: String) -> Response {
+    text_or_json(headers, StatusCode::ACCEPTED, "worker_id", json!(worker_id))
+}
+
 async fn crash_application(State(state): State<AppState>, headers: HeaderMap) -> ApiResult {
     require_chaos(&state)?;
     match fleet::request_crash(&state.pool, None).await? {
-        Some(worker_id) => Ok(text_or_json(
-            &headers,
-            StatusCode::ACCEPTED,
-            "worker_id",
-            json!(worker_id),
-        )),
+        Some(worker_id) => Ok(crash_requested(&headers, worker_id)),
         None => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "no_workers",
@@ -409,12 +409,7 @@ async fn crash_worker(
         ));
     }
     match fleet::request_crash(&state.pool, Some(&id)).await? {
-        Some(worker_id) => Ok(text_or_json(
-            &headers,
-            StatusCode::ACCEPTED,
-            "worker_id",
-            json!(worker_id),
-        )),
+        Some(worker_id) => Ok(crash_requested(&headers, worker_id)),
         None => Err(ApiError::not_found(
             "unknown_worker",
             "no live worker with this id (it may have exited already)",

@@ -75,6 +75,16 @@ async fn wait_order_status(
     order_status(api, order_id).await
 }
 
+/// The order a checkout created.
+async fn order_of_checkout(pool: &PgPool, key: &str) -> anyhow::Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT id FROM orders WHERE checkout_id = $1")
+            .bind(key)
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
 fn key() -> String {
     uuid::Uuid::new_v4().to_string()
 }
@@ -169,10 +179,7 @@ async fn payment_timeout_cancels_and_a_late_webhook_gets_409() -> anyhow::Result
     let key = key();
     let (status, payment_id) = s.api.post(&format!("/checkout/{key}")).await?;
     assert_eq!(status, 200);
-    let order_id: i64 = sqlx::query_scalar("SELECT id FROM orders WHERE checkout_id = $1")
-        .bind(&key)
-        .fetch_one(&s.db.pool)
-        .await?;
+    let order_id = order_of_checkout(&s.db.pool, &key).await?;
     wait_order_status(
         &s.api,
         &order_id.to_string(),
@@ -575,10 +582,7 @@ async fn timeline_lists_checkout_then_dispatch_steps_with_worker_ids() -> anyhow
     let key = key();
     let (status, payment_id) = s.api.post(&format!("/checkout/{key}")).await?;
     assert_eq!(status, 200);
-    let order_id: i64 = sqlx::query_scalar("SELECT id FROM orders WHERE checkout_id = $1")
-        .bind(&key)
-        .fetch_one(&s.db.pool)
-        .await?;
+    let order_id = order_of_checkout(&s.db.pool, &key).await?;
     let pending = timeline(&s.api, &order_id.to_string()).await?;
     assert_eq!(pending["status"], "PENDING");
     assert_eq!(

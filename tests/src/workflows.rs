@@ -189,7 +189,7 @@ impl Workflow for Messenger {
 }
 
 /// Input of [`Flaky`].
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct FlakyInput {
     /// Attempts that fail (retryably) before one succeeds.
     pub fail_times: i64,
@@ -197,6 +197,11 @@ pub struct FlakyInput {
     pub fatal: bool,
     /// Panic instead.
     pub panic: bool,
+    /// Make the flaky step a database step that follows another one (which
+    /// bumps `before:<workflow id>`) and bumps `effect:<workflow id>` when
+    /// it succeeds; otherwise it is an outside step.
+    #[serde(default)]
+    pub after_database_step: bool,
 }
 
 /// One step that fails as told; each attempt bumps `attempts:<workflow id>`
@@ -231,31 +236,47 @@ impl Workflow for Flaky {
         ctx: &mut WorkflowContext,
         input: FlakyInput,
     ) -> Result<Value, WorkflowError> {
-        let name = format!("attempts:{}", ctx.workflow_id());
+        let id = ctx.workflow_id().to_owned();
         let pool = self.pool.clone();
-        let value: i64 = ctx
-            .step("flaky", move |_key| {
-                let (pool, name) = (pool.clone(), name.clone());
-                async move {
-                    let mut conn = pool.acquire().await?;
-                    let attempt = bump(&mut conn, &name).await?;
-                    if input.panic {
-                        panic!("deliberate panic on attempt {attempt}");
-                    }
-                    if input.fatal {
-                        return Err(StepError::fatal(format!(
-                            "deliberate fatal error on attempt {attempt}"
-                        )));
-                    }
-                    if attempt <= input.fail_times {
-                        return Err(StepError::retryable(format!(
-                            "deliberate failure {attempt}"
-                        )));
-                    }
+        let value: i64 = if input.after_database_step {
+            bump_step(ctx, "before", format!("before:{id}")).await?;
+            ctx.tx_step("flaky", move |tx| {
+                let (pool, id) = (pool.clone(), id.clone());
+                Box::pin(async move {
+                    let attempt = flaky_attempt(&pool, &id, input).await?;
+                    bump(tx, &format!("effect:{id}")).await?;
                     Ok(attempt)
-                }
+                })
             })
-            .await?;
+            .await?
+        } else {
+            ctx.step("flaky", move |_key| {
+                let (pool, id) = (pool.clone(), id.clone());
+                async move { flaky_attempt(&pool, &id, input).await }
+            })
+            .await?
+        };
         Ok(json!(value))
     }
+}
+
+/// One attempt of [`Flaky`]'s step: counted on a connection of its own,
+/// then failing as told.
+async fn flaky_attempt(pool: &PgPool, id: &str, input: FlakyInput) -> Result<i64, StepError> {
+    let mut conn = pool.acquire().await?;
+    let attempt = bump(&mut conn, &format!("attempts:{id}")).await?;
+    if input.panic {
+        panic!("deliberate panic on attempt {attempt}");
+    }
+    if input.fatal {
+        return Err(StepError::fatal(format!(
+            "deliberate fatal error on attempt {attempt}"
+        )));
+    }
+    if attempt <= input.fail_times {
+        return Err(StepError::retryable(format!(
+            "deliberate failure {attempt}"
+        )));
+    }
+    Ok(attempt)
 }

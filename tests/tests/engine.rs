@@ -724,6 +724,7 @@ async fn retries_back_off_then_dead_letter_keeps_the_last_error() -> anyhow::Res
         fail_times,
         fatal,
         panic,
+        after_database_step: false,
     };
     engine
         .start(FLAKY, "recovers", &run(2, false, false))
@@ -757,6 +758,57 @@ async fn retries_back_off_then_dead_letter_keeps_the_last_error() -> anyhow::Res
             info.attempts, attempts as i32,
             "{id}: attempts kept on the row"
         );
+    }
+    Ok(())
+}
+
+/// Database steps in a row share one transaction; when a later one fails,
+/// the rollback takes the earlier ones with it, and the engine replays them
+/// committing one by one. Each effect still lands exactly once, and a fatal
+/// error still fails the workflow with what came before it committed.
+#[tokio::test]
+async fn a_step_failing_after_another_in_its_transaction_keeps_each_effect_once()
+-> anyhow::Result<()> {
+    let db = engine_db().await?;
+    let engine = Engine::new(db.pool.clone());
+    let _worker = spawn_worker(&db, "shared-tx", &[])?;
+    let run = |fail_times, fatal, panic| FlakyInput {
+        fail_times,
+        fatal,
+        panic,
+        after_database_step: true,
+    };
+    engine
+        .start(FLAKY, "recovers", &run(2, false, false))
+        .await?;
+    engine.start(FLAKY, "fatal", &run(0, true, false)).await?;
+    engine.start(FLAKY, "panics", &run(0, false, true)).await?;
+    wait_status(&db.pool, "recovers", "succeeded", Duration::from_secs(20)).await?;
+    assert_eq!(counter(&db.pool, "attempts:recovers").await?, 3);
+    assert_eq!(
+        counter(&db.pool, "before:recovers").await?,
+        1,
+        "the step before the failures applied once"
+    );
+    assert_eq!(counter(&db.pool, "effect:recovers").await?, 1);
+    for (id, words) in [
+        ("fatal", "deliberate fatal error"),
+        ("panics", "panicked: deliberate panic"),
+    ] {
+        wait_status(&db.pool, id, "failed", Duration::from_secs(20)).await?;
+        let error = engine
+            .info(id)
+            .await?
+            .context("row")?
+            .error
+            .unwrap_or_default();
+        assert!(error.contains(words), "{id}: {error}");
+        assert_eq!(
+            counter(&db.pool, &format!("before:{id}")).await?,
+            1,
+            "{id}: the step before the failure committed once"
+        );
+        assert_eq!(counter(&db.pool, &format!("effect:{id}")).await?, 0, "{id}");
     }
     Ok(())
 }

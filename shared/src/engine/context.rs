@@ -12,7 +12,7 @@ use futures::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use sqlx::{PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use tokio::sync::{oneshot, watch};
 
 use super::events::{EVENTS_CHANNEL, EventListener};
@@ -52,6 +52,15 @@ pub struct WorkflowContext {
     pub(crate) running: bool,
     /// `replayed_until`, for the operation that ran first after replay.
     pub(crate) resumed_after: Option<DateTime<Utc>>,
+    /// The transaction holding the claim and the steps since, not yet
+    /// committed: the next database operation joins it (see `batch`).
+    pub(crate) open: Option<Transaction<'static, Postgres>>,
+    /// Consecutive database operations share one transaction, committed when
+    /// the execution waits, calls out or ends: one commit where there were
+    /// several. Off for a replay after a step failed inside a shared one.
+    pub(crate) batch: bool,
+    /// The claim saw a cancel request: the next step sees it.
+    pub(crate) cancel_requested: bool,
 }
 
 /// A checkpoint waiting for the next step's transaction.
@@ -135,21 +144,26 @@ impl WorkflowContext {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut tx = self.pool.begin().await?;
-            self.guard(&mut tx).await?;
+            let shared = self.open.is_some();
+            let mut tx = self.transaction().await?;
             let outcome = AssertUnwindSafe(f(&mut tx)).catch_unwind().await;
-            let error = match outcome {
+            let failure = match outcome {
                 Ok(Ok(value)) => {
                     let output = serde_json::to_value(&value)?;
                     self.checkpoint(&mut tx, seq, name, &output, started)
                         .await?;
-                    tx.commit().await?;
+                    self.keep(tx).await?;
                     return Ok(value);
                 }
-                Ok(Err(error)) => self.retryable(seq, name, attempt, Ok(error))?,
-                Err(panic) => self.retryable(seq, name, attempt, Err(panic))?,
+                Ok(Err(error)) => Ok(error),
+                Err(panic) => Err(panic),
             };
             drop(tx);
+            if shared && !matches!(failure, Ok(StepError::Unavailable(_))) {
+                // The rollback undid the steps before it too: replay them.
+                return Err(WorkflowError::RetryUnbatched);
+            }
+            let error = self.retryable(seq, name, attempt, failure)?;
             self.retry_or_fail(seq, name, error, attempt, &retry)
                 .await?;
         }
@@ -201,6 +215,9 @@ impl WorkflowContext {
             return Ok(value);
         }
         self.check_draining()?;
+        // An effect outside the database comes after what precedes it is
+        // committed, and no transaction stays open while it runs.
+        self.commit_open().await?;
         let key = format!("{}/{}", self.workflow_id, seq);
         let started = Utc::now();
         let mut attempt = 0;
@@ -210,11 +227,10 @@ impl WorkflowContext {
             let error = match outcome {
                 Ok(Ok(value)) => {
                     let output = serde_json::to_value(&value)?;
-                    let mut tx = self.pool.begin().await?;
-                    self.guard(&mut tx).await?;
+                    let mut tx = self.transaction().await?;
                     self.checkpoint(&mut tx, seq, name, &output, started)
                         .await?;
-                    tx.commit().await?;
+                    self.keep(tx).await?;
                     return Ok(value);
                 }
                 Ok(Err(error)) => self.retryable(seq, name, attempt, Ok(error))?,
@@ -280,8 +296,7 @@ impl WorkflowContext {
         }
         self.check_draining()?;
         let started = Utc::now();
-        let mut tx = self.pool.begin().await?;
-        self.guard(&mut tx).await?;
+        let mut tx = self.transaction().await?;
         let deadline = match known_deadline {
             Some(at) => at,
             None => {
@@ -308,13 +323,13 @@ impl WorkflowContext {
                 .await?;
             self.checkpoint(&mut tx, seq, &name, &json!({ "message": payload }), started)
                 .await?;
-            tx.commit().await?;
+            self.keep(tx).await?;
             return Ok(Some(payload));
         }
         if Utc::now() >= deadline {
             self.checkpoint(&mut tx, seq, &name, &json!({ "message": null }), started)
                 .await?;
-            tx.commit().await?;
+            self.keep(tx).await?;
             return Ok(None);
         }
         self.park(&mut tx, Some(topic), deadline).await?;
@@ -374,6 +389,8 @@ impl WorkflowContext {
             Box::pin(self.park_sleep(None, wake_at)).await?;
             return Err(WorkflowError::Parked);
         }
+        // Nothing stays uncommitted (or locked) through the sleep.
+        self.commit_open().await?;
         self.release_slot();
         let mut draining = self.draining.clone();
         tokio::select! {
@@ -389,8 +406,7 @@ impl WorkflowContext {
         checkpoint: Option<(i32, DateTime<Utc>)>,
         at: DateTime<Utc>,
     ) -> Result<(), WorkflowError> {
-        let mut tx = self.pool.begin().await?;
-        self.guard(&mut tx).await?;
+        let mut tx = self.transaction().await?;
         if let Some((seq, started)) = checkpoint {
             self.checkpoint(&mut tx, seq, "sleep", &json!(at), started)
                 .await?;
@@ -405,6 +421,43 @@ impl WorkflowContext {
         if let Some(slot) = self.slot.take() {
             let _ = slot.send(());
         }
+    }
+
+    /// The transaction of the next database operation: the one still open
+    /// from the claim or the steps before it, or a new one whose first
+    /// statement is the guard. The operation hands it back to
+    /// [`WorkflowContext::keep`] when it succeeds, and drops it otherwise.
+    async fn transaction(&mut self) -> Result<Transaction<'static, Postgres>, WorkflowError> {
+        if let Some(tx) = self.open.take() {
+            if self.cancel_requested {
+                // The cancellation is recorded in it.
+                self.open = Some(tx);
+                return Err(WorkflowError::Cancelled);
+            }
+            return Ok(tx);
+        }
+        let mut tx = self.pool.begin().await?;
+        self.guard(&mut tx).await?;
+        Ok(tx)
+    }
+
+    /// After an operation succeeded: keep its transaction open for the next
+    /// one, or commit it now when not batching.
+    async fn keep(&mut self, tx: Transaction<'static, Postgres>) -> Result<(), WorkflowError> {
+        if self.batch {
+            self.open = Some(tx);
+        } else {
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// Commits the operations still open.
+    async fn commit_open(&mut self) -> Result<(), WorkflowError> {
+        if let Some(tx) = self.open.take() {
+            tx.commit().await?;
+        }
+        Ok(())
     }
 
     fn take_seq(&mut self) -> i32 {
@@ -512,8 +565,11 @@ impl WorkflowContext {
         starts.push(started);
         // One statement for all of them.
         let inserted = sqlx::query(
-            "INSERT INTO workflow_steps (workflow_id, step_seq, name, output, worker_id, started_at)
-             SELECT $1, c.step_seq, c.name, c.output, $5, c.started_at
+            // clock_timestamp(), not the default now(): the transaction may
+            // have begun steps earlier.
+            "INSERT INTO workflow_steps
+                 (workflow_id, step_seq, name, output, worker_id, started_at, finished_at)
+             SELECT $1, c.step_seq, c.name, c.output, $5, c.started_at, clock_timestamp()
              FROM unnest($2::int[], $3::text[], $4::jsonb[], $6::timestamptz[])
                  AS c(step_seq, name, output, started_at)
              ON CONFLICT DO NOTHING",
@@ -612,20 +668,21 @@ pub async fn set_event_in(
     key: &str,
     value: &Value,
 ) -> Result<(), sqlx::Error> {
+    // One statement: the notification goes out with the row's commit.
     sqlx::query(
-        "INSERT INTO workflow_events (workflow_id, key, value) VALUES ($1, $2, $3)
-         ON CONFLICT (workflow_id, key) DO UPDATE SET value = EXCLUDED.value, created_at = now()",
+        "WITH event AS (
+             INSERT INTO workflow_events (workflow_id, key, value) VALUES ($1, $2, $3)
+             ON CONFLICT (workflow_id, key) DO UPDATE SET value = EXCLUDED.value, created_at = now()
+             RETURNING 1)
+         SELECT pg_notify($4, $5) FROM event",
     )
     .bind(workflow_id)
     .bind(key)
     .bind(value)
+    .bind(EVENTS_CHANNEL)
+    .bind(EventListener::payload(workflow_id, key, value))
     .execute(&mut *tx)
     .await?;
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(EVENTS_CHANNEL)
-        .bind(EventListener::payload(workflow_id, key, value))
-        .execute(&mut *tx)
-        .await?;
     Ok(())
 }
 

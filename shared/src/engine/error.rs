@@ -163,6 +163,12 @@ pub enum WorkflowError {
     /// The database is unreachable: the runtime replays when it returns.
     #[error("database unavailable: {0}")]
     Unavailable(sqlx::Error),
+    /// A step failed while the transaction it shared with the steps before
+    /// it was still open: they are undone with it, so the runtime replays
+    /// the workflow at once, committing each step on its own this time.
+    /// Workflow code only propagates it.
+    #[error("a step failed inside a shared transaction; replaying step by step")]
+    RetryUnbatched,
 }
 
 impl WorkflowError {

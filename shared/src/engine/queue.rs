@@ -1,10 +1,18 @@
 //! The engine's use of apalis: one job type, enqueued inside the caller's
 //! transaction.
 
-use apalis::prelude::TaskBuilder;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use apalis::prelude::{PollSnapshot, PollStrategy, TaskBuilder};
+use apalis_postgres::Pubsub;
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
+use tokio::time::Sleep;
 
 /// The only job the engine enqueues: "run (or resume) this workflow".
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -49,5 +57,78 @@ pub(crate) fn queue_error(error: apalis_postgres::Error) -> sqlx::Error {
     match error {
         apalis_postgres::Error::Database(e) => e,
         other => sqlx::Error::Protocol(format!("queue: {other}")),
+    }
+}
+
+/// When a queue's apalis worker looks for jobs: on each insert
+/// notification, again [`RECHECK_AFTER`] later, and every poll interval.
+///
+/// apalis forgets a notification that arrives while one of its fetches is
+/// in flight: that fetch read the queue before the job committed and comes
+/// back empty, and the job then waited for the next interval (up to 200 ms;
+/// 6 % of sequential checkouts did). The recheck catches it in
+/// milliseconds.
+pub(crate) struct JobWakeups {
+    inserts: Pubsub,
+    interval: Duration,
+    next_poll: Pin<Box<Sleep>>,
+    recheck: Option<Pin<Box<Sleep>>>,
+}
+
+/// How long after a notification the queue is read once more.
+const RECHECK_AFTER: Duration = Duration::from_millis(5);
+
+impl JobWakeups {
+    /// Wake-ups for `queue`'s worker: its insert notifications (on a
+    /// listener connection of its own) and a poll every `interval`.
+    pub(crate) fn new(pool: &PgPool, queue: &str, interval: Duration) -> Self {
+        Self::with(Pubsub::new(pool.clone(), queue.to_owned()), interval)
+    }
+
+    fn with(inserts: Pubsub, interval: Duration) -> Self {
+        Self {
+            inserts,
+            interval,
+            next_poll: Box::pin(tokio::time::sleep(interval)),
+            recheck: None,
+        }
+    }
+}
+
+impl Clone for JobWakeups {
+    fn clone(&self) -> Self {
+        Self::with(self.inserts.clone(), self.interval)
+    }
+}
+
+impl PollStrategy for JobWakeups {
+    // Each timer or stream polled here holds the worker's waker: when one
+    // fires, apalis polls its backend, which fetches unless it already is.
+    fn poll_drive(&mut self, cx: &mut Context<'_>, _: &PollSnapshot) -> Poll<Option<()>> {
+        let mut woken = false;
+        // Ends (Ready(None)) if its listener cannot connect: the interval
+        // then serves alone until the worker restarts.
+        while let Poll::Ready(Some(_)) = self.inserts.poll_next_unpin(cx) {
+            woken = true;
+            self.recheck = Some(Box::pin(tokio::time::sleep(RECHECK_AFTER)));
+        }
+        if let Some(recheck) = self.recheck.as_mut()
+            && recheck.as_mut().poll(cx).is_ready()
+        {
+            self.recheck = None;
+            woken = true;
+        }
+        if self.next_poll.as_mut().poll(cx).is_ready() {
+            self.next_poll
+                .as_mut()
+                .reset(tokio::time::Instant::now() + self.interval);
+            let _ = self.next_poll.as_mut().poll(cx);
+            woken = true;
+        }
+        if woken {
+            Poll::Ready(Some(()))
+        } else {
+            Poll::Pending
+        }
     }
 }

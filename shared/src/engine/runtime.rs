@@ -17,14 +17,14 @@ use futures::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgListener};
+use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::{oneshot, watch};
 use tracing::Instrument;
 
 use super::context::{Checkpoint, WorkflowContext, panic_message};
 use super::fleet::{self, CONTROL_CHANNEL, Registration};
-use super::queue::{WorkflowJob, enqueue, queue_error};
+use super::queue::{JobWakeups, WorkflowJob, enqueue, queue_error};
 use super::{RetryPolicy, WorkflowError, WorkflowKind};
 
 /// A workflow definition: typed input, output and retry policy.
@@ -319,9 +319,17 @@ impl Runtime {
         inner.in_flight_count.fetch_add(1, Ordering::Relaxed);
         let _guard = InFlightGuard { inner, workflow_id };
         let mut delay = Duration::from_millis(100);
+        let mut batch = true;
         loop {
-            match self.execute_once(workflow_id, &mut slot).await {
-                Ok(outcome) => return outcome,
+            match self.execute_once(workflow_id, &mut slot, batch).await {
+                Ok(Some(outcome)) => return outcome,
+                Ok(None) => {
+                    tracing::info!(
+                        workflow_id,
+                        "a step failed inside a shared transaction; replaying step by step"
+                    );
+                    batch = false;
+                }
                 Err(e) => {
                     if *inner.drain.borrow() {
                         return ExecutionOutcome::Abandoned;
@@ -334,18 +342,33 @@ impl Runtime {
         }
     }
 
+    /// One execution: claim, run, settle. `None` asks for a replay without
+    /// batching (a step failed inside a shared transaction).
     async fn execute_once(
         &self,
         workflow_id: &str,
         slot: &mut Option<oneshot::Sender<()>>,
-    ) -> Result<ExecutionOutcome, sqlx::Error> {
+        batch: bool,
+    ) -> Result<Option<ExecutionOutcome>, sqlx::Error> {
         let inner = &self.inner;
         // Claim in one statement: lock the row, mark it running unless it has
         // finished, and return what the execution needs.
         // The checkpoints come with it (a statement fewer per execution).
-        type Claim = (String, String, Value, String, Option<String>, i32, Value);
+        // When batching, its transaction stays open for the first steps: the
+        // row lock it takes is their guard, and one commit serves them all.
+        type Claim = (
+            String,
+            String,
+            Value,
+            String,
+            Option<String>,
+            bool,
+            i32,
+            Value,
+        );
         // Boxed, like every call below but the workflow's own future: the
         // execution's future then stays small through a long sleep.
+        let mut tx = Box::pin(inner.pool.begin()).await?;
         let claimed: Option<Claim> = Box::pin(
             sqlx::query_as(
             "WITH previous AS (SELECT id, status, owner FROM workflows WHERE id = $1 FOR UPDATE)
@@ -353,7 +376,8 @@ impl Runtime {
                  wait_topic = NULL, wait_until = NULL, updated_at = now()
              FROM previous
              WHERE w.id = previous.id AND previous.status NOT IN ('succeeded', 'failed', 'cancelled')
-             RETURNING w.kind, w.queue, w.input, previous.status, previous.owner, w.executions,
+             RETURNING w.kind, w.queue, w.input, previous.status, previous.owner,
+                 w.cancel_requested, w.executions,
                  (SELECT coalesce(json_agg(json_build_object(
                           'step_seq', s.step_seq, 'name', s.name, 'output', s.output,
                           'finished_at', s.finished_at)
@@ -362,14 +386,28 @@ impl Runtime {
         )
             .bind(workflow_id)
             .bind(&*inner.worker_id)
-            .fetch_optional(&inner.pool),
+            .fetch_optional(&mut *tx),
         )
         .await?;
-        let Some((kind, queue, input, previous_status, previous_owner, execution, checkpoints)) =
-            claimed
+        let Some((
+            kind,
+            queue,
+            input,
+            previous_status,
+            previous_owner,
+            cancel_requested,
+            execution,
+            checkpoints,
+        )) = claimed
         else {
             // Finished already (a late or duplicate job), or no such workflow.
-            return Ok(ExecutionOutcome::Skipped);
+            return Ok(Some(ExecutionOutcome::Skipped));
+        };
+        let open = if batch {
+            Some(tx)
+        } else {
+            Box::pin(tx.commit()).await?;
+            None
         };
         // A workflow marked running elsewhere is executed anyway: its owner's
         // execution may be gone while the owner process lives on (its queue
@@ -387,18 +425,18 @@ impl Runtime {
                 "no workflow of kind `{kind}` is registered on worker {}",
                 inner.worker_id
             );
-            Box::pin(self.finish(workflow_id, "failed", None, Some(&error), 0)).await?;
+            Box::pin(self.finish(open, workflow_id, "failed", None, Some(&error), 0)).await?;
             tracing::error!(workflow_id, %error, "workflow failed");
-            return Ok(ExecutionOutcome::Failed);
+            return Ok(Some(ExecutionOutcome::Failed));
         };
         if execution > inner.config.max_executions {
             let error = format!(
                 "started {} times without finishing (crash loop?)",
                 execution - 1
             );
-            Box::pin(self.finish(workflow_id, "failed", None, Some(&error), 0)).await?;
+            Box::pin(self.finish(open, workflow_id, "failed", None, Some(&error), 0)).await?;
             tracing::error!(workflow_id, %error, "workflow failed");
-            return Ok(ExecutionOutcome::Failed);
+            return Ok(Some(ExecutionOutcome::Failed));
         }
         let checkpoints: Vec<Checkpoint> =
             serde_json::from_value(checkpoints).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
@@ -418,6 +456,9 @@ impl Runtime {
             replayed_until: None,
             running: false,
             resumed_after: None,
+            open,
+            batch,
+            cancel_requested,
         };
         let span = tracing::info_span!("workflow", workflow_id, kind = %kind, execution, worker_id = %inner.worker_id);
         let result = AssertUnwindSafe(definition.run_json(&mut ctx, input))
@@ -426,41 +467,52 @@ impl Runtime {
             .await;
         // Still held (no in-process sleep happened): keep it until settled.
         *slot = ctx.slot.take();
+        let open = ctx.open.take();
         // Never hold `span.enter()` across an await: the task may resume on
         // another thread, which corrupts the span registry (it panicked here).
-        Box::pin(self.settle(workflow_id, &queue, result).instrument(span)).await
+        Box::pin(
+            self.settle(workflow_id, &queue, result, open)
+                .instrument(span),
+        )
+        .await
     }
 
-    /// Records how an execution ended.
+    /// Records how an execution ended, in the transaction still open from
+    /// its last steps when there is one. `None`: replay without batching.
     async fn settle(
         &self,
         workflow_id: &str,
         queue: &str,
         result: Result<Result<Value, WorkflowError>, Box<dyn std::any::Any + Send>>,
-    ) -> Result<ExecutionOutcome, sqlx::Error> {
+        open: Option<Transaction<'static, Postgres>>,
+    ) -> Result<Option<ExecutionOutcome>, sqlx::Error> {
         let inner = &self.inner;
-        match result {
+        let outcome = match result {
             Ok(Ok(output)) => {
-                self.finish(workflow_id, "succeeded", Some(&output), None, 0)
+                self.finish(open, workflow_id, "succeeded", Some(&output), None, 0)
                     .await?;
                 tracing::debug!("workflow succeeded");
-                Ok(ExecutionOutcome::Succeeded)
+                ExecutionOutcome::Succeeded
             }
-            Ok(Err(WorkflowError::Parked)) => Ok(ExecutionOutcome::Parked),
+            Ok(Err(WorkflowError::Parked)) => ExecutionOutcome::Parked,
             Ok(Err(WorkflowError::Fenced { step, name })) => {
                 tracing::info!(
                     step, step_name = %name,
                     "fenced: another execution checkpointed this step first; this execution stops"
                 );
-                Ok(ExecutionOutcome::Fenced)
+                ExecutionOutcome::Fenced
             }
             Ok(Err(WorkflowError::Cancelled)) => {
-                self.finish(workflow_id, "cancelled", None, None, 0).await?;
+                self.finish(open, workflow_id, "cancelled", None, None, 0)
+                    .await?;
                 tracing::info!("workflow cancelled at a step boundary");
-                Ok(ExecutionOutcome::Cancelled)
+                ExecutionOutcome::Cancelled
             }
             Ok(Err(WorkflowError::Draining)) => {
-                let mut tx = inner.pool.begin().await?;
+                let mut tx = match open {
+                    Some(tx) => tx,
+                    None => inner.pool.begin().await?,
+                };
                 sqlx::query(
                     "UPDATE workflows SET status = 'enqueued', owner = NULL, updated_at = now()
                      WHERE id = $1 AND status = 'running'",
@@ -473,44 +525,52 @@ impl Runtime {
                     .map_err(queue_error)?;
                 tx.commit().await?;
                 tracing::info!("handed back to the queue (worker draining)");
-                Ok(ExecutionOutcome::HandedBack)
+                ExecutionOutcome::HandedBack
             }
-            Ok(Err(WorkflowError::Unavailable(e))) => Err(e),
+            Ok(Err(WorkflowError::Unavailable(e))) => return Err(e),
+            Ok(Err(WorkflowError::RetryUnbatched)) => return Ok(None),
+            // A failure with steps still uncommitted: whatever failed may
+            // have aborted their transaction, so replay them one by one and
+            // fail (or not) with them committed.
+            Ok(Err(_)) | Err(_) if open.is_some() => return Ok(None),
             Ok(Err(WorkflowError::Failed { error, attempts })) => {
-                self.finish(workflow_id, "failed", None, Some(&error), attempts)
+                self.finish(None, workflow_id, "failed", None, Some(&error), attempts)
                     .await?;
                 tracing::error!(%error, "workflow failed");
-                Ok(ExecutionOutcome::Failed)
+                ExecutionOutcome::Failed
             }
             Ok(Err(e @ WorkflowError::Nondeterministic { .. })) => {
                 let error = e.to_string();
-                self.finish(workflow_id, "failed", None, Some(&error), 0)
+                self.finish(None, workflow_id, "failed", None, Some(&error), 0)
                     .await?;
                 tracing::error!(%error, "workflow failed: code and checkpoints disagree");
-                Ok(ExecutionOutcome::Failed)
+                ExecutionOutcome::Failed
             }
             Err(panic) => {
                 let error = format!(
                     "workflow panicked outside a step: {}",
                     panic_message(&*panic)
                 );
-                self.finish(workflow_id, "failed", None, Some(&error), 1)
+                self.finish(None, workflow_id, "failed", None, Some(&error), 1)
                     .await?;
                 tracing::error!(%error, "workflow failed");
-                Ok(ExecutionOutcome::Failed)
+                ExecutionOutcome::Failed
             }
-        }
+        };
+        Ok(Some(outcome))
     }
 
+    /// Records a terminal status, in `open` (then committed) or on its own.
     async fn finish(
         &self,
+        open: Option<Transaction<'static, Postgres>>,
         workflow_id: &str,
         status: &str,
         output: Option<&Value>,
         error: Option<&str>,
         attempts: i32,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        let finish = sqlx::query(
             "UPDATE workflows SET status = $2, output = $3, error = $4, attempts = $5, owner = NULL,
              wait_topic = NULL, wait_until = NULL, updated_at = now()
              WHERE id = $1 AND status NOT IN ('succeeded', 'failed', 'cancelled')",
@@ -519,9 +579,16 @@ impl Runtime {
         .bind(status)
         .bind(output)
         .bind(error)
-        .bind(attempts)
-        .execute(&self.inner.pool)
-        .await?;
+        .bind(attempts);
+        match open {
+            Some(mut tx) => {
+                finish.execute(&mut *tx).await?;
+                tx.commit().await?;
+            }
+            None => {
+                finish.execute(&self.inner.pool).await?;
+            }
+        }
         Ok(())
     }
 }
@@ -596,8 +663,11 @@ async fn run_queue(inner: Arc<Inner>, queue: QueueConfig) {
             .lock_tasks(false);
         let backend = PostgresStorage::<WorkflowJob>::new(&inner.pool)
             .with_config(config)
-            .with_pubsub()
-            .poll_with_interval(inner.config.poll_interval);
+            .poll_with_strategy(JobWakeups::new(
+                &inner.pool,
+                &queue.name,
+                inner.config.poll_interval,
+            ));
         let worker = WorkerBuilder::new(name.as_str())
             .backend(backend)
             .data(inner.clone())

@@ -241,7 +241,8 @@ async fn checkout(
             "key must be 1 to 128 characters of A-Z a-z 0-9 _ - (and not start with \"dispatch-\")",
         ));
     }
-    state
+    let events = state.engine.subscribe();
+    let started = state
         .engine
         .start(
             CHECKOUT,
@@ -251,11 +252,18 @@ async fn checkout(
             },
         )
         .await?;
-    match state
-        .engine
-        .get_event(&key, topics::PAYMENT_ID, state.event_wait)
-        .await?
-    {
+    // A checkout this call started cannot have its payment id yet: wait
+    // for the notification without reading first.
+    let payment_id = if started.created {
+        events
+            .next(&key, topics::PAYMENT_ID, state.event_wait)
+            .await?
+    } else {
+        events
+            .get(&key, topics::PAYMENT_ID, state.event_wait)
+            .await?
+    };
+    match payment_id {
         None => Err(ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "payment_id_not_ready",
@@ -289,21 +297,10 @@ async fn payment_webhook(
         ));
     }
     let engine = &state.engine;
-    // A payment id handed out is a checkout's PAYMENT_ID event: one read
-    // settles the usual case; the workflow row only for the rest.
-    match engine.event(&payment_id, topics::PAYMENT_ID).await? {
-        Some(Value::Null) => {
-            return Err(ApiError::conflict(
-                "out_of_stock",
-                "this checkout found no stock; nothing to pay",
-            ));
-        }
-        Some(_) => {}
-        None => match engine.info(&payment_id).await? {
-            Some(info) if info.kind == CHECKOUT.name => {}
-            _ => return Err(ApiError::not_found("unknown_payment", "no such payment id")),
-        },
-    }
+    // Every workflow a valid payment id can name is a checkout (dispatch
+    // ids are not valid payment ids), so the send itself tells an unknown
+    // payment id.
+    let events = engine.subscribe();
     let sent = engine
         .send(Message {
             workflow_id: &payment_id,
@@ -312,19 +309,29 @@ async fn payment_webhook(
             key: Some(topics::PAYMENT_STATUS),
         })
         .await;
-    match sent {
-        Ok(SendOutcome::Delivered) => {}
-        Ok(SendOutcome::Duplicate { payload }) if payload == json!(status.as_str()) => {}
+    let order_id = match sent {
+        // The checkout sets its order id after taking this payment status:
+        // wait for the notification without reading first.
+        Ok(SendOutcome::Delivered) => {
+            events
+                .next(&payment_id, topics::ORDER_ID, state.event_wait)
+                .await?
+        }
+        Ok(SendOutcome::Duplicate { payload }) if payload == json!(status.as_str()) => {
+            events
+                .get(&payment_id, topics::ORDER_ID, state.event_wait)
+                .await?
+        }
         Ok(SendOutcome::Duplicate { .. }) => return Err(payment_conflict()),
+        Err(EngineError::UnknownWorkflow(_)) => {
+            return Err(ApiError::not_found("unknown_payment", "no such payment id"));
+        }
         Err(EngineError::Finished { .. }) => {
             return Err(settled_otherwise(engine, &payment_id).await);
         }
         Err(e) => return Err(e.into()),
-    }
-    let Some(order_id) = engine
-        .get_event(&payment_id, topics::ORDER_ID, state.event_wait)
-        .await?
-    else {
+    };
+    let Some(order_id) = order_id else {
         return Err(ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "order_not_ready",
@@ -349,6 +356,17 @@ fn payment_conflict() -> ApiError {
 /// The error for a webhook that arrives after the checkout settled some
 /// other way.
 async fn settled_otherwise(engine: &Engine, payment_id: &str) -> ApiError {
+    // A checkout that found no stock handed out no payment id to pay.
+    match engine.event(payment_id, topics::PAYMENT_ID).await {
+        Ok(Some(Value::Null)) => {
+            return ApiError::conflict(
+                "out_of_stock",
+                "this checkout found no stock; nothing to pay",
+            );
+        }
+        Ok(_) => {}
+        Err(e) => return e.into(),
+    }
     match engine.event(payment_id, topics::PAYMENT_OUTCOME).await {
         Ok(Some(outcome)) if outcome == json!("timed_out") => ApiError::conflict(
             "checkout_expired",

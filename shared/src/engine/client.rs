@@ -1,10 +1,12 @@
 //! The engine's client side: what the API (or anyone) calls.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
+use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 
@@ -203,38 +205,17 @@ impl Engine {
         key: &str,
         wait: Duration,
     ) -> Result<Option<Value>, EngineError> {
-        let deadline = Instant::now() + wait;
-        // Subscribe before the first read: a notification sent in between
-        // is then queued for us, never lost.
-        let mut receiver = self.events.as_ref().map(EventListener::subscribe);
-        let topic = EventListener::topic(workflow_id, key);
-        loop {
-            if let Some(value) = self.event(workflow_id, key).await? {
-                return Ok(Some(value));
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Ok(None);
-            }
-            let next_poll = (now + self.event_poll).min(deadline);
-            match receiver.as_mut() {
-                None => tokio::time::sleep_until(next_poll).await,
-                Some(receiver) => loop {
-                    match tokio::time::timeout_at(next_poll, receiver.recv()).await {
-                        Err(_elapsed) => break,
-                        Ok(Ok(payload)) => match EventListener::notice(&payload, &topic) {
-                            Notice::Value(value) => return Ok(Some(value)),
-                            Notice::Reread => break,
-                            Notice::Other => continue,
-                        },
-                        Ok(Err(RecvError::Lagged(_))) => break,
-                        Ok(Err(RecvError::Closed)) => {
-                            tokio::time::sleep_until(next_poll).await;
-                            break;
-                        }
-                    }
-                },
-            }
+        self.subscribe().get(workflow_id, key, wait).await
+    }
+
+    /// Starts taking event notifications now: a wait on the subscription
+    /// sees every event set after this call. Subscribe before the start or
+    /// send that makes an event possible, then wait with
+    /// [`EventSubscription::next`] and save the read.
+    pub fn subscribe(&self) -> EventSubscription<'_> {
+        EventSubscription {
+            engine: self,
+            receiver: self.events.as_ref().map(EventListener::subscribe),
         }
     }
 
@@ -326,4 +307,77 @@ async fn lock_status(
     status
         .and_then(|s| WorkflowStatus::parse(&s))
         .ok_or_else(|| EngineError::UnknownWorkflow(workflow_id.to_owned()))
+}
+
+/// Event notifications taken since [`Engine::subscribe`].
+pub struct EventSubscription<'a> {
+    engine: &'a Engine,
+    receiver: Option<broadcast::Receiver<Arc<str>>>,
+}
+
+impl EventSubscription<'_> {
+    /// Reads event `key` of `workflow_id`, then waits up to `wait` for it
+    /// to be set; `None` when it is not set by then.
+    pub async fn get(
+        self,
+        workflow_id: &str,
+        key: &str,
+        wait: Duration,
+    ) -> Result<Option<Value>, EngineError> {
+        self.wait(workflow_id, key, wait, true).await
+    }
+
+    /// Waits up to `wait` for event `key` of `workflow_id`, without reading
+    /// it first: for an event that cannot have been set before the
+    /// subscription. A lost notification costs a fallback poll, not the
+    /// event.
+    pub async fn next(
+        self,
+        workflow_id: &str,
+        key: &str,
+        wait: Duration,
+    ) -> Result<Option<Value>, EngineError> {
+        self.wait(workflow_id, key, wait, false).await
+    }
+
+    async fn wait(
+        mut self,
+        workflow_id: &str,
+        key: &str,
+        wait: Duration,
+        mut read: bool,
+    ) -> Result<Option<Value>, EngineError> {
+        let engine = self.engine;
+        let deadline = Instant::now() + wait;
+        let topic = EventListener::topic(workflow_id, key);
+        loop {
+            if read && let Some(value) = engine.event(workflow_id, key).await? {
+                return Ok(Some(value));
+            }
+            read = true;
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            let next_poll = (now + engine.event_poll).min(deadline);
+            match self.receiver.as_mut() {
+                None => tokio::time::sleep_until(next_poll).await,
+                Some(receiver) => loop {
+                    match tokio::time::timeout_at(next_poll, receiver.recv()).await {
+                        Err(_elapsed) => break,
+                        Ok(Ok(payload)) => match EventListener::notice(&payload, &topic) {
+                            Notice::Value(value) => return Ok(Some(value)),
+                            Notice::Reread => break,
+                            Notice::Other => continue,
+                        },
+                        Ok(Err(RecvError::Lagged(_))) => break,
+                        Ok(Err(RecvError::Closed)) => {
+                            tokio::time::sleep_until(next_poll).await;
+                            break;
+                        }
+                    }
+                },
+            }
+        }
+    }
 }

@@ -39,7 +39,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-pub use client::{Engine, Message, SendOutcome};
+pub use client::{Engine, EventSubscription, Message, SendOutcome};
 pub use context::WorkflowContext;
 pub use context::set_event_in;
 pub use error::{EngineError, StepError, WorkflowError};

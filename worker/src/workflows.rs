@@ -54,6 +54,9 @@ impl Workflow for Checkout {
         if !reserved {
             return Ok(json!({ "outcome": "out_of_stock" }));
         }
+        // Every checkout locks the product's row: release it now rather
+        // than with the order and the payment wait.
+        ctx.commit().await?;
 
         let order_id: i64 = ctx
             .tx_step("create_order", |tx| {

@@ -241,6 +241,14 @@ impl WorkflowContext {
         }
     }
 
+    /// Commits the steps so far now instead of with the next wait or the
+    /// end, releasing their row locks: call it after a step that locks a
+    /// row many workflows contend for (a product's stock), so the next
+    /// steps do not hold that lock too.
+    pub async fn commit(&mut self) -> Result<(), WorkflowError> {
+        Box::pin(self.commit_open()).await
+    }
+
     /// Publishes an event (a row; waiters are notified). Checkpointed like
     /// any step, so it happens once.
     pub async fn set_event(

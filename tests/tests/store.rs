@@ -123,6 +123,16 @@ async fn happy_path_reaches_dispatched() -> anyhow::Result<()> {
     assert_eq!(order["order_status"], 1);
     assert_eq!(order["progress_remaining"], 0);
     assert!(order["last_update_time"].is_string());
+    // The payment resumed the checkout with the job its payment wait was
+    // scheduled with: nothing is left in the queue to run at the deadline.
+    let left: Vec<String> = sqlx::query_scalar(
+        "SELECT id || ' ' || status FROM apalis.jobs
+         WHERE status NOT IN ('Done') AND convert_from(job, 'UTF8')::json->>'workflow_id' = $1",
+    )
+    .bind(&key)
+    .fetch_all(&s.db.pool)
+    .await?;
+    assert!(left.is_empty(), "jobs left for the paid checkout: {left:?}");
     assert_stock_conserved(&s.db.pool, 100).await
 }
 

@@ -11,7 +11,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 
 use super::events::{EventListener, Notice};
-use super::queue::enqueue;
+use super::queue::{enqueue, make_due};
 use super::{EngineError, StepRecord, WorkflowHandle, WorkflowInfo, WorkflowKind, WorkflowStatus};
 
 /// Entry point of the engine's client calls. Cheap to clone.
@@ -135,12 +135,13 @@ impl Engine {
         let mut tx = self.pool.begin().await?;
         // The row lock orders this send against the workflow's own
         // "no message yet, park" transaction: one of them sees the other.
-        let row: Option<(String, String)> =
-            sqlx::query_as("SELECT status, queue FROM workflows WHERE id = $1 FOR UPDATE")
-                .bind(message.workflow_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let Some((status, queue)) = row else {
+        let row: Option<(String, String, Option<String>)> = sqlx::query_as(
+            "SELECT status, queue, wait_job FROM workflows WHERE id = $1 FOR UPDATE",
+        )
+        .bind(message.workflow_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((status, queue, wait_job)) = row else {
             return Err(EngineError::UnknownWorkflow(message.workflow_id.to_owned()));
         };
         if let Some(key) = message.key {
@@ -180,7 +181,13 @@ impl Engine {
             .bind(message.workflow_id)
             .execute(&mut *tx)
             .await?;
-            enqueue(&mut tx, &queue, message.workflow_id, None).await?;
+            let rescheduled = match wait_job {
+                Some(job) => make_due(&mut tx, &job).await?,
+                None => false,
+            };
+            if !rescheduled {
+                enqueue(&mut tx, &queue, message.workflow_id, None).await?;
+            }
         }
         tx.commit().await?;
         Ok(SendOutcome::Delivered)

@@ -607,16 +607,17 @@ impl WorkflowContext {
         topic: Option<&str>,
         until: DateTime<Utc>,
     ) -> Result<(), WorkflowError> {
+        let job = enqueue(tx, self.kind.queue, &self.workflow_id, Some(until)).await?;
         sqlx::query(
             "UPDATE workflows SET status = 'waiting', owner = NULL, wait_topic = $2, wait_until = $3,
-             updated_at = now() WHERE id = $1",
+             wait_job = $4, updated_at = now() WHERE id = $1",
         )
         .bind(&self.workflow_id)
         .bind(topic)
         .bind(until)
+        .bind(job)
         .execute(&mut *tx)
         .await?;
-        enqueue(tx, self.kind.queue, &self.workflow_id, Some(until)).await?;
         Ok(())
     }
 

@@ -6,13 +6,14 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use apalis::prelude::{PollSnapshot, PollStrategy, TaskBuilder};
+use apalis::prelude::{PollSnapshot, PollStrategy, TaskBuilder, TaskId};
 use apalis_postgres::Pubsub;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool};
 use tokio::time::Sleep;
+use ulid::Ulid;
 
 /// The only job the engine enqueues: "run (or resume) this workflow".
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -31,25 +32,49 @@ pub const JOB_MAX_ATTEMPTS: usize = 1000;
 pub const JOB_INSERT_CHANNEL: &str = "apalis::job::insert";
 
 /// Enqueues a run of `workflow_id` on `queue`, due now or at `run_at`, in
-/// the caller's transaction.
+/// the caller's transaction. Returns the job's id.
 pub async fn enqueue(
     conn: &mut PgConnection,
     queue: &str,
     workflow_id: &str,
     run_at: Option<DateTime<Utc>>,
-) -> Result<(), apalis_postgres::Error> {
+) -> Result<String, apalis_postgres::Error> {
     let job = WorkflowJob {
         workflow_id: workflow_id.to_owned(),
     };
     let bytes = serde_json::to_vec(&job).expect("a struct of one string always serialises");
-    let mut task = TaskBuilder::new(bytes).max_attempts(JOB_MAX_ATTEMPTS);
+    let id = Ulid::generate();
+    let mut task = TaskBuilder::new(bytes)
+        .task_id(TaskId::from_ulid(id))
+        .max_attempts(JOB_MAX_ATTEMPTS);
     if let Some(at) = run_at {
         // apalis stores run_at in whole seconds and runs a job once
         // run_at < now(): round up so the job never runs before `at`.
         let seconds = at.timestamp() + i64::from(at.timestamp_subsec_nanos() > 0);
         task = task.run_at_timestamp(seconds.max(0) as u64);
     }
-    apalis_postgres::queries::push_tasks(conn, queue, vec![task.build()]).await
+    apalis_postgres::queries::push_tasks(conn, queue, vec![task.build()]).await?;
+    Ok(id.to_string())
+}
+
+/// Makes a parked workflow's scheduled job (`workflows.wait_job`) due now
+/// and wakes the queue's workers, in the caller's transaction: a message
+/// resumes the workflow with the job it already has instead of a new one
+/// (which left the scheduled job to run, for nothing, at the deadline).
+/// False when that job is no longer waiting: enqueue a new one then.
+pub(crate) async fn make_due(conn: &mut PgConnection, job_id: &str) -> Result<bool, sqlx::Error> {
+    let woken: Option<String> = sqlx::query_scalar(
+        "WITH due AS (
+             UPDATE apalis.jobs SET run_at = now() WHERE id = $1 AND status = 'Pending'
+             RETURNING id, job_type)
+         SELECT pg_notify($2, json_build_object('job_type', job_type, 'id', id)::text)::text
+         FROM due",
+    )
+    .bind(job_id)
+    .bind(JOB_INSERT_CHANNEL)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(woken.is_some())
 }
 
 /// A queue error as the database error it is (or a protocol error).

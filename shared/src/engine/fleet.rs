@@ -5,7 +5,7 @@
 //! their next reap, without waiting for a heartbeat to go stale. Staleness
 //! of `last_seen` remains the fallback for a hung or cut-off process.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -16,7 +16,7 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::{oneshot, watch};
 
-use super::queue::{JOB_INSERT_CHANNEL, enqueue, queue_error};
+use super::queue::{JOB_INSERT_CHANNEL, enqueue_takeovers, queue_error};
 
 /// Channel on which a worker is asked to crash (chaos testing only).
 pub const CONTROL_CHANNEL: &str = "widget_worker_control";
@@ -241,13 +241,18 @@ async fn release_work(conn: &mut PgConnection, worker_ids: &[String]) -> Result<
     .fetch_all(&mut *conn)
     .await?;
     let mut moved = released.len() as u64;
+    // One insert per queue: a dead worker may own hundreds of sleepers.
+    let mut by_queue: HashMap<&str, Vec<&str>> = HashMap::new();
     for (workflow_id, queue) in &owned {
         if !released.contains(workflow_id) {
-            enqueue(conn, queue, workflow_id, None)
-                .await
-                .map_err(queue_error)?;
-            moved += 1;
+            by_queue.entry(queue).or_default().push(workflow_id);
         }
+    }
+    for (queue, workflow_ids) in by_queue {
+        enqueue_takeovers(conn, queue, &workflow_ids)
+            .await
+            .map_err(queue_error)?;
+        moved += workflow_ids.len() as u64;
     }
     // Not running (parked, finished): nothing to hand back, only the owner.
     sqlx::query("UPDATE workflows SET owner = NULL WHERE owner = ANY($1)")
@@ -282,13 +287,18 @@ pub(crate) async fn release_jobs(
     .bind(except)
     .fetch_all(&mut *conn)
     .await?;
-    for (id, job_type, _) in &moved {
+    if !moved.is_empty() {
+        let (ids, job_types): (Vec<&str>, Vec<&str>) = moved
+            .iter()
+            .map(|(id, job_type, _)| (id.as_str(), job_type.as_str()))
+            .unzip();
         sqlx::query(
-            "SELECT pg_notify($1, json_build_object('job_type', $2::text, 'id', $3::text)::text)",
+            "SELECT pg_notify($1, json_build_object('job_type', j.job_type, 'id', j.id)::text)
+             FROM unnest($2::text[], $3::text[]) AS j(id, job_type)",
         )
         .bind(JOB_INSERT_CHANNEL)
-        .bind(job_type)
-        .bind(id)
+        .bind(&ids)
+        .bind(&job_types)
         .execute(&mut *conn)
         .await?;
     }

@@ -39,14 +39,8 @@ pub async fn enqueue(
     workflow_id: &str,
     run_at: Option<DateTime<Utc>>,
 ) -> Result<String, apalis_postgres::Error> {
-    let job = WorkflowJob {
-        workflow_id: workflow_id.to_owned(),
-    };
-    let bytes = serde_json::to_vec(&job).expect("a struct of one string always serialises");
     let id = Ulid::generate();
-    let mut task = TaskBuilder::new(bytes)
-        .task_id(TaskId::from_ulid(id))
-        .max_attempts(JOB_MAX_ATTEMPTS);
+    let mut task = job(workflow_id).task_id(TaskId::from_ulid(id));
     if let Some(at) = run_at {
         // apalis stores run_at in whole seconds and runs a job once
         // run_at < now(): round up so the job never runs before `at`.
@@ -55,6 +49,33 @@ pub async fn enqueue(
     }
     apalis_postgres::queries::push_tasks(conn, queue, vec![task.build()]).await?;
     Ok(id.to_string())
+}
+
+/// Enqueues a run, due now and ahead of other due jobs, of each of
+/// `workflow_ids` on `queue`, in one statement: a takeover's workflows,
+/// which were running when their worker died.
+pub(crate) async fn enqueue_takeovers(
+    conn: &mut PgConnection,
+    queue: &str,
+    workflow_ids: &[&str],
+) -> Result<(), apalis_postgres::Error> {
+    let tasks = workflow_ids
+        .iter()
+        .map(|id| job(id).priority(TAKEOVER_PRIORITY).build())
+        .collect();
+    apalis_postgres::queries::push_tasks(conn, queue, tasks).await
+}
+
+/// apalis fetches higher priorities first; new work has 0.
+const TAKEOVER_PRIORITY: usize = 1;
+
+/// The job of a run of `workflow_id`.
+fn job(workflow_id: &str) -> TaskBuilder<Vec<u8>> {
+    let job = WorkflowJob {
+        workflow_id: workflow_id.to_owned(),
+    };
+    let bytes = serde_json::to_vec(&job).expect("a struct of one string always serialises");
+    TaskBuilder::new(bytes).max_attempts(JOB_MAX_ATTEMPTS)
 }
 
 /// Makes a parked workflow's scheduled job (`workflows.wait_job`) due now

@@ -314,6 +314,37 @@ async fn two_executions_at_once_apply_no_step_twice() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The job that resumes a parked workflow can reach the worker while the
+/// execution that parked it is still returning. It must wait for that
+/// execution, not be dropped as "already running": it is the only job the
+/// workflow has until its deadline (a dropped one left a paid checkout
+/// waiting, and its webhook answered 504, once in a benchmark run).
+#[tokio::test]
+async fn a_job_for_a_workflow_still_executing_here_waits_for_it() -> anyhow::Result<()> {
+    let db = engine_db().await?;
+    let engine = Engine::new(db.pool.clone());
+    let input = MessengerInput {
+        topic: "reply".into(),
+        timeout_ms: 60_000,
+    };
+    engine.start(MESSENGER, "resumed", &input).await?;
+    let runtime = runtime(&db)?.register(workflows::Messenger);
+    // The second call arrives while the first is executing (join! polls the
+    // first until it awaits, then the second).
+    let (first, second) = tokio::join!(runtime.execute("resumed"), runtime.execute("resumed"));
+    assert_eq!(
+        (first, second),
+        (ExecutionOutcome::Parked, ExecutionOutcome::Parked),
+        "the second execution ran after the first parked"
+    );
+    let executions: i32 =
+        sqlx::query_scalar("SELECT executions FROM workflows WHERE id = 'resumed'")
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!(executions, 2);
+    Ok(())
+}
+
 #[tokio::test]
 async fn messages_are_consumed_once_and_deadlines_survive_restarts() -> anyhow::Result<()> {
     let db = engine_db().await?;

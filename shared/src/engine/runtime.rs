@@ -1,7 +1,7 @@
 //! The worker side: runs workflows from apalis queues, keeps the process in
 //! the fleet registry, reaps dead workers and drains on shutdown.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -137,6 +137,10 @@ impl Default for RuntimeConfig {
     }
 }
 
+/// How long a job waits for an execution of its workflow already running
+/// in this process to end.
+const IN_FLIGHT_WAIT: Duration = Duration::from_secs(2);
+
 /// How one execution of a workflow ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExecutionOutcome {
@@ -171,7 +175,9 @@ struct Inner {
     worker_id: Arc<str>,
     lock_key: i64,
     workflows: HashMap<&'static str, Arc<dyn ErasedWorkflow>>,
-    in_flight: Mutex<HashSet<String>>,
+    /// Executions running in this process, each with a sender dropped when
+    /// it ends.
+    in_flight: Mutex<HashMap<String, watch::Sender<()>>>,
     in_flight_count: Arc<AtomicUsize>,
     drain: watch::Sender<bool>,
     config: RuntimeConfig,
@@ -191,7 +197,7 @@ impl Runtime {
                 worker_id: Arc::from(worker_id),
                 lock_key: rand::random::<i64>(),
                 workflows: HashMap::new(),
-                in_flight: Mutex::new(HashSet::new()),
+                in_flight: Mutex::new(HashMap::new()),
                 in_flight_count: Arc::new(AtomicUsize::new(0)),
                 drain,
                 config,
@@ -308,13 +314,32 @@ impl Runtime {
         mut slot: Option<oneshot::Sender<()>>,
     ) -> ExecutionOutcome {
         let inner = &self.inner;
-        if !inner
-            .in_flight
-            .lock()
-            .expect("in-flight set")
-            .insert(workflow_id.to_owned())
-        {
-            return ExecutionOutcome::Skipped;
+        // Another execution of this workflow in this process: usually one
+        // that has just parked and is still returning while the job that
+        // resumes it arrives. Dropping that job would lose the resume, so
+        // wait for the other execution to end. One still running after
+        // the wait carries the workflow on itself (a message reaches a
+        // running workflow through its own recv).
+        let deadline = tokio::time::Instant::now() + IN_FLIGHT_WAIT;
+        loop {
+            let running = {
+                let mut executions = inner.in_flight.lock().expect("in-flight set");
+                match executions.get(workflow_id) {
+                    Some(ended) => Some(ended.subscribe()),
+                    None => {
+                        executions.insert(workflow_id.to_owned(), watch::channel(()).0);
+                        None
+                    }
+                }
+            };
+            let Some(mut ended) = running else { break };
+            // Err once the other execution drops its sender: it ended.
+            if tokio::time::timeout_at(deadline, ended.changed())
+                .await
+                .is_err()
+            {
+                return ExecutionOutcome::Skipped;
+            }
         }
         inner.in_flight_count.fetch_add(1, Ordering::Relaxed);
         let _guard = InFlightGuard { inner, workflow_id };

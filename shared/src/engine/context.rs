@@ -145,7 +145,7 @@ impl WorkflowContext {
         loop {
             attempt += 1;
             let shared = self.open.is_some();
-            let mut tx = self.transaction(false).await?;
+            let mut tx = self.transaction().await?;
             let outcome = AssertUnwindSafe(f(&mut tx)).catch_unwind().await;
             let failure = match outcome {
                 Ok(Ok(value)) => {
@@ -227,7 +227,7 @@ impl WorkflowContext {
             let error = match outcome {
                 Ok(Ok(value)) => {
                     let output = serde_json::to_value(&value)?;
-                    let mut tx = self.transaction(false).await?;
+                    let mut tx = self.transaction().await?;
                     self.checkpoint(&mut tx, seq, name, &output, started)
                         .await?;
                     self.keep(tx).await?;
@@ -304,9 +304,7 @@ impl WorkflowContext {
         }
         self.check_draining()?;
         let started = Utc::now();
-        // The row lock first: a send either commits before this reads the
-        // messages, or waits and then sees the park.
-        let mut tx = self.transaction(true).await?;
+        let mut tx = self.transaction().await?;
         let deadline = match known_deadline {
             Some(at) => at,
             None => {
@@ -416,7 +414,7 @@ impl WorkflowContext {
         checkpoint: Option<(i32, DateTime<Utc>)>,
         at: DateTime<Utc>,
     ) -> Result<(), WorkflowError> {
-        let mut tx = self.transaction(true).await?;
+        let mut tx = self.transaction().await?;
         if let Some((seq, started)) = checkpoint {
             self.checkpoint(&mut tx, seq, "sleep", &json!(at), started)
                 .await?;
@@ -434,15 +432,10 @@ impl WorkflowContext {
     }
 
     /// The transaction of the next database operation: the one still open
-    /// from the claim or the steps before it (which holds the workflow's
-    /// row lock), or a new one. A new one takes the row lock first with the
-    /// guard when `lock_row`; otherwise the checkpoint insert checks the row
-    /// (a statement fewer per step). The operation hands it back to
+    /// from the claim or the steps before it, or a new one whose first
+    /// statement is the guard. The operation hands it back to
     /// [`WorkflowContext::keep`] when it succeeds, and drops it otherwise.
-    async fn transaction(
-        &mut self,
-        lock_row: bool,
-    ) -> Result<Transaction<'static, Postgres>, WorkflowError> {
+    async fn transaction(&mut self) -> Result<Transaction<'static, Postgres>, WorkflowError> {
         if let Some(tx) = self.open.take() {
             if self.cancel_requested {
                 // The cancellation is recorded in it.
@@ -452,9 +445,7 @@ impl WorkflowContext {
             return Ok(tx);
         }
         let mut tx = self.pool.begin().await?;
-        if lock_row {
-            self.guard(&mut tx).await?;
-        }
+        self.guard(&mut tx).await?;
         Ok(tx)
     }
 
@@ -528,9 +519,8 @@ impl WorkflowContext {
         }
     }
 
-    /// First statement of a transaction that must hold the workflow row
-    /// before it reads (recv, park): locks the row, so it serialises with
-    /// `send` and other executions, and sees cancellation.
+    /// First statement of every step transaction: locks the workflow row,
+    /// so steps of two executions serialise, and sees cancellation.
     async fn guard(&self, tx: &mut PgConnection) -> Result<(), WorkflowError> {
         let row: Option<(String, bool)> = sqlx::query_as(
             "SELECT status, cancel_requested FROM workflows WHERE id = $1 FOR UPDATE",
@@ -538,29 +528,6 @@ impl WorkflowContext {
         .bind(&self.workflow_id)
         .fetch_optional(&mut *tx)
         .await?;
-        self.verdict(row)
-    }
-
-    /// Why a checkpoint insert found the workflow closed to it: cancelled,
-    /// finished, or (neither) another execution's checkpoint was there.
-    async fn refused(&self, tx: &mut PgConnection, seq: i32, name: &str) -> WorkflowError {
-        let row: Result<Option<(String, bool)>, sqlx::Error> =
-            sqlx::query_as("SELECT status, cancel_requested FROM workflows WHERE id = $1")
-                .bind(&self.workflow_id)
-                .fetch_optional(&mut *tx)
-                .await;
-        match row {
-            Err(e) => e.into(),
-            Ok(row) => self.verdict(row).err().unwrap_or(WorkflowError::Fenced {
-                step: seq,
-                name: name.to_owned(),
-            }),
-        }
-    }
-
-    /// Whether steps may still run, from the workflow's status and cancel
-    /// request.
-    fn verdict(&self, row: Option<(String, bool)>) -> Result<(), WorkflowError> {
         match row {
             None => Err(WorkflowError::fatal("workflow row disappeared")),
             Some((_, true)) => Err(WorkflowError::Cancelled),
@@ -576,8 +543,7 @@ impl WorkflowContext {
         }
     }
 
-    /// Inserts a checkpoint, after those of the in-process sleeps before it,
-    /// if the workflow is still open to steps (not cancelled, not finished);
+    /// Inserts a checkpoint, after those of the in-process sleeps before it;
     /// a checkpoint already there means another execution won this step:
     /// this one is fenced off.
     async fn checkpoint(
@@ -614,8 +580,6 @@ impl WorkflowContext {
              SELECT $1, c.step_seq, c.name, c.output, $5, c.started_at, clock_timestamp()
              FROM unnest($2::int[], $3::text[], $4::jsonb[], $6::timestamptz[])
                  AS c(step_seq, name, output, started_at)
-             WHERE EXISTS (SELECT 1 FROM workflows w WHERE w.id = $1 AND NOT w.cancel_requested
-                           AND w.status NOT IN ('succeeded', 'failed', 'cancelled'))
              ON CONFLICT DO NOTHING",
         )
         .bind(&self.workflow_id)
@@ -630,7 +594,10 @@ impl WorkflowContext {
         if inserted == seqs.len() as u64 {
             Ok(())
         } else {
-            Err(self.refused(tx, seq, name).await)
+            Err(WorkflowError::Fenced {
+                step: seq,
+                name: name.to_owned(),
+            })
         }
     }
 

@@ -183,7 +183,10 @@ impl WorkflowError {
 
 impl From<sqlx::Error> for WorkflowError {
     fn from(error: sqlx::Error) -> Self {
-        if is_unavailable(&error) {
+        // A deadlock or serialisation failure of the engine's own statements
+        // (two executions of one workflow at once, say) says nothing about
+        // the workflow: replay it like an outage rather than fail it.
+        if is_unavailable(&error) || is_concurrency_conflict(&error) {
             WorkflowError::Unavailable(error)
         } else {
             WorkflowError::fatal(format!("database error: {error}"))
@@ -204,4 +207,10 @@ impl From<serde_json::Error> for WorkflowError {
     fn from(error: serde_json::Error) -> Self {
         WorkflowError::fatal(format!("payload encoding: {error}"))
     }
+}
+
+/// 40P01 deadlock detected, 40001 serialisation failure: retrying works.
+fn is_concurrency_conflict(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db)
+        if db.code().is_some_and(|code| matches!(code.as_ref(), "40P01" | "40001")))
 }

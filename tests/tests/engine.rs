@@ -746,17 +746,22 @@ async fn sleeping_workflows_hold_no_worker_slot() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Inputs of [`FLAKY`] runs, from `(fail_times, fatal, panic)`.
+fn flaky_runs(after_database_step: bool) -> impl Fn(i64, bool, bool) -> FlakyInput {
+    move |fail_times, fatal, panic| FlakyInput {
+        fail_times,
+        fatal,
+        panic,
+        after_database_step,
+    }
+}
+
 #[tokio::test]
 async fn retries_back_off_then_dead_letter_keeps_the_last_error() -> anyhow::Result<()> {
     let db = engine_db().await?;
     let engine = Engine::new(db.pool.clone());
     let _worker = spawn_worker(&db, "retries", &[])?;
-    let run = |fail_times, fatal, panic| FlakyInput {
-        fail_times,
-        fatal,
-        panic,
-        after_database_step: false,
-    };
+    let run = flaky_runs(false);
     engine
         .start(FLAKY, "recovers", &run(2, false, false))
         .await?;
@@ -803,12 +808,7 @@ async fn a_step_failing_after_another_in_its_transaction_keeps_each_effect_once(
     let db = engine_db().await?;
     let engine = Engine::new(db.pool.clone());
     let _worker = spawn_worker(&db, "shared-tx", &[])?;
-    let run = |fail_times, fatal, panic| FlakyInput {
-        fail_times,
-        fatal,
-        panic,
-        after_database_step: true,
-    };
+    let run = flaky_runs(true);
     engine
         .start(FLAKY, "recovers", &run(2, false, false))
         .await?;

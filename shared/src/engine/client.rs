@@ -11,7 +11,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 
 use super::events::{EventListener, Notice};
-use super::queue::{enqueue, make_due};
+use super::queue::{JOB_MAX_ATTEMPTS, new_job_id};
 use super::{EngineError, StepRecord, WorkflowHandle, WorkflowInfo, WorkflowKind, WorkflowStatus};
 
 /// Entry point of the engine's client calls. Cheap to clone.
@@ -73,10 +73,9 @@ impl Engine {
         id: &str,
         input: &impl Serialize,
     ) -> Result<WorkflowHandle, EngineError> {
-        let mut tx = self.pool.begin().await?;
-        let handle = Self::start_in(&mut tx, kind, id, input).await?;
-        tx.commit().await?;
-        Ok(handle)
+        // start_in's first statement does it all: no transaction of its own.
+        let mut conn = self.pool.acquire().await?;
+        Self::start_in(&mut conn, kind, id, input).await
     }
 
     /// [`Engine::start`] inside the caller's transaction (a workflow step
@@ -91,30 +90,41 @@ impl Engine {
             return Err(EngineError::InvalidId);
         }
         let input = serde_json::to_value(input)?;
-        let inserted = sqlx::query(
-            "INSERT INTO workflows (id, kind, queue, input) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (id) DO NOTHING",
+        // One statement: the workflow row and, when it is new, its job. The
+        // kind read sees the table as it was before the insert: a workflow
+        // already there.
+        let (job, existing): (Option<String>, Option<String>) = sqlx::query_as(
+            "WITH inserted AS (
+                 INSERT INTO workflows (id, kind, queue, input) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (id) DO NOTHING RETURNING id),
+             job AS (SELECT workflow_enqueue($3, id, $5, NULL, 0, $6) AS id FROM inserted)
+             SELECT (SELECT id FROM job), (SELECT kind FROM workflows WHERE id = $1)",
         )
         .bind(id)
         .bind(kind.name)
         .bind(kind.queue)
         .bind(&input)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected()
-            == 1;
-        if inserted {
-            enqueue(conn, kind.queue, id, None).await?;
+        .bind(new_job_id())
+        .bind(JOB_MAX_ATTEMPTS)
+        .fetch_one(&mut *conn)
+        .await?;
+        if job.is_some() {
             return Ok(WorkflowHandle {
                 id: id.to_owned(),
                 kind: kind.name.to_owned(),
                 created: true,
             });
         }
-        let existing: String = sqlx::query_scalar("SELECT kind FROM workflows WHERE id = $1")
-            .bind(id)
-            .fetch_one(&mut *conn)
-            .await?;
+        let existing = match existing {
+            Some(existing) => existing,
+            // Inserted by a start that committed after this statement began.
+            None => {
+                sqlx::query_scalar("SELECT kind FROM workflows WHERE id = $1")
+                    .bind(id)
+                    .fetch_one(&mut *conn)
+                    .await?
+            }
+        };
         if existing != kind.name {
             return Err(EngineError::KindConflict {
                 id: id.to_owned(),
@@ -129,68 +139,32 @@ impl Engine {
         })
     }
 
-    /// Delivers a message: stored and, if the workflow is parked, a resume
-    /// job enqueued, in one transaction.
+    /// Delivers a message: stored and, if the workflow is parked, its
+    /// wake-up job made due now (or a resume job enqueued), atomically: one
+    /// statement, the SQL function `workflow_send` (migration
+    /// 20261125000003).
     pub async fn send(&self, message: Message<'_>) -> Result<SendOutcome, EngineError> {
-        let mut tx = self.pool.begin().await?;
-        // The row lock orders this send against the workflow's own
-        // "no message yet, park" transaction: one of them sees the other.
-        let row: Option<(String, String, Option<String>)> = sqlx::query_as(
-            "SELECT status, queue, wait_job FROM workflows WHERE id = $1 FOR UPDATE",
-        )
-        .bind(message.workflow_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some((status, queue, wait_job)) = row else {
-            return Err(EngineError::UnknownWorkflow(message.workflow_id.to_owned()));
-        };
-        if let Some(key) = message.key {
-            let kept: Option<Value> = sqlx::query_scalar(
-                "SELECT payload FROM workflow_messages WHERE workflow_id = $1 AND message_key = $2",
-            )
-            .bind(message.workflow_id)
-            .bind(key)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(payload) = kept {
-                return Ok(SendOutcome::Duplicate { payload });
-            }
-        }
-        let status = WorkflowStatus::parse(&status).unwrap_or(WorkflowStatus::Running);
-        if status.is_terminal() {
-            return Err(EngineError::Finished {
+        let (outcome, status, kept): (String, Option<String>, Option<Value>) =
+            sqlx::query_as("SELECT * FROM workflow_send($1, $2, $3, $4, $5, $6)")
+                .bind(message.workflow_id)
+                .bind(message.topic)
+                .bind(&message.payload)
+                .bind(message.key)
+                .bind(new_job_id())
+                .bind(JOB_MAX_ATTEMPTS)
+                .fetch_one(&self.pool)
+                .await?;
+        match outcome.as_str() {
+            "delivered" => Ok(SendOutcome::Delivered),
+            "duplicate" => Ok(SendOutcome::Duplicate {
+                payload: kept.unwrap_or(Value::Null),
+            }),
+            "finished" => Err(EngineError::Finished {
                 id: message.workflow_id.to_owned(),
-                status: status.as_str().to_owned(),
-            });
+                status: status.unwrap_or_default(),
+            }),
+            _ => Err(EngineError::UnknownWorkflow(message.workflow_id.to_owned())),
         }
-        sqlx::query(
-            "INSERT INTO workflow_messages (workflow_id, topic, payload, message_key)
-             VALUES ($1, $2, $3, $4)",
-        )
-        .bind(message.workflow_id)
-        .bind(message.topic)
-        .bind(&message.payload)
-        .bind(message.key)
-        .execute(&mut *tx)
-        .await?;
-        if status == WorkflowStatus::Waiting {
-            sqlx::query(
-                "UPDATE workflows SET status = 'enqueued', wait_topic = NULL, wait_until = NULL,
-                 updated_at = now() WHERE id = $1",
-            )
-            .bind(message.workflow_id)
-            .execute(&mut *tx)
-            .await?;
-            let rescheduled = match wait_job {
-                Some(job) => make_due(&mut tx, &job).await?,
-                None => false,
-            };
-            if !rescheduled {
-                enqueue(&mut tx, &queue, message.workflow_id, None).await?;
-            }
-        }
-        tx.commit().await?;
-        Ok(SendOutcome::Delivered)
     }
 
     /// Reads an event now, without waiting.
@@ -266,15 +240,16 @@ impl Engine {
                 status: status.as_str().to_owned(),
             });
         }
-        let queue: String = sqlx::query_scalar(
+        sqlx::query(
             "UPDATE workflows SET status = 'enqueued', cancel_requested = false, error = NULL,
              attempts = 0, executions = 0, owner = NULL, updated_at = now()
-             WHERE id = $1 RETURNING queue",
+             WHERE id = $1 RETURNING workflow_enqueue(queue, id, $2, NULL, 0, $3)",
         )
         .bind(workflow_id)
+        .bind(new_job_id())
+        .bind(JOB_MAX_ATTEMPTS)
         .fetch_one(&mut *tx)
         .await?;
-        enqueue(&mut tx, &queue, workflow_id, None).await?;
         tx.commit().await?;
         Ok(())
     }

@@ -16,7 +16,7 @@ use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use tokio::sync::{oneshot, watch};
 
 use super::events::{EVENTS_CHANNEL, EventListener};
-use super::queue::enqueue;
+use super::queue::{JOB_MAX_ATTEMPTS, new_job_id};
 use super::{RetryPolicy, StepError, WorkflowError, WorkflowKind};
 
 /// A checkpoint loaded at the start of an execution.
@@ -601,21 +601,25 @@ impl WorkflowContext {
         }
     }
 
+    /// Parks the workflow until a message on `topic` or `until`, with the
+    /// job that wakes it then: one statement.
     async fn park(
         &self,
         tx: &mut PgConnection,
         topic: Option<&str>,
         until: DateTime<Utc>,
     ) -> Result<(), WorkflowError> {
-        let job = enqueue(tx, self.kind.queue, &self.workflow_id, Some(until)).await?;
         sqlx::query(
-            "UPDATE workflows SET status = 'waiting', owner = NULL, wait_topic = $2, wait_until = $3,
-             wait_job = $4, updated_at = now() WHERE id = $1",
+            "UPDATE workflows SET status = 'waiting', owner = NULL, wait_topic = $6, wait_until = $3,
+             wait_job = workflow_enqueue($1, $2, $4, $3, 0, $5), updated_at = now()
+             WHERE id = $2",
         )
+        .bind(self.kind.queue)
         .bind(&self.workflow_id)
-        .bind(topic)
         .bind(until)
-        .bind(job)
+        .bind(new_job_id())
+        .bind(JOB_MAX_ATTEMPTS)
+        .bind(topic)
         .execute(&mut *tx)
         .await?;
         Ok(())

@@ -45,9 +45,6 @@ pub enum EngineError {
     /// Any other database error.
     #[error("database error")]
     Database(#[source] sqlx::Error),
-    /// Enqueuing into apalis failed.
-    #[error("queue error")]
-    Queue(#[source] apalis_postgres::Error),
     /// A value could not be (de)serialised.
     #[error("payload encoding")]
     Encoding(#[from] serde_json::Error),
@@ -59,15 +56,6 @@ impl From<sqlx::Error> for EngineError {
             EngineError::Unavailable(error)
         } else {
             EngineError::Database(error)
-        }
-    }
-}
-
-impl From<apalis_postgres::Error> for EngineError {
-    fn from(error: apalis_postgres::Error) -> Self {
-        match error {
-            apalis_postgres::Error::Database(e) => e.into(),
-            other => EngineError::Queue(other),
         }
     }
 }
@@ -190,15 +178,6 @@ impl From<sqlx::Error> for WorkflowError {
             WorkflowError::Unavailable(error)
         } else {
             WorkflowError::fatal(format!("database error: {error}"))
-        }
-    }
-}
-
-impl From<apalis_postgres::Error> for WorkflowError {
-    fn from(error: apalis_postgres::Error) -> Self {
-        match error {
-            apalis_postgres::Error::Database(e) => e.into(),
-            other => WorkflowError::fatal(format!("queue error: {other}")),
         }
     }
 }

@@ -16,7 +16,7 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::{oneshot, watch};
 
-use super::queue::{JOB_INSERT_CHANNEL, enqueue_takeovers, queue_error};
+use super::queue::{JOB_INSERT_CHANNEL, enqueue_takeovers};
 
 /// Channel on which a worker is asked to crash (chaos testing only).
 pub const CONTROL_CHANNEL: &str = "widget_worker_control";
@@ -249,9 +249,7 @@ async fn release_work(conn: &mut PgConnection, worker_ids: &[String]) -> Result<
         }
     }
     for (queue, workflow_ids) in by_queue {
-        enqueue_takeovers(conn, queue, &workflow_ids)
-            .await
-            .map_err(queue_error)?;
+        enqueue_takeovers(conn, queue, &workflow_ids).await?;
         moved += workflow_ids.len() as u64;
     }
     // Not running (parked, finished): nothing to hand back, only the owner.

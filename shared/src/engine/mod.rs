@@ -44,7 +44,7 @@ pub use context::WorkflowContext;
 pub use context::set_event_in;
 pub use error::{EngineError, StepError, WorkflowError};
 pub use events::EventListener;
-pub use queue::{JOB_INSERT_CHANNEL, WorkflowJob, enqueue};
+pub use queue::{JOB_INSERT_CHANNEL, WorkflowJob};
 pub use runtime::{ExecutionOutcome, QueueConfig, Runtime, RuntimeConfig, Workflow};
 
 /// A kind of workflow and the queue its jobs go to.

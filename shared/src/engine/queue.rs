@@ -1,14 +1,13 @@
-//! The engine's use of apalis: one job type, enqueued inside the caller's
-//! transaction.
+//! The engine's use of apalis: one job type, written by the engine's own
+//! statements, fetched and run by apalis' workers.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use apalis::prelude::{PollSnapshot, PollStrategy, TaskBuilder, TaskId};
+use apalis::prelude::{PollSnapshot, PollStrategy};
 use apalis_postgres::Pubsub;
-use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool};
@@ -25,31 +24,16 @@ pub struct WorkflowJob {
 /// apalis' own attempt limit for a job. The engine handles step retries
 /// itself and its jobs always succeed, so this only bounds a job whose
 /// worker keeps dying while holding it.
-pub const JOB_MAX_ATTEMPTS: usize = 1000;
+pub const JOB_MAX_ATTEMPTS: i32 = 1000;
 
 /// Channel apalis' insert trigger notifies on; the reaper notifies it too
 /// when it re-enqueues a dead worker's jobs, so idle workers wake at once.
 pub const JOB_INSERT_CHANNEL: &str = "apalis::job::insert";
 
-/// Enqueues a run of `workflow_id` on `queue`, due now or at `run_at`, in
-/// the caller's transaction. Returns the job's id.
-pub async fn enqueue(
-    conn: &mut PgConnection,
-    queue: &str,
-    workflow_id: &str,
-    run_at: Option<DateTime<Utc>>,
-) -> Result<String, apalis_postgres::Error> {
-    let id = Ulid::generate();
-    let mut task = job(workflow_id).task_id(TaskId::from_ulid(id));
-    if let Some(at) = run_at {
-        // apalis stores run_at in whole seconds and runs a job once
-        // run_at < now(): round up so the job never runs before `at`.
-        let seconds = at.timestamp() + i64::from(at.timestamp_subsec_nanos() > 0);
-        task = task.run_at_timestamp(seconds.max(0) as u64);
-    }
-    apalis_postgres::queries::push_tasks(conn, queue, vec![task.build()]).await?;
-    Ok(id.to_string())
-}
+// Jobs are written by the SQL function `workflow_enqueue(queue, workflow_id,
+// job_id, run_at, priority, max_attempts)` (migration 20261125000003), called
+// inside the statement that needs the job: a workflow's start and its park
+// each write their job in one statement with the rest, a round trip fewer.
 
 /// Enqueues a run, due now and ahead of other due jobs, of each of
 /// `workflow_ids` on `queue`, in one statement: a takeover's workflows,
@@ -58,52 +42,28 @@ pub(crate) async fn enqueue_takeovers(
     conn: &mut PgConnection,
     queue: &str,
     workflow_ids: &[&str],
-) -> Result<(), apalis_postgres::Error> {
-    let tasks = workflow_ids
-        .iter()
-        .map(|id| job(id).priority(TAKEOVER_PRIORITY).build())
-        .collect();
-    apalis_postgres::queries::push_tasks(conn, queue, tasks).await
+) -> Result<(), sqlx::Error> {
+    let job_ids: Vec<String> = workflow_ids.iter().map(|_| new_job_id()).collect();
+    sqlx::query(
+        "SELECT workflow_enqueue($1, w.id, w.job_id, NULL, $4, $5)
+         FROM unnest($2::text[], $3::text[]) AS w(id, job_id)",
+    )
+    .bind(queue)
+    .bind(workflow_ids)
+    .bind(&job_ids)
+    .bind(TAKEOVER_PRIORITY)
+    .bind(JOB_MAX_ATTEMPTS)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// apalis fetches higher priorities first; new work has 0.
-const TAKEOVER_PRIORITY: usize = 1;
+const TAKEOVER_PRIORITY: i32 = 1;
 
-/// The job of a run of `workflow_id`.
-fn job(workflow_id: &str) -> TaskBuilder<Vec<u8>> {
-    let job = WorkflowJob {
-        workflow_id: workflow_id.to_owned(),
-    };
-    let bytes = serde_json::to_vec(&job).expect("a struct of one string always serialises");
-    TaskBuilder::new(bytes).max_attempts(JOB_MAX_ATTEMPTS)
-}
-
-/// Makes a parked workflow's scheduled job (`workflows.wait_job`) due now
-/// and wakes the queue's workers, in the caller's transaction: a message
-/// resumes the workflow with the job it already has instead of a new one
-/// (which left the scheduled job to run, for nothing, at the deadline).
-/// False when that job is no longer waiting: enqueue a new one then.
-pub(crate) async fn make_due(conn: &mut PgConnection, job_id: &str) -> Result<bool, sqlx::Error> {
-    let woken: Option<String> = sqlx::query_scalar(
-        "WITH due AS (
-             UPDATE apalis.jobs SET run_at = now() WHERE id = $1 AND status = 'Pending'
-             RETURNING id, job_type)
-         SELECT pg_notify($2, json_build_object('job_type', job_type, 'id', id)::text)::text
-         FROM due",
-    )
-    .bind(job_id)
-    .bind(JOB_INSERT_CHANNEL)
-    .fetch_optional(&mut *conn)
-    .await?;
-    Ok(woken.is_some())
-}
-
-/// A queue error as the database error it is (or a protocol error).
-pub(crate) fn queue_error(error: apalis_postgres::Error) -> sqlx::Error {
-    match error {
-        apalis_postgres::Error::Database(e) => e,
-        other => sqlx::Error::Protocol(format!("queue: {other}")),
-    }
+/// A new job's id: a ULID, as apalis makes them.
+pub(crate) fn new_job_id() -> String {
+    Ulid::generate().to_string()
 }
 
 /// When a queue's apalis worker looks for jobs: on each insert

@@ -24,7 +24,7 @@ use tracing::Instrument;
 
 use super::context::{Checkpoint, WorkflowContext, panic_message};
 use super::fleet::{self, CONTROL_CHANNEL, Registration};
-use super::queue::{JobWakeups, WorkflowJob, enqueue, queue_error};
+use super::queue::{JOB_MAX_ATTEMPTS, JobWakeups, WorkflowJob, new_job_id};
 use super::{RetryPolicy, WorkflowError, WorkflowKind};
 
 /// A workflow definition: typed input, output and retry policy.
@@ -538,16 +538,19 @@ impl Runtime {
                     Some(tx) => tx,
                     None => inner.pool.begin().await?,
                 };
+                // The hand-back and its job: one statement.
                 sqlx::query(
-                    "UPDATE workflows SET status = 'enqueued', owner = NULL, updated_at = now()
-                     WHERE id = $1 AND status = 'running'",
+                    "WITH handed AS (
+                         UPDATE workflows SET status = 'enqueued', owner = NULL, updated_at = now()
+                         WHERE id = $2 AND status = 'running')
+                     SELECT workflow_enqueue($1, $2, $3, NULL, 0, $4)",
                 )
+                .bind(queue)
                 .bind(workflow_id)
+                .bind(new_job_id())
+                .bind(JOB_MAX_ATTEMPTS)
                 .execute(&mut *tx)
                 .await?;
-                enqueue(&mut tx, queue, workflow_id, None)
-                    .await
-                    .map_err(queue_error)?;
                 tx.commit().await?;
                 tracing::info!("handed back to the queue (worker draining)");
                 ExecutionOutcome::HandedBack

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use shared::engine::{
-    Engine, StepError, Workflow, WorkflowContext, WorkflowError, WorkflowKind, set_event_in,
+    Engine, StepError, Workflow, WorkflowContext, WorkflowError, WorkflowKind, set_events_in,
 };
 use shared::store::{
     self, CHECKOUT, CheckoutInput, DISPATCH, DISPATCH_STEPS, DispatchInput, PaymentStatus,
@@ -45,7 +45,8 @@ impl Workflow for Checkout {
                     let reserved = store::reserve_inventory(tx, product_id).await?;
                     if !reserved {
                         // No unit: the API answers "out of stock" (409).
-                        set_event_in(tx, &checkout_id, topics::PAYMENT_ID, &Value::Null).await?;
+                        set_events_in(tx, &checkout_id, &[(topics::PAYMENT_ID, &Value::Null)])
+                            .await?;
                     }
                     Ok(reserved)
                 })
@@ -64,7 +65,12 @@ impl Workflow for Checkout {
                 Box::pin(async move {
                     let order_id = store::create_order(tx, product_id, &checkout_id).await?;
                     // The payment id is the checkout id.
-                    set_event_in(tx, &checkout_id, topics::PAYMENT_ID, &json!(checkout_id)).await?;
+                    set_events_in(
+                        tx,
+                        &checkout_id,
+                        &[(topics::PAYMENT_ID, &json!(checkout_id))],
+                    )
+                    .await?;
                     Ok(order_id)
                 })
             })
@@ -101,8 +107,11 @@ impl Workflow for Checkout {
                 } else {
                     store::cancel_order(tx, order_id).await?;
                 }
-                set_event_in(tx, &checkout_id, topics::PAYMENT_OUTCOME, &json!(outcome)).await?;
-                set_event_in(tx, &checkout_id, topics::ORDER_ID, &json!(order_id)).await?;
+                let events = [
+                    (topics::PAYMENT_OUTCOME, &json!(outcome)),
+                    (topics::ORDER_ID, &json!(order_id)),
+                ];
+                set_events_in(tx, &checkout_id, &events).await?;
                 Ok(())
             })
         })

@@ -263,7 +263,7 @@ impl WorkflowContext {
         self.tx_step(&name, move |tx| {
             let (workflow_id, key, value) = (workflow_id.clone(), key_owned.clone(), value.clone());
             Box::pin(async move {
-                set_event_in(tx, &workflow_id, &key, &value).await?;
+                set_events_in(tx, &workflow_id, &[(&key, &value)]).await?;
                 Ok(())
             })
         })
@@ -315,20 +315,19 @@ impl WorkflowContext {
                 at
             }
         };
-        let message: Option<(i64, Value)> = sqlx::query_as(
-            "SELECT id, payload FROM workflow_messages
-             WHERE workflow_id = $1 AND topic = $2 AND consumed_at IS NULL
-             ORDER BY id LIMIT 1 FOR UPDATE",
+        // Find and consume the oldest message in one statement.
+        let message: Option<Value> = sqlx::query_scalar(
+            "UPDATE workflow_messages SET consumed_at = now()
+             WHERE id = (SELECT id FROM workflow_messages
+                         WHERE workflow_id = $1 AND topic = $2 AND consumed_at IS NULL
+                         ORDER BY id LIMIT 1 FOR UPDATE)
+             RETURNING payload",
         )
         .bind(&self.workflow_id)
         .bind(topic)
         .fetch_optional(&mut *tx)
         .await?;
-        if let Some((message_id, payload)) = message {
-            sqlx::query("UPDATE workflow_messages SET consumed_at = now() WHERE id = $1")
-                .bind(message_id)
-                .execute(&mut *tx)
-                .await?;
+        if let Some(payload) = message {
             self.checkpoint(&mut tx, seq, &name, &json!({ "message": payload }), started)
                 .await?;
             self.keep(tx).await?;
@@ -673,27 +672,35 @@ impl WorkflowContext {
     }
 }
 
-/// Sets an event (upsert) and notifies waiters, in the caller's transaction.
-/// Inside a [`WorkflowContext::tx_step`] it happens exactly once with the step.
-pub async fn set_event_in(
+/// Sets events (upserts) and notifies their waiters, in the caller's
+/// transaction, in one statement however many there are. Inside a
+/// [`WorkflowContext::tx_step`] they happen exactly once with the step.
+pub async fn set_events_in(
     tx: &mut PgConnection,
     workflow_id: &str,
-    key: &str,
-    value: &Value,
+    events: &[(&str, &Value)],
 ) -> Result<(), sqlx::Error> {
-    // One statement: the notification goes out with the row's commit.
+    let keys: Vec<&str> = events.iter().map(|(key, _)| *key).collect();
+    let values: Vec<&Value> = events.iter().map(|(_, value)| *value).collect();
+    let payloads: Vec<String> = events
+        .iter()
+        .map(|(key, value)| EventListener::payload(workflow_id, key, value))
+        .collect();
+    // The notifications go out with the rows' commit.
     sqlx::query(
         "WITH event AS (
-             INSERT INTO workflow_events (workflow_id, key, value) VALUES ($1, $2, $3)
+             INSERT INTO workflow_events (workflow_id, key, value)
+             SELECT $1, e.key, e.value FROM unnest($2::text[], $3::jsonb[]) AS e(key, value)
              ON CONFLICT (workflow_id, key) DO UPDATE SET value = EXCLUDED.value, created_at = now()
-             RETURNING 1)
-         SELECT pg_notify($4, $5) FROM event",
+             RETURNING key)
+         SELECT pg_notify($4, n.payload)
+         FROM event JOIN unnest($2::text[], $5::text[]) AS n(key, payload) USING (key)",
     )
     .bind(workflow_id)
-    .bind(key)
-    .bind(value)
+    .bind(&keys)
+    .bind(&values)
     .bind(EVENTS_CHANNEL)
-    .bind(EventListener::payload(workflow_id, key, value))
+    .bind(&payloads)
     .execute(&mut *tx)
     .await?;
     Ok(())

@@ -41,7 +41,7 @@ use serde::Serialize;
 
 pub use client::{Engine, EventSubscription, Message, SendOutcome};
 pub use context::WorkflowContext;
-pub use context::set_event_in;
+pub use context::set_events_in;
 pub use error::{EngineError, StepError, WorkflowError};
 pub use events::EventListener;
 pub use queue::{JOB_INSERT_CHANNEL, WorkflowJob};

@@ -98,7 +98,7 @@ fn memory_mb(pid: u32, field: &str) -> f64 {
 
 // ------------------------------------------------------------ the ceiling
 
-fn pgbench(url: &str, script: &str, clients: u32) -> anyhow::Result<f64> {
+fn pgbench(url: &str, script: &str, clients: u32, seconds: u32) -> anyhow::Result<f64> {
     let bin = std::fs::read_dir("/usr/lib/postgresql")?
         .filter_map(|e| e.ok().map(|e| e.path().join("bin/pgbench")))
         .filter(|p| p.exists())
@@ -110,9 +110,9 @@ fn pgbench(url: &str, script: &str, clients: u32) -> anyhow::Result<f64> {
         .args([
             "-n",
             "-T",
-            "10",
+            &seconds.to_string(),
             "-j",
-            "2",
+            &clients.min(2).to_string(),
             "-c",
             &clients.to_string(),
             "-f",
@@ -138,7 +138,18 @@ fn pgbench(url: &str, script: &str, clients: u32) -> anyhow::Result<f64> {
         })
 }
 
-async fn ceiling(pool: &PgPool, url: &str) -> anyhow::Result<(f64, f64)> {
+/// PostgreSQL's own figures on the same server, same run.
+struct Ceiling {
+    /// Single-row insert commits/s at 16 clients.
+    insert_tps: f64,
+    /// Claim + 3 inserts + complete cycles/s at 16 clients.
+    cycle_tps: f64,
+    /// One `SELECT 1` round trip at 1 client, µs: what every statement on
+    /// a flow's path costs at least.
+    round_trip_us: f64,
+}
+
+async fn ceiling(pool: &PgPool, url: &str) -> anyhow::Result<Ceiling> {
     sqlx::raw_sql(
         "CREATE TABLE bench_insert (id bigserial PRIMARY KEY, v int);
          CREATE TABLE bench_jobs (id bigserial PRIMARY KEY, status text NOT NULL);
@@ -146,7 +157,8 @@ async fn ceiling(pool: &PgPool, url: &str) -> anyhow::Result<(f64, f64)> {
     )
     .execute(pool)
     .await?;
-    let insert = pgbench(url, "INSERT INTO bench_insert (v) VALUES (1);\n", 16)?;
+    let insert = pgbench(url, "INSERT INTO bench_insert (v) VALUES (1);\n", 16, 10)?;
+    let round_trip_us = 1e6 / pgbench(url, "SELECT 1;\n", 1, 5)?;
     // One queue cycle = claim + 3 checkpoint inserts + complete, each its own commit.
     let cycle = pgbench(
         url,
@@ -156,11 +168,16 @@ async fn ceiling(pool: &PgPool, url: &str) -> anyhow::Result<(f64, f64)> {
          INSERT INTO bench_steps (job, seq) VALUES (:job, 3);\n\
          UPDATE bench_jobs SET status = 'done' WHERE id = :job;\n",
         16,
+        10,
     )?;
     sqlx::raw_sql("DROP TABLE bench_insert, bench_jobs, bench_steps")
         .execute(pool)
         .await?;
-    Ok((insert, cycle))
+    Ok(Ceiling {
+        insert_tps: insert,
+        cycle_tps: cycle,
+        round_trip_us,
+    })
 }
 
 // ------------------------------------------------------------ flows
@@ -347,9 +364,14 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("widget-bench: {} worker(s); {machine}", args.workers);
 
-    let (insert_tps, cycle_tps) = ceiling(&s.db.pool, &s.db.url).await?;
+    let Ceiling {
+        insert_tps,
+        cycle_tps,
+        round_trip_us,
+    } = ceiling(&s.db.pool, &s.db.url).await?;
     println!(
-        "ceiling (pgbench, 16 clients): {insert_tps:.0} single-row insert commits/s; {cycle_tps:.0} queue cycles/s (claim + 3 inserts + complete)"
+        "ceiling (pgbench, 16 clients): {insert_tps:.0} single-row insert commits/s; {cycle_tps:.0} queue cycles/s (claim + 3 inserts + complete); \
+         round trip (SELECT 1, 1 client): {round_trip_us:.0} µs"
     );
 
     let mut levels = Vec::new();
@@ -368,7 +390,7 @@ async fn main() -> anyhow::Result<()> {
         let commit_delta = (commits(&s.db.pool).await? - commits_before) as f64;
         let flows = samples.flow.len() as f64;
         let per_1000 = |before: f64, after: f64| (after - before) / flows.max(1.0) * 1000.0;
-        let level = json!({
+        let mut level = json!({
             "clients": clients,
             "flows_per_s": flows / elapsed,
             "flows": flows,
@@ -385,10 +407,22 @@ async fn main() -> anyhow::Result<()> {
             },
             "ratio_to_insert_ceiling": flows / elapsed / insert_tps,
         });
+        // At one client nothing queues: the checkout's p50 in round trips
+        // is how many sequential waits its path is made of.
+        let checkout_p50 = level["checkout"]["p50_ms"].as_f64().unwrap_or(0.0);
+        let in_round_trips = if clients == 1 {
+            level["checkout_p50_round_trips"] = json!(checkout_p50 * 1000.0 / round_trip_us);
+            format!(
+                " ({:.0} round trips)",
+                checkout_p50 * 1000.0 / round_trip_us
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "c={clients:>2}: {:>6.1} flows/s | checkout p50 {:.1} p99 {:.1} ms | webhook p50 {:.1} p99 {:.1} ms | flow p50 {:.1} p95 {:.1} p99 {:.1} max {:.1} ms | {:.1} commits/paid order | errors {} {:?}",
+            "c={clients:>2}: {:>6.1} flows/s | checkout p50 {:.1}{in_round_trips} p99 {:.1} ms | webhook p50 {:.1} p99 {:.1} ms | flow p50 {:.1} p95 {:.1} p99 {:.1} max {:.1} ms | {:.1} commits/paid order | errors {} {:?}",
             level["flows_per_s"].as_f64().unwrap_or(0.0),
-            level["checkout"]["p50_ms"].as_f64().unwrap_or(0.0),
+            checkout_p50,
             level["checkout"]["p99_ms"].as_f64().unwrap_or(0.0),
             level["webhook"]["p50_ms"].as_f64().unwrap_or(0.0),
             level["webhook"]["p99_ms"].as_f64().unwrap_or(0.0),
@@ -419,7 +453,11 @@ async fn main() -> anyhow::Result<()> {
         "date": chrono::Utc::now().format("%Y-%m-%d").to_string(),
         "machine": machine,
         "workers": args.workers,
-        "ceiling": { "insert_commits_per_s": insert_tps, "queue_cycles_per_s": cycle_tps },
+        "ceiling": {
+            "insert_commits_per_s": insert_tps,
+            "queue_cycles_per_s": cycle_tps,
+            "round_trip_us": round_trip_us,
+        },
         "levels": levels,
         "rss": rss,
         "takeover": takeover,
@@ -609,7 +647,8 @@ fn markdown(r: &Value) -> String {
     let mut md = format!(
         "# Benchmark results\n\n{} on {} ({} worker(s)). Reproduce: `tests/bench.sh`.\n\n\
          PostgreSQL's own ceiling on the same server, same run (pgbench, 16 clients): \
-         **{:.0}** single-row insert commits/s, **{:.0}** queue cycles/s (claim + 3 inserts + complete).\n\n\
+         **{:.0}** single-row insert commits/s, **{:.0}** queue cycles/s (claim + 3 inserts + complete); \
+         one round trip (`SELECT 1`, 1 client) **{:.0} µs**.\n\n\
          | clients | flows/s | × insert ceiling | checkout p50 / p99 ms | webhook p50 / p99 ms | flow p50 / p95 / p99 / max ms | commits / paid order | CPU s per 1,000 flows (API / workers / PostgreSQL) | errors |\n\
          |---|---|---|---|---|---|---|---|---|\n",
         r["date"].as_str().unwrap_or(""),
@@ -617,13 +656,15 @@ fn markdown(r: &Value) -> String {
         r["workers"],
         r["ceiling"]["insert_commits_per_s"].as_f64().unwrap_or(0.0),
         r["ceiling"]["queue_cycles_per_s"].as_f64().unwrap_or(0.0),
+        r["ceiling"]["round_trip_us"].as_f64().unwrap_or(0.0),
     );
     let f = |v: &Value| v.as_f64().unwrap_or(0.0);
     for l in r["levels"].as_array().into_iter().flatten() {
         md.push_str(&format!(
-            "| {} | {:.1} | {:.3} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} / {:.1} / {:.1} | {:.1} | {:.2} / {:.2} / {:.2} | {} |\n",
+            "| {} | {:.1} | {:.4} | {:.1} / {:.1}{} | {:.1} / {:.1} | {:.1} / {:.1} / {:.1} / {:.1} | {:.1} | {:.2} / {:.2} / {:.2} | {} |\n",
             l["clients"], f(&l["flows_per_s"]), f(&l["ratio_to_insert_ceiling"]),
             f(&l["checkout"]["p50_ms"]), f(&l["checkout"]["p99_ms"]),
+            l["checkout_p50_round_trips"].as_f64().map(|n| format!(" ({n:.0} round trips)")).unwrap_or_default(),
             f(&l["webhook"]["p50_ms"]), f(&l["webhook"]["p99_ms"]),
             f(&l["flow"]["p50_ms"]), f(&l["flow"]["p95_ms"]), f(&l["flow"]["p99_ms"]), f(&l["flow"]["max_ms"]),
             f(&l["commits_per_paid_order"]),

@@ -673,8 +673,10 @@ impl WorkflowContext {
 }
 
 /// Sets events (upserts) and notifies their waiters, in the caller's
-/// transaction, in one statement however many there are. Inside a
-/// [`WorkflowContext::tx_step`] they happen exactly once with the step.
+/// transaction, in one statement however many there are (their keys must
+/// differ: PostgreSQL refuses to upsert one row twice in a statement).
+/// Inside a [`WorkflowContext::tx_step`] they happen exactly once with the
+/// step.
 pub async fn set_events_in(
     tx: &mut PgConnection,
     workflow_id: &str,

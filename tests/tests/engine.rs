@@ -746,6 +746,94 @@ async fn sleeping_workflows_hold_no_worker_slot() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[tokio::test]
+async fn notified_jobs_run_at_once_and_a_full_queue_falls_back_to_apalis() -> anyhow::Result<()> {
+    let db = engine_db().await?;
+    let engine = Engine::new(db.pool.clone());
+    // No timed poll within the test: every pickup below comes from a
+    // notification, taken directly or through apalis' fetch.
+    let poll_off = [
+        ("WORKER_CONCURRENCY", "2"),
+        ("WORKER_POLL_INTERVAL_MS", "600000"),
+    ];
+    let _a = spawn_worker(&db, "notified-a", &poll_off)?;
+    let _b = spawn_worker(&db, "notified-b", &poll_off)?;
+    wait_workers(&db.pool, 2).await?;
+
+    // One at a time, free slots: each job is taken from its notification
+    // by one of the two workers, never fetched by apalis (whose
+    // acknowledgement writes the handler's result into last_result).
+    for i in 0..10 {
+        let id = format!("one-by-one{i}");
+        engine.start(workflows::NOOP, &id, &json!(null)).await?;
+        wait_status(&db.pool, &id, "succeeded", Duration::from_secs(10)).await?;
+    }
+    let fetched: Vec<String> = sqlx::query_scalar(
+        "SELECT id || ' ' || status || ' ' || coalesce(last_result::text, '-') FROM apalis.jobs
+         WHERE status <> 'Done' OR last_result IS NOT NULL",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    assert!(
+        fetched.is_empty(),
+        "jobs not taken from their notification: {fetched:?}"
+    );
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM apalis.jobs").await?,
+        10,
+        "one job per workflow"
+    );
+
+    // A burst of 40 against 2 slots per worker: the notifications that
+    // find no free slot wake apalis' fetch instead, and every workflow
+    // finishes, each step once.
+    let starts = (0..40).map(|i| {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            engine
+                .start(workflows::NOOP, &format!("burst{i}"), &json!(null))
+                .await
+        })
+    });
+    for started in futures::future::try_join_all(starts).await? {
+        started?;
+    }
+    wait_until(
+        "all 40 of the burst finished",
+        Duration::from_secs(30),
+        || async {
+            Ok(count(
+                &db.pool,
+                "SELECT count(*) FROM workflows WHERE id LIKE 'burst%' AND status = 'succeeded'",
+            )
+            .await?
+                == 40)
+        },
+    )
+    .await?;
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM workflow_steps WHERE workflow_id LIKE 'burst%'"
+        )
+        .await?,
+        120,
+        "three checkpoints per workflow"
+    );
+    // apalis acknowledges the jobs it fetched a moment after their
+    // handler returns.
+    wait_until("every job done", Duration::from_secs(10), || async {
+        Ok(count(
+            &db.pool,
+            "SELECT count(*) FROM apalis.jobs WHERE status <> 'Done'",
+        )
+        .await?
+            == 0)
+    })
+    .await?;
+    Ok(())
+}
+
 /// Inputs of [`FLAKY`] runs, from `(fail_times, fatal, panic)`.
 fn flaky_runs(after_database_step: bool) -> impl Fn(i64, bool, bool) -> FlakyInput {
     move |fail_times, fatal, panic| FlakyInput {

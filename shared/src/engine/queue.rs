@@ -3,14 +3,17 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use apalis::prelude::{PollSnapshot, PollStrategy};
-use apalis_postgres::Pubsub;
-use futures::StreamExt;
+use futures::task::AtomicWaker;
 use serde::{Deserialize, Serialize};
+use sqlx::postgres::PgListener;
 use sqlx::{PgConnection, PgPool};
+use tokio::sync::watch;
 use tokio::time::Sleep;
 use ulid::Ulid;
 
@@ -66,34 +69,122 @@ pub(crate) fn new_job_id() -> String {
     Ulid::generate().to_string()
 }
 
-/// When a queue's apalis worker looks for jobs: on each insert
-/// notification, again [`RECHECK_AFTER`] later, and every poll interval.
+/// A job made due now, as notified on [`JOB_INSERT_CHANNEL`] by apalis'
+/// insert trigger and by the engine's own wake-ups.
+#[derive(Debug, Deserialize)]
+pub(crate) struct JobDue {
+    /// The queue.
+    pub(crate) job_type: String,
+    /// The job's id.
+    pub(crate) id: String,
+}
+
+/// Listens on [`JOB_INSERT_CHANNEL`] for the whole process (one connection,
+/// whatever the number of queues), reconnecting by itself, until `stop`
+/// turns true. `on_notice` gets each job made due, and `None` whenever
+/// notices may have been missed (the listener (re)connected): every queue
+/// should then look for work.
+pub(crate) async fn listen_for_jobs(
+    pool: PgPool,
+    mut stop: watch::Receiver<bool>,
+    mut on_notice: impl FnMut(Option<JobDue>),
+) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let connected = async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen(JOB_INSERT_CHANNEL).await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        let mut listener = tokio::select! {
+            connected = connected => match connected {
+                Ok(listener) => listener,
+                Err(e) => {
+                    tracing::warn!(error = %e, "job listener cannot connect; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = super::until_true(&mut stop) => return,
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            },
+            _ = super::until_true(&mut stop) => return,
+        };
+        delay = Duration::from_millis(100);
+        on_notice(None);
+        loop {
+            let received = tokio::select! {
+                received = listener.try_recv() => received,
+                _ = super::until_true(&mut stop) => return,
+            };
+            match received {
+                Ok(Some(notification)) => {
+                    if let Ok(job) = serde_json::from_str::<JobDue>(notification.payload()) {
+                        on_notice(Some(job));
+                    }
+                }
+                // Dropped; the next try_recv reconnects.
+                Ok(None) => on_notice(None),
+                Err(e) => {
+                    tracing::warn!(error = %e, "job listener failed; reconnecting");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Asks one queue's apalis worker to fetch, from outside its poll loop: the
+/// job listener does when it cannot run a notified job itself.
+#[derive(Clone, Default)]
+pub(crate) struct FetchWake(Arc<FetchWakeState>);
+
+#[derive(Default)]
+struct FetchWakeState {
+    asked: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl FetchWake {
+    /// Asks for a fetch.
+    pub(crate) fn wake(&self) {
+        self.0.asked.store(true, Ordering::Release);
+        self.0.waker.wake();
+    }
+
+    /// Whether a fetch was asked for since the last call; registers `cx`
+    /// to be woken by the next ask.
+    fn take(&self, cx: &Context<'_>) -> bool {
+        self.0.waker.register(cx.waker());
+        self.0.asked.swap(false, Ordering::AcqRel)
+    }
+}
+
+/// When a queue's apalis worker looks for jobs: when asked (a notified job
+/// the process could not run at once), again [`RECHECK_AFTER`] later, and
+/// every poll interval (jobs scheduled for later send no notification).
 ///
-/// apalis forgets a notification that arrives while one of its fetches is
-/// in flight: that fetch read the queue before the job committed and comes
+/// apalis forgets a wake-up that arrives while one of its fetches is in
+/// flight: that fetch read the queue before the job committed and comes
 /// back empty, and the job then waited for the next interval (up to 200 ms;
 /// 6 % of sequential checkouts did). The recheck catches it in
 /// milliseconds.
 pub(crate) struct JobWakeups {
-    inserts: Pubsub,
+    asked: FetchWake,
     interval: Duration,
     next_poll: Pin<Box<Sleep>>,
     recheck: Option<Pin<Box<Sleep>>>,
 }
 
-/// How long after a notification the queue is read once more.
+/// How long after a wake-up the queue is read once more.
 const RECHECK_AFTER: Duration = Duration::from_millis(5);
 
 impl JobWakeups {
-    /// Wake-ups for `queue`'s worker: its insert notifications (on a
-    /// listener connection of its own) and a poll every `interval`.
-    pub(crate) fn new(pool: &PgPool, queue: &str, interval: Duration) -> Self {
-        Self::with(Pubsub::new(pool.clone(), queue.to_owned()), interval)
-    }
-
-    fn with(inserts: Pubsub, interval: Duration) -> Self {
+    /// Wake-ups of a queue's worker: when `asked`, and every `interval`.
+    pub(crate) fn new(asked: FetchWake, interval: Duration) -> Self {
         Self {
-            inserts,
+            asked,
             interval,
             next_poll: Box::pin(tokio::time::sleep(interval)),
             recheck: None,
@@ -103,18 +194,16 @@ impl JobWakeups {
 
 impl Clone for JobWakeups {
     fn clone(&self) -> Self {
-        Self::with(self.inserts.clone(), self.interval)
+        Self::new(self.asked.clone(), self.interval)
     }
 }
 
 impl PollStrategy for JobWakeups {
-    // Each timer or stream polled here holds the worker's waker: when one
+    // Each timer polled here, and the ask, hold the worker's waker: when one
     // fires, apalis polls its backend, which fetches unless it already is.
     fn poll_drive(&mut self, cx: &mut Context<'_>, _: &PollSnapshot) -> Poll<Option<()>> {
         let mut woken = false;
-        // Ends (Ready(None)) if its listener cannot connect: the interval
-        // then serves alone until the worker restarts.
-        while let Poll::Ready(Some(_)) = self.inserts.poll_next_unpin(cx) {
+        if self.asked.take(cx) {
             woken = true;
             self.recheck = Some(Box::pin(tokio::time::sleep(RECHECK_AFTER)));
         }

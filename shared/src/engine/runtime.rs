@@ -18,13 +18,13 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgListener};
-use sqlx::{PgPool, Postgres, Transaction};
-use tokio::sync::{oneshot, watch};
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use tokio::sync::{Semaphore, oneshot, watch};
 use tracing::Instrument;
 
 use super::context::{Checkpoint, WorkflowContext, panic_message};
 use super::fleet::{self, CONTROL_CHANNEL, Registration};
-use super::queue::{JOB_MAX_ATTEMPTS, JobWakeups, WorkflowJob, new_job_id};
+use super::queue::{self, FetchWake, JOB_MAX_ATTEMPTS, JobWakeups, WorkflowJob, new_job_id};
 use super::{RetryPolicy, WorkflowError, WorkflowKind};
 
 /// A workflow definition: typed input, output and retry policy.
@@ -163,6 +163,20 @@ pub enum ExecutionOutcome {
     Abandoned,
 }
 
+/// A claimed workflow: what its execution needs.
+#[derive(sqlx::FromRow)]
+struct Claim {
+    workflow_id: String,
+    kind: String,
+    queue: String,
+    input: Value,
+    previous_status: String,
+    previous_owner: Option<String>,
+    cancel_requested: bool,
+    executions: i32,
+    checkpoints: Value,
+}
+
 /// The worker-side engine of one process.
 #[derive(Clone)]
 pub struct Runtime {
@@ -179,8 +193,19 @@ struct Inner {
     /// it ends.
     in_flight: Mutex<HashMap<String, watch::Sender<()>>>,
     in_flight_count: Arc<AtomicUsize>,
+    /// The queues this process consumes, by name.
+    queues: HashMap<String, QueueSlots>,
     drain: watch::Sender<bool>,
     config: RuntimeConfig,
+}
+
+/// One queue's executions in this process: at most its concurrency hold a
+/// slot at once, whether apalis fetched their job or a notification named it.
+#[derive(Clone)]
+struct QueueSlots {
+    slots: Arc<Semaphore>,
+    /// Asks the queue's apalis worker to fetch.
+    fetch: FetchWake,
 }
 
 impl Runtime {
@@ -199,6 +224,17 @@ impl Runtime {
                 workflows: HashMap::new(),
                 in_flight: Mutex::new(HashMap::new()),
                 in_flight_count: Arc::new(AtomicUsize::new(0)),
+                queues: config
+                    .queues
+                    .iter()
+                    .map(|q| {
+                        let slots = QueueSlots {
+                            slots: Arc::new(Semaphore::new(q.concurrency.max(1))),
+                            fetch: FetchWake::default(),
+                        };
+                        (q.name.clone(), slots)
+                    })
+                    .collect(),
                 drain,
                 config,
             }),
@@ -253,6 +289,7 @@ impl Runtime {
             tokio::spawn(reap_loop(inner.clone(), stop_rx.clone())),
             tokio::spawn(prune_loop(inner.clone(), stop_rx.clone())),
             tokio::spawn(control_loop(inner.clone(), stop_rx.clone())),
+            tokio::spawn(job_notice_loop(inner.clone())),
         ];
         let queues: Vec<_> = inner
             .config
@@ -302,18 +339,19 @@ impl Runtime {
     /// Executes (or resumes) one workflow to its next park or its end.
     /// The queue handler calls this; tests call it to force races.
     pub async fn execute(&self, workflow_id: &str) -> ExecutionOutcome {
-        self.execute_in_slot(workflow_id, None).await
+        self.execute_in_slot(workflow_id, None, None).await
     }
 
     /// [`Runtime::execute`] for a queue job: `slot` fires when the execution
     /// gives its queue slot back (an in-process sleep); dropping it unfired
-    /// means the execution is over.
+    /// means the execution is over. With `job_id`, the claim also takes that
+    /// job if it is still waiting in the queue.
     async fn execute_in_slot(
         &self,
         workflow_id: &str,
-        mut slot: Option<oneshot::Sender<()>>,
+        job_id: Option<&str>,
+        slot: Option<oneshot::Sender<()>>,
     ) -> ExecutionOutcome {
-        let inner = &self.inner;
         // Another execution of this workflow in this process: usually one
         // that has just parked and is still returning while the job that
         // resumes it arrives. Dropping that job would lose the resume, so
@@ -321,18 +359,11 @@ impl Runtime {
         // the wait carries the workflow on itself (a message reaches a
         // running workflow through its own recv).
         let deadline = tokio::time::Instant::now() + IN_FLIGHT_WAIT;
-        loop {
-            let running = {
-                let mut executions = inner.in_flight.lock().expect("in-flight set");
-                match executions.get(workflow_id) {
-                    Some(ended) => Some(ended.subscribe()),
-                    None => {
-                        executions.insert(workflow_id.to_owned(), watch::channel(()).0);
-                        None
-                    }
-                }
+        let guard = loop {
+            let mut ended = match self.enter(workflow_id) {
+                Ok(guard) => break guard,
+                Err(ended) => ended,
             };
-            let Some(mut ended) = running else { break };
             // Err once the other execution drops its sender: it ended.
             if tokio::time::timeout_at(deadline, ended.changed())
                 .await
@@ -340,13 +371,88 @@ impl Runtime {
             {
                 return ExecutionOutcome::Skipped;
             }
+        };
+        self.execute_entered(guard, job_id, None, slot).await
+    }
+
+    /// Runs the job `job_id` of `queue`, named in a notification, without
+    /// waiting for apalis to fetch it: one statement takes the job (unless
+    /// another worker already has) and claims its workflow. `Skipped` when
+    /// the job was taken elsewhere or its workflow has finished.
+    async fn execute_job(
+        &self,
+        job_id: &str,
+        slot: Option<oneshot::Sender<()>>,
+    ) -> ExecutionOutcome {
+        let claimed = async {
+            let mut tx = Box::pin(self.inner.pool.begin()).await?;
+            let claim = Box::pin(self.claim(&mut tx, None, Some(job_id))).await?;
+            Ok::<_, sqlx::Error>((tx, claim))
         }
+        .await;
+        let (tx, claim) = match claimed {
+            Ok((tx, Some(claim))) => (tx, claim),
+            Ok((tx, None)) => {
+                // The job, if this took it, belonged to a finished workflow.
+                let _ = tx.commit().await;
+                return ExecutionOutcome::Skipped;
+            }
+            Err(e) => {
+                // Nothing taken: the job waits in the queue for a fetch.
+                tracing::debug!(job_id, error = %e, "could not take a notified job");
+                return ExecutionOutcome::Skipped;
+            }
+        };
+        let workflow_id = claim.workflow_id.clone();
+        match self.enter(&workflow_id) {
+            Ok(guard) => {
+                self.execute_entered(guard, Some(job_id), Some((tx, claim)), slot)
+                    .await
+            }
+            Err(_) => {
+                // Another execution here still holds it: give the claim
+                // back and wait for that one, as a fetched job would.
+                let _ = tx.rollback().await;
+                self.execute_in_slot(&workflow_id, Some(job_id), slot).await
+            }
+        }
+    }
+
+    /// Marks `workflow_id` as executing in this process, or returns a
+    /// receiver that ends when the execution already here does.
+    fn enter<'a>(&'a self, workflow_id: &'a str) -> Result<InFlightGuard<'a>, watch::Receiver<()>> {
+        let inner = &*self.inner;
+        let mut executions = inner.in_flight.lock().expect("in-flight set");
+        if let Some(ended) = executions.get(workflow_id) {
+            return Err(ended.subscribe());
+        }
+        executions.insert(workflow_id.to_owned(), watch::channel(()).0);
         inner.in_flight_count.fetch_add(1, Ordering::Relaxed);
-        let _guard = InFlightGuard { inner, workflow_id };
+        Ok(InFlightGuard { inner, workflow_id })
+    }
+
+    /// Executes an entered workflow to its next park or its end, replaying
+    /// while the database is away. `claimed`: the first execution's claim,
+    /// already made.
+    async fn execute_entered(
+        &self,
+        guard: InFlightGuard<'_>,
+        job_id: Option<&str>,
+        mut claimed: Option<(Transaction<'static, Postgres>, Claim)>,
+        mut slot: Option<oneshot::Sender<()>>,
+    ) -> ExecutionOutcome {
+        let workflow_id = guard.workflow_id;
         let mut delay = Duration::from_millis(100);
         let mut batch = true;
         loop {
-            match self.execute_once(workflow_id, &mut slot, batch).await {
+            let executed = match claimed.take() {
+                Some((tx, claim)) => Box::pin(self.run_claimed(tx, claim, &mut slot, batch)).await,
+                None => {
+                    self.execute_once(workflow_id, job_id, &mut slot, batch)
+                        .await
+                }
+            };
+            match executed {
                 Ok(Some(outcome)) => return outcome,
                 Ok(None) => {
                     tracing::info!(
@@ -356,7 +462,7 @@ impl Runtime {
                     batch = false;
                 }
                 Err(e) => {
-                    if *inner.drain.borrow() {
+                    if *self.inner.drain.borrow() {
                         return ExecutionOutcome::Abandoned;
                     }
                     tracing::warn!(workflow_id, error = %e, "database unavailable; will replay when it returns");
@@ -367,67 +473,94 @@ impl Runtime {
         }
     }
 
-    /// One execution: claim, run, settle. `None` asks for a replay without
-    /// batching (a step failed inside a shared transaction).
-    async fn execute_once(
+    /// Claims a workflow in one statement: locks its row, marks it running
+    /// unless it has finished, and returns what the execution needs, its
+    /// checkpoints included. The workflow is `workflow_id`, or the one of
+    /// the job `job_id`; with `job_id`, the statement also takes that job
+    /// (marks it done) if it is due and no other worker holds it.
+    async fn claim(
         &self,
-        workflow_id: &str,
-        slot: &mut Option<oneshot::Sender<()>>,
-        batch: bool,
-    ) -> Result<Option<ExecutionOutcome>, sqlx::Error> {
-        let inner = &self.inner;
-        // Claim in one statement: lock the row, mark it running unless it has
-        // finished, and return what the execution needs.
-        // The checkpoints come with it (a statement fewer per execution).
-        // When batching, its transaction stays open for the first steps: the
-        // row lock it takes is their guard, and one commit serves them all.
-        type Claim = (
-            String,
-            String,
-            Value,
-            String,
-            Option<String>,
-            bool,
-            i32,
-            Value,
-        );
-        // Boxed, like every call below but the workflow's own future: the
-        // execution's future then stays small through a long sleep.
-        let mut tx = Box::pin(inner.pool.begin()).await?;
-        let claimed: Option<Claim> = Box::pin(
-            sqlx::query_as(
-            "WITH previous AS (SELECT id, status, owner FROM workflows WHERE id = $1 FOR UPDATE)
+        tx: &mut PgConnection,
+        workflow_id: Option<&str>,
+        job_id: Option<&str>,
+    ) -> Result<Option<Claim>, sqlx::Error> {
+        sqlx::query_as(
+            "WITH job AS (
+                 UPDATE apalis.jobs j SET status = 'Done', attempts = j.attempts + 1,
+                     lock_at = now(), done_at = now()
+                 WHERE j.id = (SELECT id FROM apalis.jobs
+                               WHERE id = $3 AND status = 'Pending' AND run_at <= now()
+                               FOR UPDATE SKIP LOCKED)
+                 RETURNING convert_from(j.job, 'UTF8')::json ->> 'workflow_id' AS workflow_id),
+             previous AS (
+                 SELECT id, status, owner FROM workflows
+                 WHERE id = coalesce($1, (SELECT workflow_id FROM job))
+                 FOR UPDATE)
              UPDATE workflows w SET status = 'running', owner = $2, executions = w.executions + 1,
                  wait_topic = NULL, wait_until = NULL, updated_at = now()
              FROM previous
              WHERE w.id = previous.id AND previous.status NOT IN ('succeeded', 'failed', 'cancelled')
-             RETURNING w.kind, w.queue, w.input, previous.status, previous.owner,
+             RETURNING w.id AS workflow_id, w.kind, w.queue, w.input,
+                 previous.status AS previous_status, previous.owner AS previous_owner,
                  w.cancel_requested, w.executions,
                  (SELECT coalesce(json_agg(json_build_object(
                           'step_seq', s.step_seq, 'name', s.name, 'output', s.output,
                           'finished_at', s.finished_at)
                           ORDER BY s.step_seq), '[]')
-                  FROM workflow_steps s WHERE s.workflow_id = w.id)",
+                  FROM workflow_steps s WHERE s.workflow_id = w.id) AS checkpoints",
         )
-            .bind(workflow_id)
-            .bind(&*inner.worker_id)
-            .fetch_optional(&mut *tx),
-        )
-        .await?;
-        let Some((
+        .bind(workflow_id)
+        .bind(&*self.inner.worker_id)
+        .bind(job_id)
+        .fetch_optional(tx)
+        .await
+    }
+
+    /// One execution: claim, run, settle. `None` asks for a replay without
+    /// batching (a step failed inside a shared transaction).
+    async fn execute_once(
+        &self,
+        workflow_id: &str,
+        job_id: Option<&str>,
+        slot: &mut Option<oneshot::Sender<()>>,
+        batch: bool,
+    ) -> Result<Option<ExecutionOutcome>, sqlx::Error> {
+        // Boxed, like every call below but the workflow's own future: the
+        // execution's future then stays small through a long sleep.
+        let mut tx = Box::pin(self.inner.pool.begin()).await?;
+        let claimed = Box::pin(self.claim(&mut tx, Some(workflow_id), job_id)).await?;
+        let Some(claim) = claimed else {
+            // Finished already (a late or duplicate job), or no such
+            // workflow. Committed: a job this took is done.
+            Box::pin(tx.commit()).await?;
+            return Ok(Some(ExecutionOutcome::Skipped));
+        };
+        Box::pin(self.run_claimed(tx, claim, slot, batch)).await
+    }
+
+    /// Runs a claimed workflow and settles how the execution ended. When
+    /// batching, the claim's transaction stays open for the first steps: the
+    /// row lock it took is their guard, and one commit serves them all.
+    async fn run_claimed(
+        &self,
+        tx: Transaction<'static, Postgres>,
+        claim: Claim,
+        slot: &mut Option<oneshot::Sender<()>>,
+        batch: bool,
+    ) -> Result<Option<ExecutionOutcome>, sqlx::Error> {
+        let inner = &self.inner;
+        let Claim {
+            workflow_id,
             kind,
             queue,
             input,
             previous_status,
             previous_owner,
             cancel_requested,
-            execution,
+            executions: execution,
             checkpoints,
-        )) = claimed
-        else {
-            // Finished already (a late or duplicate job), or no such workflow.
-            return Ok(Some(ExecutionOutcome::Skipped));
-        };
+        } = claim;
+        let workflow_id = workflow_id.as_str();
         let open = if batch {
             Some(tx)
         } else {
@@ -635,25 +768,81 @@ impl Drop for InFlightGuard<'_> {
     }
 }
 
-/// Runs the job's workflow on a task of its own and returns (acking the
-/// job, freeing its slot) when the execution ends or gives the slot back
-/// for an in-process sleep. An execution that outlives its job is
+/// Runs the job's workflow on a task of its own once the queue has a free
+/// slot, and returns (acking the job) when the execution ends or gives the
+/// slot back for an in-process sleep. An execution that outlives its job is
 /// recovered through `workflows.owner` should this process die.
-async fn handle_job(job: WorkflowJob, inner: Data<Arc<Inner>>) -> Result<(), BoxDynError> {
+async fn handle_job(job: WorkflowJob, queue: Data<FetchedJobs>) -> Result<(), BoxDynError> {
+    let permit = queue.slots.slots.clone().acquire_owned().await?;
     let runtime = Runtime {
-        inner: (*inner).clone(),
+        inner: queue.inner.clone(),
     };
     let (slot, released) = oneshot::channel();
-    tokio::spawn(async move { runtime.execute_in_slot(&job.workflow_id, Some(slot)).await });
+    tokio::spawn(async move {
+        runtime
+            .execute_in_slot(&job.workflow_id, None, Some(slot))
+            .await
+    });
     // Fired, or dropped when the execution ended: either way, done here.
     let _ = released.await;
+    drop(permit);
     Ok(())
+}
+
+/// What a queue's apalis handler needs.
+#[derive(Clone)]
+struct FetchedJobs {
+    inner: Arc<Inner>,
+    slots: QueueSlots,
+}
+
+/// Runs each job notified due on a queue of this process at once, when the
+/// queue has a free slot: the notification names the job, so one statement
+/// takes it and claims its workflow, without apalis' fetch (its own
+/// transaction, and the dispatch to a handler: about 4 ms of a 1-client
+/// checkout). Both workers race for each job; the loser's take finds it
+/// locked or gone. A queue without a free slot asks apalis to fetch
+/// instead, and its handler waits for a slot.
+async fn job_notice_loop(inner: Arc<Inner>) {
+    let stop = inner.drain.subscribe();
+    let notices = inner.clone();
+    queue::listen_for_jobs(inner.pool.clone(), stop, move |notice| {
+        let inner = &notices;
+        let Some(job) = notice else {
+            // Notices may have been missed: every queue looks for work.
+            for queue in inner.queues.values() {
+                queue.fetch.wake();
+            }
+            return;
+        };
+        let Some(queue) = inner.queues.get(&job.job_type) else {
+            return;
+        };
+        if *inner.drain.borrow() {
+            return;
+        }
+        let Ok(permit) = queue.slots.clone().try_acquire_owned() else {
+            queue.fetch.wake();
+            return;
+        };
+        let runtime = Runtime {
+            inner: inner.clone(),
+        };
+        tokio::spawn(async move {
+            let (slot, released) = oneshot::channel();
+            tokio::spawn(async move { runtime.execute_job(&job.id, Some(slot)).await });
+            let _ = released.await;
+            drop(permit);
+        });
+    })
+    .await;
 }
 
 /// Runs the apalis worker of one queue, restarting it (under a new name, so
 /// its registration never collides with the old one) if it dies, for
 /// example when the database restarts.
 async fn run_queue(inner: Arc<Inner>, queue: QueueConfig) {
+    let slots = inner.queues[&queue.name].clone();
     let mut drain = inner.drain.subscribe();
     let mut generation = 0u32;
     loop {
@@ -692,13 +881,15 @@ async fn run_queue(inner: Arc<Inner>, queue: QueueConfig) {
         let backend = PostgresStorage::<WorkflowJob>::new(&inner.pool)
             .with_config(config)
             .poll_with_strategy(JobWakeups::new(
-                &inner.pool,
-                &queue.name,
+                slots.fetch.clone(),
                 inner.config.poll_interval,
             ));
         let worker = WorkerBuilder::new(name.as_str())
             .backend(backend)
-            .data(inner.clone())
+            .data(FetchedJobs {
+                inner: inner.clone(),
+                slots: slots.clone(),
+            })
             .concurrency(queue.concurrency.max(1))
             .build(handle_job);
         let mut stop = drain.clone();

@@ -52,7 +52,7 @@ pub struct WorkflowContext {
     pub(crate) running: bool,
     /// `replayed_until`, for the operation that ran first after replay.
     pub(crate) resumed_after: Option<DateTime<Utc>>,
-    /// The transaction holding the claim and the steps since, not yet
+    /// The transaction holding the steps since the last commit, not yet
     /// committed: the next database operation joins it (see `batch`).
     pub(crate) open: Option<Transaction<'static, Postgres>>,
     /// Consecutive database operations share one transaction, committed when
@@ -61,6 +61,8 @@ pub struct WorkflowContext {
     pub(crate) batch: bool,
     /// The claim saw a cancel request: the next step sees it.
     pub(crate) cancel_requested: bool,
+    /// `open` holds the workflow row's lock (a recv took it).
+    pub(crate) locked: bool,
 }
 
 /// A checkpoint waiting for the next step's transaction.
@@ -310,34 +312,52 @@ impl WorkflowContext {
             None => {
                 let at =
                     started + chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
-                self.checkpoint(&mut tx, deadline_seq, &deadline_name, &json!(at), started)
-                    .await?;
+                // The guard's lock rides in this checkpoint.
+                let lock = !self.locked;
+                self.insert_checkpoints(
+                    &mut tx,
+                    deadline_seq,
+                    &deadline_name,
+                    &json!(at),
+                    started,
+                    lock,
+                )
+                .await?;
                 at
             }
         };
-        // Find and consume the oldest message in one statement.
-        let message: Option<Value> = sqlx::query_scalar(
-            "UPDATE workflow_messages SET consumed_at = now()
-             WHERE id = (SELECT id FROM workflow_messages
-                         WHERE workflow_id = $1 AND topic = $2 AND consumed_at IS NULL
-                         ORDER BY id LIMIT 1 FOR UPDATE)
-             RETURNING payload",
-        )
-        .bind(&self.workflow_id)
-        .bind(topic)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(payload) = message {
-            self.checkpoint(&mut tx, seq, &name, &json!({ "message": payload }), started)
-                .await?;
-            self.keep(tx).await?;
-            return Ok(Some(payload));
-        }
-        if Utc::now() >= deadline {
-            self.checkpoint(&mut tx, seq, &name, &json!({ "message": null }), started)
-                .await?;
-            self.keep(tx).await?;
-            return Ok(None);
+        loop {
+            // Find and consume the oldest message in one statement.
+            let message: Option<Value> = sqlx::query_scalar(
+                "UPDATE workflow_messages SET consumed_at = now()
+                 WHERE id = (SELECT id FROM workflow_messages
+                             WHERE workflow_id = $1 AND topic = $2 AND consumed_at IS NULL
+                             ORDER BY id LIMIT 1 FOR UPDATE)
+                 RETURNING payload",
+            )
+            .bind(&self.workflow_id)
+            .bind(topic)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(payload) = message {
+                self.checkpoint(&mut tx, seq, &name, &json!({ "message": payload }), started)
+                    .await?;
+                self.keep(tx).await?;
+                return Ok(Some(payload));
+            }
+            if Utc::now() >= deadline {
+                self.checkpoint(&mut tx, seq, &name, &json!({ "message": null }), started)
+                    .await?;
+                self.keep(tx).await?;
+                return Ok(None);
+            }
+            if self.locked {
+                break;
+            }
+            // Nothing yet, and parking needs the row lock: take it and look
+            // again (a resumed recv usually finds its message at once and
+            // skips this).
+            self.guard(&mut tx).await?;
         }
         self.park(&mut tx, Some(topic), deadline).await?;
         tx.commit().await?;
@@ -431,21 +451,25 @@ impl WorkflowContext {
     }
 
     /// The transaction of the next database operation: the one still open
-    /// from the claim or the steps before it, or a new one whose first
-    /// statement is the guard. The operation hands it back to
-    /// [`WorkflowContext::keep`] when it succeeds, and drops it otherwise.
+    /// from the steps before it, or a new one. The operation hands it back
+    /// to [`WorkflowContext::keep`] when it succeeds, and drops it otherwise.
+    ///
+    /// A step takes no lock on the workflow row first: its checkpoint
+    /// insert is the fence (a second execution of the step finds the
+    /// checkpoint there, or waits on its uncommitted row and then finds it,
+    /// and rolls back), and that same statement sees a cancellation or a
+    /// finished workflow. Only a recv locks the row (see
+    /// [`WorkflowContext::guard`]).
     async fn transaction(&mut self) -> Result<Transaction<'static, Postgres>, WorkflowError> {
+        if self.cancel_requested {
+            // The claim saw it; the steps still open are committed with it.
+            return Err(WorkflowError::Cancelled);
+        }
         if let Some(tx) = self.open.take() {
-            if self.cancel_requested {
-                // The cancellation is recorded in it.
-                self.open = Some(tx);
-                return Err(WorkflowError::Cancelled);
-            }
             return Ok(tx);
         }
-        let mut tx = self.pool.begin().await?;
-        self.guard(&mut tx).await?;
-        Ok(tx)
+        self.locked = false;
+        Ok(self.pool.begin().await?)
     }
 
     /// After an operation succeeded: keep its transaction open for the next
@@ -454,6 +478,7 @@ impl WorkflowContext {
         if self.batch {
             self.open = Some(tx);
         } else {
+            self.locked = false;
             tx.commit().await?;
         }
         Ok(())
@@ -461,6 +486,7 @@ impl WorkflowContext {
 
     /// Commits the operations still open.
     async fn commit_open(&mut self) -> Result<(), WorkflowError> {
+        self.locked = false;
         if let Some(tx) = self.open.take() {
             tx.commit().await?;
         }
@@ -518,15 +544,29 @@ impl WorkflowContext {
         }
     }
 
-    /// First statement of every step transaction: locks the workflow row,
-    /// so steps of two executions serialise, and sees cancellation.
-    async fn guard(&self, tx: &mut PgConnection) -> Result<(), WorkflowError> {
+    /// Locks the workflow row, unless `tx` holds its lock already, and sees
+    /// cancellation. A recv holds it before it parks, and looks for its
+    /// message after taking it: a send locks the row too, so either the
+    /// recv's next statement sees the message or the send sees the workflow
+    /// parked.
+    async fn guard(&mut self, tx: &mut PgConnection) -> Result<(), WorkflowError> {
+        if self.locked {
+            return Ok(());
+        }
         let row: Option<(String, bool)> = sqlx::query_as(
             "SELECT status, cancel_requested FROM workflows WHERE id = $1 FOR UPDATE",
         )
         .bind(&self.workflow_id)
         .fetch_optional(&mut *tx)
         .await?;
+        self.stopped(row)?;
+        self.locked = true;
+        Ok(())
+    }
+
+    /// Whether the workflow, as `row` (status, cancel requested) shows it,
+    /// must stop here: cancelled, or finished by another execution.
+    fn stopped(&self, row: Option<(String, bool)>) -> Result<(), WorkflowError> {
         match row {
             None => Err(WorkflowError::fatal("workflow row disappeared")),
             Some((_, true)) => Err(WorkflowError::Cancelled),
@@ -553,6 +593,21 @@ impl WorkflowContext {
         output: &Value,
         started: DateTime<Utc>,
     ) -> Result<(), WorkflowError> {
+        self.insert_checkpoints(tx, seq, name, output, started, false)
+            .await
+    }
+
+    /// [`WorkflowContext::checkpoint`]; with `lock`, the same statement
+    /// also locks the workflow row as [`WorkflowContext::guard`] does.
+    async fn insert_checkpoints(
+        &mut self,
+        tx: &mut PgConnection,
+        seq: i32,
+        name: &str,
+        output: &Value,
+        started: DateTime<Utc>,
+        lock: bool,
+    ) -> Result<(), WorkflowError> {
         // Taken once: every caller commits this transaction next, or ends
         // the execution (which then replays from the last commit).
         let pending = std::mem::take(&mut self.pending);
@@ -570,34 +625,56 @@ impl WorkflowContext {
         names.push(name.to_owned());
         outputs.push(output.clone());
         starts.push(started);
-        // One statement for all of them.
-        let inserted = sqlx::query(
-            // clock_timestamp(), not the default now(): the transaction may
-            // have begun steps earlier.
-            "INSERT INTO workflow_steps
-                 (workflow_id, step_seq, name, output, worker_id, started_at, finished_at)
-             SELECT $1, c.step_seq, c.name, c.output, $5, c.started_at, clock_timestamp()
-             FROM unnest($2::int[], $3::text[], $4::jsonb[], $6::timestamptz[])
-                 AS c(step_seq, name, output, started_at)
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(&self.workflow_id)
-        .bind(&seqs)
-        .bind(&names)
-        .bind(&outputs)
-        .bind(&*self.worker_id)
-        .bind(&starts)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if inserted == seqs.len() as u64 {
-            Ok(())
-        } else {
-            Err(WorkflowError::Fenced {
-                step: seq,
-                name: name.to_owned(),
-            })
+        // One statement for all of them, which also reads the workflow's
+        // status: a cancelled or finished workflow gets no checkpoint.
+        // clock_timestamp(), not the default now(): the transaction may have
+        // begun steps earlier.
+        macro_rules! checkpoint_sql {
+            ($lock:literal) => {
+                concat!(
+                    "WITH w AS (SELECT status, cancel_requested FROM workflows WHERE id = $1",
+                    $lock,
+                    "),
+                     inserted AS (
+                         INSERT INTO workflow_steps
+                             (workflow_id, step_seq, name, output, worker_id, started_at, finished_at)
+                         SELECT $1, c.step_seq, c.name, c.output, $5, c.started_at, clock_timestamp()
+                         FROM unnest($2::int[], $3::text[], $4::jsonb[], $6::timestamptz[])
+                             AS c(step_seq, name, output, started_at)
+                         WHERE EXISTS (SELECT 1 FROM w WHERE NOT cancel_requested
+                                       AND status NOT IN ('succeeded', 'failed', 'cancelled'))
+                         ON CONFLICT DO NOTHING
+                         RETURNING 1)
+                     SELECT (SELECT count(*) FROM inserted), w.status, w.cancel_requested FROM w"
+                )
+            };
         }
+        let sql = if lock {
+            checkpoint_sql!(" FOR UPDATE")
+        } else {
+            checkpoint_sql!("")
+        };
+        let row: Option<(i64, String, bool)> = sqlx::query_as(sql)
+            .bind(&self.workflow_id)
+            .bind(&seqs)
+            .bind(&names)
+            .bind(&outputs)
+            .bind(&*self.worker_id)
+            .bind(&starts)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some((inserted, status, cancel_requested)) = row else {
+            return self.stopped(None);
+        };
+        if inserted == seqs.len() as i64 {
+            self.locked |= lock;
+            return Ok(());
+        }
+        self.stopped(Some((status, cancel_requested)))?;
+        Err(WorkflowError::Fenced {
+            step: seq,
+            name: name.to_owned(),
+        })
     }
 
     /// Parks the workflow until a message on `topic` or `until`, with the

@@ -190,39 +190,56 @@ async fn upsert(conn: &mut PgConnection, me: &Registration) -> Result<(), sqlx::
     Ok(())
 }
 
+/// What one reap saw of the other workers.
+#[derive(Debug, Default)]
+pub(crate) struct Reaped {
+    /// The workers it found dead, and reaped.
+    pub(crate) dead: Vec<String>,
+    /// The live ones not draining, with the queues they consume.
+    pub(crate) live: Vec<(String, Vec<String>)>,
+}
+
 /// One reap: finds workers whose advisory lock is free (the process is gone)
 /// or whose heartbeat is older than `stale_after` (hung), hands their jobs
 /// back to the queue with a wake-up notification, and removes them.
-/// Returns the reaped worker ids.
 pub(crate) async fn reap(
     pool: &PgPool,
     me: &str,
     stale_after: Duration,
-) -> Result<Vec<String>, sqlx::Error> {
+) -> Result<Reaped, sqlx::Error> {
     let mut tx = pool.begin().await?;
     // A transaction-level try-lock on a dead worker's key succeeds (and
     // keeps concurrent reapers off it until we commit); on a live one it fails.
-    let dead: Vec<String> = sqlx::query_scalar(
-        "SELECT id FROM workers
-         WHERE id <> $1
-           AND (last_seen < now() - make_interval(secs => $2) OR pg_try_advisory_xact_lock(lock_key))",
+    let others: Vec<(String, Vec<String>, bool, bool)> = sqlx::query_as(
+        "SELECT id, queues, draining,
+             last_seen < now() - make_interval(secs => $2) OR pg_try_advisory_xact_lock(lock_key)
+         FROM workers WHERE id <> $1",
     )
     .bind(me)
     .bind(stale_after.as_secs_f64())
     .fetch_all(&mut *tx)
     .await?;
-    if dead.is_empty() {
-        return Ok(dead);
+    let mut reaped = Reaped::default();
+    for (id, queues, draining, dead) in others {
+        if dead {
+            reaped.dead.push(id);
+        } else if !draining {
+            reaped.live.push((id, queues));
+        }
     }
-    let moved = release_work(&mut tx, &dead).await?;
-    forget_apalis_workers(&mut tx, &dead).await?;
+    let dead = &reaped.dead;
+    if dead.is_empty() {
+        return Ok(reaped);
+    }
+    let moved = release_work(&mut tx, dead).await?;
+    forget_apalis_workers(&mut tx, dead).await?;
     sqlx::query("DELETE FROM workers WHERE id = ANY($1)")
-        .bind(&dead)
+        .bind(dead)
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
     tracing::info!(reaped = ?dead, jobs_requeued = moved, "reaped dead workers");
-    Ok(dead)
+    Ok(reaped)
 }
 
 /// Hands back to the queue everything the given worker processes (dead, or

@@ -162,14 +162,9 @@ impl FetchWake {
 }
 
 /// When a queue's apalis worker looks for jobs: when asked (a notified job
-/// the process could not run at once), again [`RECHECK_AFTER`] later, and
-/// every poll interval (jobs scheduled for later send no notification).
-///
-/// apalis forgets a wake-up that arrives while one of its fetches is in
-/// flight: that fetch read the queue before the job committed and comes
-/// back empty, and the job then waited for the next interval (up to 200 ms;
-/// 6 % of sequential checkouts did). The recheck catches it in
-/// milliseconds.
+/// the process could not run at once), again once that job is past
+/// [`NOTIFIED_JOB_GRACE`], and every poll interval (jobs scheduled for
+/// later send no notification).
 pub(crate) struct JobWakeups {
     asked: FetchWake,
     interval: Duration,
@@ -177,8 +172,13 @@ pub(crate) struct JobWakeups {
     recheck: Option<Pin<Box<Sleep>>>,
 }
 
-/// How long after a wake-up the queue is read once more.
-const RECHECK_AFTER: Duration = Duration::from_millis(5);
+/// How long apalis' fetch leaves a job due now to the worker its
+/// notification chose (migration 20261125000004 has the same figure).
+const NOTIFIED_JOB_GRACE: Duration = Duration::from_millis(100);
+
+/// When the queue is read again after an ask: once the job asked for is
+/// past its grace.
+const RECHECK_AFTER: Duration = NOTIFIED_JOB_GRACE.saturating_add(Duration::from_millis(10));
 
 impl JobWakeups {
     /// Wake-ups of a queue's worker: when `asked`, and every `interval`.
@@ -205,7 +205,11 @@ impl PollStrategy for JobWakeups {
         let mut woken = false;
         if self.asked.take(cx) {
             woken = true;
-            self.recheck = Some(Box::pin(tokio::time::sleep(RECHECK_AFTER)));
+            // Not pushed back by later asks: under a stream of them the
+            // recheck must still come.
+            if self.recheck.is_none() {
+                self.recheck = Some(Box::pin(tokio::time::sleep(RECHECK_AFTER)));
+            }
         }
         if let Some(recheck) = self.recheck.as_mut()
             && recheck.as_mut().poll(cx).is_ready()

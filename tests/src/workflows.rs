@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use shared::engine::{
-    RetryPolicy, StepError, Workflow, WorkflowContext, WorkflowError, WorkflowKind,
+    RetryPolicy, StepError, StepStatement, Workflow, WorkflowContext, WorkflowError, WorkflowKind,
 };
 use sqlx::{PgConnection, PgPool};
 
@@ -21,15 +21,22 @@ pub async fn create_tables(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Adds one to counter `$1`, returning its value as `output`.
+const BUMP: &str = "INSERT INTO engine_test_counters (name, value) VALUES ($1, 1)
+     ON CONFLICT (name) DO UPDATE SET value = engine_test_counters.value + 1
+     RETURNING value AS output";
+
 /// Adds one to a counter.
 pub async fn bump(tx: &mut PgConnection, name: &str) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "INSERT INTO engine_test_counters (name, value) VALUES ($1, 1)
-         ON CONFLICT (name) DO UPDATE SET value = engine_test_counters.value + 1 RETURNING value",
-    )
-    .bind(name)
-    .fetch_one(&mut *tx)
-    .await
+    sqlx::query_scalar(BUMP)
+        .bind(name)
+        .fetch_one(&mut *tx)
+        .await
+}
+
+/// [`bump`] as a step statement.
+pub fn bump_statement(name: &str) -> StepStatement {
+    StepStatement::new(BUMP).bind(name.to_owned())
 }
 
 /// A database step named `step` that bumps counter `name`.
@@ -117,6 +124,9 @@ pub struct TickerInput {
     pub steps: u32,
     /// Durable sleep before each step.
     pub interval_ms: u64,
+    /// Each tick is a one-statement step (`sql_step`), not a `tx_step`.
+    #[serde(default)]
+    pub one_statement: bool,
 }
 
 /// `steps` times { sleep; bump `ticks:<workflow id>` }: a long-running
@@ -143,7 +153,11 @@ impl Workflow for Ticker {
         let name = format!("ticks:{}", ctx.workflow_id());
         for _ in 0..input.steps {
             ctx.sleep(Duration::from_millis(input.interval_ms)).await?;
-            bump_step(ctx, "tick", name.clone()).await?;
+            if input.one_statement {
+                let _: i64 = ctx.sql_step("tick", bump_statement(&name)).await?;
+            } else {
+                bump_step(ctx, "tick", name.clone()).await?;
+            }
         }
         Ok(json!(input.steps))
     }

@@ -241,6 +241,7 @@ async fn completed_steps_replay_without_running_again() -> anyhow::Result<()> {
     let input = TickerInput {
         steps: 6,
         interval_ms: 1,
+        one_statement: false,
     };
     engine.start(TICKER, "replayed", &input).await?;
     let rt = runtime(&db)?;
@@ -285,32 +286,37 @@ async fn completed_steps_replay_without_running_again() -> anyhow::Result<()> {
 async fn two_executions_at_once_apply_no_step_twice() -> anyhow::Result<()> {
     let db = engine_db().await?;
     let engine = Engine::new(db.pool.clone());
-    engine
-        .start(
-            TICKER,
-            "raced",
-            &TickerInput {
-                steps: 8,
-                interval_ms: 20,
-            },
-        )
-        .await?;
-    // Two runtimes execute the same workflow at the same time (as after a
-    // duplicate job, or a worker presumed dead that was only slow).
-    let (one, two) = (runtime(&db)?, runtime(&db)?);
-    let (a, b) = tokio::join!(one.execute("raced"), two.execute("raced"));
-    let mut outcomes = [a, b];
-    outcomes.sort_by_key(|o| format!("{o:?}"));
-    assert_eq!(
-        outcomes,
-        [ExecutionOutcome::Fenced, ExecutionOutcome::Succeeded],
-        "one wins, the other is fenced off"
-    );
-    assert_eq!(
-        counter(&db.pool, "ticks:raced").await?,
-        8,
-        "no tick applied twice"
-    );
+    // Each kind of database step: a transaction, and one statement (whose
+    // refused checkpoint must undo the statement's own effect).
+    for (id, one_statement) in [("raced", false), ("raced-statement", true)] {
+        engine
+            .start(
+                TICKER,
+                id,
+                &TickerInput {
+                    steps: 8,
+                    interval_ms: 20,
+                    one_statement,
+                },
+            )
+            .await?;
+        // Two runtimes execute the same workflow at the same time (as after
+        // a duplicate job, or a worker presumed dead that was only slow).
+        let (one, two) = (runtime(&db)?, runtime(&db)?);
+        let (a, b) = tokio::join!(one.execute(id), two.execute(id));
+        let mut outcomes = [a, b];
+        outcomes.sort_by_key(|o| format!("{o:?}"));
+        assert_eq!(
+            outcomes,
+            [ExecutionOutcome::Fenced, ExecutionOutcome::Succeeded],
+            "{id}: one wins, the other is fenced off"
+        );
+        assert_eq!(
+            counter(&db.pool, &format!("ticks:{id}")).await?,
+            8,
+            "{id}: no tick applied twice"
+        );
+    }
     Ok(())
 }
 
@@ -651,9 +657,11 @@ async fn a_killed_workers_workflow_continues_on_another_worker() -> anyhow::Resu
         .start(
             TICKER,
             "long",
+            // One-statement steps, as the store's dispatch runs them.
             &TickerInput {
                 steps: 40,
                 interval_ms: 50,
+                one_statement: true,
             },
         )
         .await?;
@@ -703,6 +711,7 @@ async fn sleeping_workflows_hold_no_worker_slot() -> anyhow::Result<()> {
     let input = TickerInput {
         steps: 5,
         interval_ms: 1_000,
+        one_statement: false,
     };
     for i in 0..20 {
         engine.start(TICKER, &format!("sleeper{i}"), &input).await?;
@@ -937,31 +946,37 @@ async fn cancel_at_a_step_boundary_and_resume_from_the_last_checkpoint() -> anyh
     let db = engine_db().await?;
     let engine = Engine::new(db.pool.clone());
     let _worker = spawn_worker(&db, "cancel", &[])?;
-    engine
-        .start(
-            TICKER,
-            "c1",
-            &TickerInput {
-                steps: 30,
-                interval_ms: 50,
-            },
-        )
+    // Each kind of database step: a cancel refuses the checkpoint of a
+    // one-statement step, which must undo that statement's effect.
+    for (id, one_statement) in [("c1", false), ("c1-statement", true)] {
+        engine
+            .start(
+                TICKER,
+                id,
+                &TickerInput {
+                    steps: 30,
+                    interval_ms: 50,
+                    one_statement,
+                },
+            )
+            .await?;
+        let ticks = format!("ticks:{id}");
+        wait_until("ticks", Duration::from_secs(20), || async {
+            Ok(counter(&db.pool, &ticks).await? >= 2)
+        })
         .await?;
-    wait_until("ticks", Duration::from_secs(20), || async {
-        Ok(counter(&db.pool, "ticks:c1").await? >= 2)
-    })
-    .await?;
-    engine.cancel("c1").await?;
-    wait_status(&db.pool, "c1", "cancelled", Duration::from_secs(10)).await?;
-    let at_cancel = counter(&db.pool, "ticks:c1").await?;
-    assert!(at_cancel < 30, "stopped early ({at_cancel} ticks)");
-    engine.resume("c1").await?;
-    wait_status(&db.pool, "c1", "succeeded", Duration::from_secs(30)).await?;
-    assert_eq!(
-        counter(&db.pool, "ticks:c1").await?,
-        30,
-        "resumed from the checkpoint: no tick twice, none lost"
-    );
+        engine.cancel(id).await?;
+        wait_status(&db.pool, id, "cancelled", Duration::from_secs(10)).await?;
+        let at_cancel = counter(&db.pool, &ticks).await?;
+        assert!(at_cancel < 30, "{id}: stopped early ({at_cancel} ticks)");
+        engine.resume(id).await?;
+        wait_status(&db.pool, id, "succeeded", Duration::from_secs(30)).await?;
+        assert_eq!(
+            counter(&db.pool, &ticks).await?,
+            30,
+            "{id}: resumed from the checkpoint: no tick twice, none lost"
+        );
+    }
 
     // A parked workflow is cancelled at once and its wait ends.
     let input = MessengerInput {
@@ -1004,6 +1019,7 @@ async fn sigterm_drains_and_hands_work_to_another_worker_at_once() -> anyhow::Re
             &TickerInput {
                 steps: 40,
                 interval_ms: 50,
+                one_statement: false,
             },
         )
         .await?;
@@ -1069,6 +1085,7 @@ async fn the_fleet_registry_shows_each_live_worker() -> anyhow::Result<()> {
             &TickerInput {
                 steps: 20,
                 interval_ms: 100,
+                one_statement: false,
             },
         )
         .await?;

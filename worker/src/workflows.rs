@@ -38,26 +38,18 @@ impl Workflow for Checkout {
             input.product_id
         };
 
-        let reserved: bool = ctx
-            .tx_step("reserve_inventory", |tx| {
-                let checkout_id = checkout_id.clone();
-                Box::pin(async move {
-                    let reserved = store::reserve_inventory(tx, product_id).await?;
-                    if !reserved {
-                        // No unit: the API answers "out of stock" (409).
-                        set_events_in(tx, &checkout_id, &[(topics::PAYMENT_ID, &Value::Null)])
-                            .await?;
-                    }
-                    Ok(reserved)
-                })
-            })
+        // The claim's transaction is still open: commit it, so that the
+        // reservation is a statement of its own and every checkout's lock
+        // on the product row lasts only while that statement runs.
+        ctx.commit().await?;
+        let reserved: Option<bool> = ctx
+            .sql_step("reserve_inventory", store::reserve_inventory(product_id))
             .await?;
-        if !reserved {
+        if reserved != Some(true) {
+            // No unit: the API answers "out of stock" (409).
+            ctx.set_event(topics::PAYMENT_ID, Value::Null).await?;
             return Ok(json!({ "outcome": "out_of_stock" }));
         }
-        // Every checkout locks the product's row: release it now rather
-        // than with the order and the payment wait.
-        ctx.commit().await?;
 
         let order_id: i64 = ctx
             .tx_step("create_order", |tx| {
@@ -86,15 +78,10 @@ impl Workflow for Checkout {
             None => "timed_out",
         };
 
-        let settle = if payment == Some(PaymentStatus::Paid) {
-            "mark_paid"
-        } else {
-            "cancel_order"
-        };
-        ctx.tx_step(settle, |tx| {
-            let checkout_id = checkout_id.clone();
-            Box::pin(async move {
-                if payment == Some(PaymentStatus::Paid) {
+        if payment == Some(PaymentStatus::Paid) {
+            ctx.tx_step("mark_paid", |tx| {
+                let checkout_id = checkout_id.clone();
+                Box::pin(async move {
                     store::mark_paid(tx, order_id).await?;
                     Engine::start_in(
                         tx,
@@ -104,20 +91,44 @@ impl Workflow for Checkout {
                     )
                     .await
                     .map_err(|e| StepError::Retryable(e.into()))?;
-                } else {
-                    store::cancel_order(tx, order_id).await?;
-                }
-                let events = [
-                    (topics::PAYMENT_OUTCOME, &json!(outcome)),
-                    (topics::ORDER_ID, &json!(order_id)),
-                ];
-                set_events_in(tx, &checkout_id, &events).await?;
-                Ok(())
+                    publish_settlement(tx, &checkout_id, outcome, order_id).await?;
+                    Ok(())
+                })
             })
-        })
-        .await?;
+            .await?;
+        } else {
+            // The unit goes back to the product row, every checkout's lock:
+            // commit what is open first, so the cancellation is a statement
+            // of its own and holds that row only while it runs.
+            ctx.commit().await?;
+            let _: Option<bool> = ctx
+                .sql_step("cancel_order", store::cancel_order(order_id))
+                .await?;
+            ctx.tx_step("publish_cancellation", |tx| {
+                let checkout_id = checkout_id.clone();
+                Box::pin(async move {
+                    Ok(publish_settlement(tx, &checkout_id, outcome, order_id).await?)
+                })
+            })
+            .await?;
+        }
         Ok(json!({ "order_id": order_id, "payment": outcome }))
     }
+}
+
+/// The events that answer a checkout's payment webhook: how the payment
+/// was settled, and the order.
+async fn publish_settlement(
+    tx: &mut sqlx::PgConnection,
+    checkout_id: &str,
+    outcome: &str,
+    order_id: i64,
+) -> Result<(), sqlx::Error> {
+    let events = [
+        (topics::PAYMENT_OUTCOME, &json!(outcome)),
+        (topics::ORDER_ID, &json!(order_id)),
+    ];
+    set_events_in(tx, checkout_id, &events).await
 }
 
 /// Dispatch of a paid order: ten times { durable sleep; one progress step }.
@@ -144,10 +155,9 @@ impl Workflow for Dispatch {
         for _ in 0..DISPATCH_STEPS {
             ctx.sleep(self.interval).await?;
             left = ctx
-                .tx_step("update_progress", |tx| {
-                    Box::pin(async move { Ok(store::update_progress(tx, order_id).await?) })
-                })
-                .await?;
+                .sql_step::<Option<i32>>("update_progress", store::update_progress(order_id))
+                .await?
+                .unwrap_or(0);
         }
         Ok(json!({ "order_id": order_id, "progress_remaining": left }))
     }

@@ -12,12 +12,14 @@ use futures::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use sqlx::postgres::PgArguments;
+use sqlx::{Arguments, AssertSqlSafe, Encode, PgConnection, PgPool, Postgres, Transaction, Type};
 use tokio::sync::{oneshot, watch};
 
 use super::events::{EVENTS_CHANNEL, EventListener};
 use super::queue::{JOB_MAX_ATTEMPTS, new_job_id};
 use super::{RetryPolicy, StepError, WorkflowError, WorkflowKind};
+use crate::db::is_unavailable;
 
 /// A checkpoint loaded at the start of an execution.
 #[derive(Debug, serde::Deserialize)]
@@ -70,6 +72,62 @@ pub(crate) struct PendingCheckpoint {
     seq: i32,
     output: Value,
     started: DateTime<Utc>,
+}
+
+/// Whether a checkpoint insert also locks the workflow row.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RowLock {
+    Take,
+    Leave,
+}
+
+/// The rows one checkpoint statement writes: those of the in-process
+/// sleeps before the step, then the step's own. `outputs` holds the sleeps'
+/// outputs only; the caller adds the step's (or the statement computes it:
+/// see [`WorkflowContext::sql_step`]).
+struct CheckpointRows {
+    seqs: Vec<i32>,
+    names: Vec<String>,
+    outputs: Vec<Value>,
+    starts: Vec<DateTime<Utc>>,
+}
+
+/// One SQL statement that is the whole effect of a database step: see
+/// [`WorkflowContext::sql_step`].
+///
+/// ```ignore
+/// StepStatement::new("UPDATE orders SET ... WHERE id = $1 RETURNING progress_remaining AS output")
+///     .bind(order_id)
+/// ```
+pub struct StepStatement {
+    sql: &'static str,
+    arguments: PgArguments,
+    /// A value that could not be encoded: the step fails with it.
+    unencodable: Option<String>,
+}
+
+impl StepStatement {
+    /// A statement returning at most one row, whose column `output` is the
+    /// step's value (no row, or a SQL null, is JSON null). It must not begin
+    /// with `WITH`: the engine puts it in a `WITH` of its own.
+    pub fn new(sql: &'static str) -> Self {
+        StepStatement {
+            sql,
+            arguments: PgArguments::default(),
+            unencodable: None,
+        }
+    }
+
+    /// Binds the next parameter (`$1`, then `$2`, ...).
+    pub fn bind<'t, T: Encode<'t, Postgres> + Type<Postgres>>(mut self, value: T) -> Self {
+        if let Err(e) = self.arguments.add(value) {
+            self.unencodable.get_or_insert(format!(
+                "parameter ${} does not encode: {e}",
+                self.arguments.len() + 1
+            ));
+        }
+        self
+    }
 }
 
 /// Where a step's value comes from.
@@ -152,7 +210,7 @@ impl WorkflowContext {
             let failure = match outcome {
                 Ok(Ok(value)) => {
                     let output = serde_json::to_value(&value)?;
-                    self.checkpoint(&mut tx, seq, name, &output, started)
+                    self.checkpoint(&mut tx, seq, name, &output, started, RowLock::Leave)
                         .await?;
                     self.keep(tx).await?;
                     return Ok(value);
@@ -230,7 +288,7 @@ impl WorkflowContext {
                 Ok(Ok(value)) => {
                     let output = serde_json::to_value(&value)?;
                     let mut tx = self.transaction().await?;
-                    self.checkpoint(&mut tx, seq, name, &output, started)
+                    self.checkpoint(&mut tx, seq, name, &output, started, RowLock::Leave)
                         .await?;
                     self.keep(tx).await?;
                     return Ok(value);
@@ -243,11 +301,129 @@ impl WorkflowContext {
         }
     }
 
+    /// A database step whose effect is one SQL statement: the statement and
+    /// its checkpoint run as one statement, so the step is one round trip
+    /// and, outside a shared transaction, its own commit (a transaction of
+    /// several statements is BEGIN, each statement, and COMMIT). Any row the
+    /// statement locks is held only while it runs: the step for a row many
+    /// workflows contend for.
+    ///
+    /// Exactly once like [`WorkflowContext::tx_step`]: should the
+    /// checkpoint be refused (another execution wrote it, the workflow was
+    /// cancelled or has finished), the statement fails as a whole and its
+    /// effect is undone. It joins the transaction still open from the steps
+    /// before it, if any, and commits with them.
+    ///
+    /// ```ignore
+    /// let left: Option<i32> = ctx.sql_step("update_progress", StepStatement::new(
+    ///     "UPDATE orders SET progress_remaining = progress_remaining - 1
+    ///      WHERE id = $1 AND progress_remaining > 0 RETURNING progress_remaining AS output",
+    /// ).bind(order_id)).await?;
+    /// ```
+    pub async fn sql_step<T>(
+        &mut self,
+        name: &str,
+        statement: StepStatement,
+    ) -> Result<T, WorkflowError>
+    where
+        T: DeserializeOwned + Send,
+    {
+        let retry = self.retry;
+        // Boxed: a workflow's future then stays small while it waits
+        // (thousands of sleeping dispatches live in one worker).
+        Box::pin(self.run_sql_step(name, retry, statement)).await
+    }
+
+    async fn run_sql_step<T>(
+        &mut self,
+        name: &str,
+        retry: RetryPolicy,
+        statement: StepStatement,
+    ) -> Result<T, WorkflowError>
+    where
+        T: DeserializeOwned + Send,
+    {
+        let seq = self.take_seq();
+        if let Replay::Done(value) = self.replay(seq, name)? {
+            return Ok(value);
+        }
+        self.check_draining()?;
+        if let Some(error) = statement.unencodable {
+            return Err(self.step_failed(seq, name, error, 1));
+        }
+        let rows = self.checkpoint_rows(seq, name, Utc::now());
+        // The engine's parameters follow the statement's own.
+        let first = statement.arguments.len() + 1;
+        let [id, seqs, names, outputs, worker, starts] =
+            std::array::from_fn(|i| format!("${}", first + i));
+        let sql = format!(
+            "WITH effect AS ({}),
+                  outcome AS (SELECT (SELECT to_jsonb(output) FROM effect) AS output)
+             SELECT outcome.output, workflow_checkpoint({id}, {seqs}, {names},
+                 array_append({outputs}::jsonb[], coalesce(outcome.output, 'null'::jsonb)),
+                 {worker}, {starts}, false)
+             FROM outcome",
+            statement.sql
+        );
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            if self.cancel_requested {
+                return Err(WorkflowError::Cancelled);
+            }
+            let mut arguments = statement.arguments.clone();
+            let bound = rows.bind(&mut arguments, &self.workflow_id, &self.worker_id);
+            if let Err(e) = bound {
+                return Err(self.step_failed(seq, name, format!("checkpoint encoding: {e}"), 1));
+            }
+            let query = sqlx::query_as_with::<_, (Option<Value>, bool), _>(
+                AssertSqlSafe(sql.clone()),
+                arguments,
+            );
+            let shared = self.open.is_some();
+            let result = match self.open.as_mut() {
+                Some(tx) => query.fetch_one(&mut **tx).await,
+                None => query.fetch_one(&self.pool).await,
+            };
+            let error = match result {
+                Ok((output, _)) => {
+                    self.pending.clear();
+                    return serde_json::from_value(output.unwrap_or(Value::Null)).map_err(|e| {
+                        WorkflowError::fatal(format!(
+                            "step {seq} ({name}): its output does not decode: {e}"
+                        ))
+                    });
+                }
+                Err(error) => error,
+            };
+            if let Some(refused) = refusal(&error, seq, name) {
+                return Err(refused);
+            }
+            if shared {
+                // The failed statement aborted the shared transaction: the
+                // steps before it are undone too.
+                self.open = None;
+                if !is_unavailable(&error) {
+                    return Err(WorkflowError::RetryUnbatched);
+                }
+            }
+            let error = self.retryable(seq, name, attempt, Ok(StepError::from(error)))?;
+            self.retry_or_fail(seq, name, error, attempt, &retry)
+                .await?;
+        }
+    }
+
     /// Commits the steps so far now instead of with the next wait or the
     /// end, releasing their row locks: call it after a step that locks a
-    /// row many workflows contend for (a product's stock), so the next
-    /// steps do not hold that lock too.
+    /// row many workflows contend for, so the next steps do not hold that
+    /// lock too, or before a [`WorkflowContext::sql_step`] on such a row
+    /// (a product's stock), so it runs as a statement of its own. While
+    /// the steps ahead replay from their checkpoints it does nothing: all
+    /// that is open then is the claim, which the next step that runs shares.
     pub async fn commit(&mut self) -> Result<(), WorkflowError> {
+        if !self.checkpoints.is_empty() {
+            return Ok(());
+        }
         Box::pin(self.commit_open()).await
     }
 
@@ -313,8 +489,12 @@ impl WorkflowContext {
                 let at =
                     started + chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
                 // The guard's lock rides in this checkpoint.
-                let lock = !self.locked;
-                self.insert_checkpoints(
+                let lock = if self.locked {
+                    RowLock::Leave
+                } else {
+                    RowLock::Take
+                };
+                self.checkpoint(
                     &mut tx,
                     deadline_seq,
                     &deadline_name,
@@ -340,14 +520,28 @@ impl WorkflowContext {
             .fetch_optional(&mut *tx)
             .await?;
             if let Some(payload) = message {
-                self.checkpoint(&mut tx, seq, &name, &json!({ "message": payload }), started)
-                    .await?;
+                self.checkpoint(
+                    &mut tx,
+                    seq,
+                    &name,
+                    &json!({ "message": payload }),
+                    started,
+                    RowLock::Leave,
+                )
+                .await?;
                 self.keep(tx).await?;
                 return Ok(Some(payload));
             }
             if Utc::now() >= deadline {
-                self.checkpoint(&mut tx, seq, &name, &json!({ "message": null }), started)
-                    .await?;
+                self.checkpoint(
+                    &mut tx,
+                    seq,
+                    &name,
+                    &json!({ "message": null }),
+                    started,
+                    RowLock::Leave,
+                )
+                .await?;
                 self.keep(tx).await?;
                 return Ok(None);
             }
@@ -435,7 +629,7 @@ impl WorkflowContext {
     ) -> Result<(), WorkflowError> {
         let mut tx = self.transaction().await?;
         if let Some((seq, started)) = checkpoint {
-            self.checkpoint(&mut tx, seq, "sleep", &json!(at), started)
+            self.checkpoint(&mut tx, seq, "sleep", &json!(at), started, RowLock::Leave)
                 .await?;
         }
         self.park(&mut tx, None, at).await?;
@@ -582,9 +776,12 @@ impl WorkflowContext {
         }
     }
 
-    /// Inserts a checkpoint, after those of the in-process sleeps before it;
-    /// a checkpoint already there means another execution won this step:
-    /// this one is fenced off.
+    /// Inserts a checkpoint, after those of the in-process sleeps before it,
+    /// through `workflow_checkpoint()`, which refuses it (an error, mapped by
+    /// [`refusal`]) when another execution won this step (this one is fenced
+    /// off) or the workflow was cancelled or has finished. With
+    /// [`RowLock::Take`], the same statement also locks the workflow row as
+    /// [`WorkflowContext::guard`] does.
     async fn checkpoint(
         &mut self,
         tx: &mut PgConnection,
@@ -592,89 +789,52 @@ impl WorkflowContext {
         name: &str,
         output: &Value,
         started: DateTime<Utc>,
+        lock: RowLock,
     ) -> Result<(), WorkflowError> {
-        self.insert_checkpoints(tx, seq, name, output, started, false)
-            .await
+        let mut rows = self.checkpoint_rows(seq, name, started);
+        rows.outputs.push(output.clone());
+        let written = sqlx::query("SELECT workflow_checkpoint($1, $2, $3, $4, $5, $6, $7)")
+            .bind(&self.workflow_id)
+            .bind(&rows.seqs)
+            .bind(&rows.names)
+            .bind(&rows.outputs)
+            .bind(&*self.worker_id)
+            .bind(&rows.starts)
+            .bind(lock == RowLock::Take)
+            .execute(&mut *tx)
+            .await;
+        match written {
+            Ok(_) => {
+                // Written: every caller commits this transaction next, or
+                // ends the execution (which then replays from the last
+                // commit).
+                self.pending.clear();
+                self.locked |= lock == RowLock::Take;
+                Ok(())
+            }
+            Err(error) => Err(refusal(&error, seq, name).unwrap_or_else(|| error.into())),
+        }
     }
 
-    /// [`WorkflowContext::checkpoint`]; with `lock`, the same statement
-    /// also locks the workflow row as [`WorkflowContext::guard`] does.
-    async fn insert_checkpoints(
-        &mut self,
-        tx: &mut PgConnection,
-        seq: i32,
-        name: &str,
-        output: &Value,
-        started: DateTime<Utc>,
-        lock: bool,
-    ) -> Result<(), WorkflowError> {
-        // Taken once: every caller commits this transaction next, or ends
-        // the execution (which then replays from the last commit).
-        let pending = std::mem::take(&mut self.pending);
-        let mut seqs = Vec::with_capacity(pending.len() + 1);
-        let mut names = Vec::with_capacity(pending.len() + 1);
-        let mut outputs = Vec::with_capacity(pending.len() + 1);
-        let mut starts = Vec::with_capacity(pending.len() + 1);
-        for p in pending {
-            seqs.push(p.seq);
-            names.push("sleep".to_owned());
-            outputs.push(p.output);
-            starts.push(p.started);
-        }
-        seqs.push(seq);
-        names.push(name.to_owned());
-        outputs.push(output.clone());
-        starts.push(started);
-        // One statement for all of them, which also reads the workflow's
-        // status: a cancelled or finished workflow gets no checkpoint.
-        // clock_timestamp(), not the default now(): the transaction may have
-        // begun steps earlier.
-        macro_rules! checkpoint_sql {
-            ($lock:literal) => {
-                concat!(
-                    "WITH w AS (SELECT status, cancel_requested FROM workflows WHERE id = $1",
-                    $lock,
-                    "),
-                     inserted AS (
-                         INSERT INTO workflow_steps
-                             (workflow_id, step_seq, name, output, worker_id, started_at, finished_at)
-                         SELECT $1, c.step_seq, c.name, c.output, $5, c.started_at, clock_timestamp()
-                         FROM unnest($2::int[], $3::text[], $4::jsonb[], $6::timestamptz[])
-                             AS c(step_seq, name, output, started_at)
-                         WHERE EXISTS (SELECT 1 FROM w WHERE NOT cancel_requested
-                                       AND status NOT IN ('succeeded', 'failed', 'cancelled'))
-                         ON CONFLICT DO NOTHING
-                         RETURNING 1)
-                     SELECT (SELECT count(*) FROM inserted), w.status, w.cancel_requested FROM w"
-                )
-            };
-        }
-        let sql = if lock {
-            checkpoint_sql!(" FOR UPDATE")
-        } else {
-            checkpoint_sql!("")
+    /// The checkpoint rows of step `seq`, after the in-process sleeps' still
+    /// pending (kept until the statement that writes them succeeds).
+    fn checkpoint_rows(&self, seq: i32, name: &str, started: DateTime<Utc>) -> CheckpointRows {
+        let mut rows = CheckpointRows {
+            seqs: Vec::with_capacity(self.pending.len() + 1),
+            names: Vec::with_capacity(self.pending.len() + 1),
+            outputs: Vec::with_capacity(self.pending.len() + 1),
+            starts: Vec::with_capacity(self.pending.len() + 1),
         };
-        let row: Option<(i64, String, bool)> = sqlx::query_as(sql)
-            .bind(&self.workflow_id)
-            .bind(&seqs)
-            .bind(&names)
-            .bind(&outputs)
-            .bind(&*self.worker_id)
-            .bind(&starts)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some((inserted, status, cancel_requested)) = row else {
-            return self.stopped(None);
-        };
-        if inserted == seqs.len() as i64 {
-            self.locked |= lock;
-            return Ok(());
+        for p in &self.pending {
+            rows.seqs.push(p.seq);
+            rows.names.push("sleep".to_owned());
+            rows.outputs.push(p.output.clone());
+            rows.starts.push(p.started);
         }
-        self.stopped(Some((status, cancel_requested)))?;
-        Err(WorkflowError::Fenced {
-            step: seq,
-            name: name.to_owned(),
-        })
+        rows.seqs.push(seq);
+        rows.names.push(name.to_owned());
+        rows.starts.push(started);
+        rows
     }
 
     /// Parks the workflow until a message on `topic` or `until`, with the
@@ -747,6 +907,46 @@ impl WorkflowContext {
             attempts: attempts as i32,
         }
     }
+}
+
+impl CheckpointRows {
+    /// Appends `workflow_checkpoint()`'s arguments but the last (the lock)
+    /// to a statement's own, in its order.
+    fn bind(
+        &self,
+        arguments: &mut PgArguments,
+        workflow_id: &str,
+        worker_id: &str,
+    ) -> Result<(), sqlx::error::BoxDynError> {
+        arguments.add(workflow_id)?;
+        arguments.add(&self.seqs)?;
+        arguments.add(&self.names)?;
+        arguments.add(&self.outputs)?;
+        arguments.add(worker_id)?;
+        arguments.add(&self.starts)
+    }
+}
+
+/// What a checkpoint refused by `workflow_checkpoint()` means for the
+/// execution (the SQLSTATEs are in its migration); `None` for any other
+/// error.
+fn refusal(error: &sqlx::Error, seq: i32, name: &str) -> Option<WorkflowError> {
+    let sqlx::Error::Database(db) = error else {
+        return None;
+    };
+    Some(match db.code()?.as_ref() {
+        "WF001" => WorkflowError::Fenced {
+            step: seq,
+            name: name.to_owned(),
+        },
+        "WF002" => WorkflowError::Cancelled,
+        "WF003" => WorkflowError::Fenced {
+            step: seq,
+            name: format!("(workflow already {})", db.message()),
+        },
+        "WF004" => WorkflowError::fatal("workflow row disappeared"),
+        _ => return None,
+    })
 }
 
 /// Sets events (upserts) and notifies their waiters, in the caller's

@@ -10,7 +10,8 @@
 //!   another kind is [`EngineError::KindConflict`].
 //! - [`WorkflowContext::tx_step`] runs a closure in a transaction that also
 //!   inserts the step's checkpoint: the step's database effect happens
-//!   exactly once, whatever dies when.
+//!   exactly once, whatever dies when. [`WorkflowContext::sql_step`] does
+//!   the same for an effect that is one SQL statement, in one round trip.
 //! - [`WorkflowContext::step`] is for effects outside the database: at least
 //!   once, checkpointed after it succeeds, with a stable idempotency key.
 //! - Every execution replays from the top; completed steps return their
@@ -40,8 +41,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 pub use client::{Engine, EventSubscription, Message, SendOutcome};
-pub use context::WorkflowContext;
 pub use context::set_events_in;
+pub use context::{StepStatement, WorkflowContext};
 pub use error::{EngineError, StepError, WorkflowError};
 pub use events::EventListener;
 pub use queue::{JOB_INSERT_CHANNEL, WorkflowJob};

@@ -195,6 +195,7 @@ async fn main() -> anyhow::Result<()> {
                 &TickerInput {
                     steps: 100_000,
                     interval_ms: 20,
+                    one_statement: false,
                 },
             )
             .await?;

@@ -309,17 +309,19 @@ async fn payment_webhook(
             key: Some(topics::PAYMENT_STATUS),
         })
         .await;
-    let order_id = match sent {
-        // The checkout sets its order id after taking this payment status:
-        // wait for the notification without reading first.
+    // The checkout sets the order id and the payment's outcome together,
+    // after taking this payment status: wait for both notifications
+    // without reading first.
+    let settled = [topics::ORDER_ID, topics::PAYMENT_OUTCOME];
+    let settlement = match sent {
         Ok(SendOutcome::Delivered) => {
             events
-                .next(&payment_id, topics::ORDER_ID, state.event_wait)
+                .next_all(&payment_id, settled, state.event_wait)
                 .await?
         }
         Ok(SendOutcome::Duplicate { payload }) if payload == json!(status.as_str()) => {
             events
-                .get(&payment_id, topics::ORDER_ID, state.event_wait)
+                .get_all(&payment_id, settled, state.event_wait)
                 .await?
         }
         Ok(SendOutcome::Duplicate { .. }) => return Err(payment_conflict()),
@@ -331,15 +333,14 @@ async fn payment_webhook(
         }
         Err(e) => return Err(e.into()),
     };
-    let Some(order_id) = order_id else {
+    let Some([order_id, outcome]) = settlement else {
         return Err(ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "order_not_ready",
             "the payment was recorded but the order is not settled yet; retry",
         ));
     };
-    let outcome = engine.event(&payment_id, topics::PAYMENT_OUTCOME).await?;
-    if outcome == Some(json!(status.as_str())) {
+    if outcome == json!(status.as_str()) {
         Ok(text_or_json(&headers, StatusCode::OK, "order_id", order_id))
     } else {
         Err(settled_otherwise(engine, &payment_id).await)

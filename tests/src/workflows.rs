@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use shared::engine::{
     RetryPolicy, StepError, StepStatement, Workflow, WorkflowContext, WorkflowError, WorkflowKind,
+    set_events_in,
 };
 use sqlx::{PgConnection, PgPool};
 
@@ -172,7 +173,8 @@ pub struct MessengerInput {
     pub timeout_ms: u64,
 }
 
-/// Receives one message, bumps `received:<workflow id>`, returns it.
+/// Receives one message, bumps `received:<workflow id>`, publishes it and
+/// the count (events `received` and `receipt`), returns it.
 pub struct Messenger;
 
 /// Kind of [`Messenger`].
@@ -195,9 +197,18 @@ impl Workflow for Messenger {
         let message = ctx
             .recv(&input.topic, Duration::from_millis(input.timeout_ms))
             .await?;
-        let name = format!("received:{}", ctx.workflow_id());
-        bump_step(ctx, "count_received", name).await?;
-        ctx.set_event("received", &message).await?;
+        let id = ctx.workflow_id().to_owned();
+        let count = bump_step(ctx, "count_received", format!("received:{id}")).await?;
+        // Two events in one step: "received" (the message) and "receipt"
+        // (how many this workflow has received).
+        ctx.tx_step("publish_receipt", |tx| {
+            let (id, message) = (id.clone(), json!(message));
+            Box::pin(async move {
+                let events = [("received", &message), ("receipt", &json!(count))];
+                Ok(set_events_in(tx, &id, &events).await?)
+            })
+        })
+        .await?;
         Ok(json!({ "message": message }))
     }
 }

@@ -306,7 +306,10 @@ impl EventSubscription<'_> {
         key: &str,
         wait: Duration,
     ) -> Result<Option<Value>, EngineError> {
-        self.wait(workflow_id, key, wait, true).await
+        Ok(self
+            .wait(workflow_id, [key], wait, true)
+            .await?
+            .map(|[value]| value))
     }
 
     /// Waits up to `wait` for event `key` of `workflow_id`, without reading
@@ -319,22 +322,56 @@ impl EventSubscription<'_> {
         key: &str,
         wait: Duration,
     ) -> Result<Option<Value>, EngineError> {
-        self.wait(workflow_id, key, wait, false).await
+        Ok(self
+            .wait(workflow_id, [key], wait, false)
+            .await?
+            .map(|[value]| value))
     }
 
-    async fn wait(
+    /// [`EventSubscription::get`] for several events of one workflow: their
+    /// values, in the order of `keys`, once every one is set.
+    pub async fn get_all<const N: usize>(
+        self,
+        workflow_id: &str,
+        keys: [&str; N],
+        wait: Duration,
+    ) -> Result<Option<[Value; N]>, EngineError> {
+        self.wait(workflow_id, keys, wait, true).await
+    }
+
+    /// [`EventSubscription::next`] for several events of one workflow (set
+    /// in one step, say: their notifications come with one commit, and no
+    /// read is needed for any of them).
+    pub async fn next_all<const N: usize>(
+        self,
+        workflow_id: &str,
+        keys: [&str; N],
+        wait: Duration,
+    ) -> Result<Option<[Value; N]>, EngineError> {
+        self.wait(workflow_id, keys, wait, false).await
+    }
+
+    async fn wait<const N: usize>(
         mut self,
         workflow_id: &str,
-        key: &str,
+        keys: [&str; N],
         wait: Duration,
         mut read: bool,
-    ) -> Result<Option<Value>, EngineError> {
+    ) -> Result<Option<[Value; N]>, EngineError> {
         let engine = self.engine;
         let deadline = Instant::now() + wait;
-        let topic = EventListener::topic(workflow_id, key);
+        let topics = keys.map(|key| EventListener::topic(workflow_id, key));
+        let mut values: [Option<Value>; N] = std::array::from_fn(|_| None);
         loop {
-            if read && let Some(value) = engine.event(workflow_id, key).await? {
-                return Ok(Some(value));
+            if read {
+                for (key, value) in keys.iter().zip(values.iter_mut()) {
+                    if value.is_none() {
+                        *value = engine.event(workflow_id, key).await?;
+                    }
+                }
+            }
+            if values.iter().all(Option::is_some) {
+                return Ok(Some(values.map(|value| value.expect("every value is set"))));
             }
             read = true;
             let now = Instant::now();
@@ -347,11 +384,19 @@ impl EventSubscription<'_> {
                 Some(receiver) => loop {
                     match tokio::time::timeout_at(next_poll, receiver.recv()).await {
                         Err(_elapsed) => break,
-                        Ok(Ok(payload)) => match EventListener::notice(&payload, &topic) {
-                            Notice::Value(value) => return Ok(Some(value)),
-                            Notice::Reread => break,
-                            Notice::Other => continue,
-                        },
+                        Ok(Ok(payload)) => {
+                            let mut reread = false;
+                            for (topic, value) in topics.iter().zip(values.iter_mut()) {
+                                match EventListener::notice(&payload, topic) {
+                                    Notice::Value(v) => *value = Some(v),
+                                    Notice::Reread => reread = true,
+                                    Notice::Other => {}
+                                }
+                            }
+                            if reread || values.iter().all(Option::is_some) {
+                                break;
+                            }
+                        }
                         Ok(Err(RecvError::Lagged(_))) => break,
                         Ok(Err(RecvError::Closed)) => {
                             tokio::time::sleep_until(next_poll).await;

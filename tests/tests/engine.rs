@@ -694,6 +694,64 @@ async fn a_killed_workers_workflow_continues_on_another_worker() -> anyhow::Resu
     Ok(())
 }
 
+/// A workflow killed during its first sleep, which has no step before it to
+/// count the sleep from, wakes on another worker when it would have woken
+/// anyway, not a whole sleep after the takeover (the store's dispatch
+/// begins with a 1 s sleep, and a takeover in it took the p99).
+#[tokio::test]
+async fn a_first_sleep_keeps_its_wake_up_time_through_a_takeover() -> anyhow::Result<()> {
+    let db = engine_db().await?;
+    let engine = Engine::new(db.pool.clone());
+    let mut workers = vec![
+        spawn_worker(&db, "first-sleep", &[])?,
+        spawn_worker(&db, "first-sleep", &[])?,
+    ];
+    wait_workers(&db.pool, 2).await?;
+    let sleep = Duration::from_secs(4);
+    engine
+        .start(
+            TICKER,
+            "sleepy",
+            &TickerInput {
+                steps: 1,
+                interval_ms: sleep.as_millis() as u64,
+                one_statement: true,
+            },
+        )
+        .await?;
+    wait_status(&db.pool, "sleepy", "running", Duration::from_secs(20)).await?;
+    // The scenario: the kill lands 1.5 s into the 4 s sleep.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let (victim_id, victim_pid) = owner_of(&db.pool, "sleepy").await?;
+    let index = workers
+        .iter()
+        .position(|w| w.pid() as i32 == victim_pid)
+        .context("owner is ours")?;
+    workers.remove(index).signal("KILL")?;
+    wait_status(&db.pool, "sleepy", "succeeded", Duration::from_secs(30)).await?;
+    let (started, ticked, ticked_by): (
+        chrono::DateTime<chrono::Utc>,
+        chrono::DateTime<chrono::Utc>,
+        String,
+    ) = sqlx::query_as(
+        "SELECT w.created_at, s.finished_at, s.worker_id
+         FROM workflows w JOIN workflow_steps s ON s.workflow_id = w.id
+         WHERE w.id = 'sleepy' AND s.name = 'tick'",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    assert_ne!(ticked_by, victim_id, "the tick ran on the other worker");
+    let after = (ticked - started).to_std()?;
+    println!("4 s sleep, killed 1.5 s in: ticked {after:?} after the start");
+    assert!(after >= sleep, "slept at least its 4 s: {after:?}");
+    assert!(
+        after < Duration::from_secs(5),
+        "woke at its own time, not 4 s after the takeover (>= 5.5 s): {after:?}"
+    );
+    assert_eq!(counter(&db.pool, "ticks:sleepy").await?, 1);
+    Ok(())
+}
+
 /// An in-process sleep gives the queue slot back: one worker with one slot
 /// has every one of 20 sleeping workflows ticking at once. Were the slot
 /// held through the sleeps, they would run one after another (5 s each).

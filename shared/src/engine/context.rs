@@ -563,7 +563,10 @@ impl WorkflowContext {
     /// Short ones wait in-process; their checkpoint rides in the next step's
     /// transaction, so the sleep costs no commit of its own. An execution
     /// that replays up to such an unrecorded sleep counts it from when the
-    /// step before it was written, so a takeover keeps the wake-up time.
+    /// step before it was written, so a takeover keeps the wake-up time. A
+    /// sleep with no step before it (the first thing a workflow does) has
+    /// nothing to count from: its checkpoint is written before it sleeps,
+    /// in the claim's transaction.
     ///
     /// An in-process sleep gives the execution's queue slot back first, so a
     /// worker's concurrency bounds the steps it runs at once, not the
@@ -587,14 +590,36 @@ impl WorkflowContext {
                     <= chrono::Duration::from_std(self.hold_threshold)
                         .unwrap_or(chrono::Duration::MAX)
                 {
-                    // Written by the next step's transaction: one commit
-                    // fewer. Should this execution die first, the replay
-                    // finds no checkpoint and begins the sleep at `began`.
-                    self.pending.push(PendingCheckpoint {
-                        seq,
-                        output: json!(at),
-                        started: began,
-                    });
+                    match self.open.take() {
+                        // No step before it: a replay would have no
+                        // checkpoint to count it from and would sleep it
+                        // all again. Written in the transaction still open
+                        // (the claim's), whose commit comes next.
+                        Some(mut tx) if seq == 0 => {
+                            self.checkpoint(
+                                &mut tx,
+                                seq,
+                                "sleep",
+                                &json!(at),
+                                began,
+                                RowLock::Leave,
+                            )
+                            .await?;
+                            self.open = Some(tx);
+                        }
+                        // Written by the next step's statement: one commit
+                        // fewer. Should this execution die first, the
+                        // replay finds no checkpoint and begins the sleep
+                        // at `began`.
+                        open => {
+                            self.open = open;
+                            self.pending.push(PendingCheckpoint {
+                                seq,
+                                output: json!(at),
+                                started: began,
+                            });
+                        }
+                    }
                 } else {
                     Box::pin(self.park_sleep(Some((seq, now)), at)).await?;
                     return Err(WorkflowError::Parked);

@@ -73,6 +73,26 @@ async fn owner_of(pool: &PgPool, id: &str) -> anyhow::Result<(String, i32)> {
     .await?)
 }
 
+/// SIGKILLs the worker process (one of `workers`) that owns the running
+/// workflow `id`: its worker id, and the database's clock at the kill.
+async fn kill_owner(
+    pool: &PgPool,
+    workers: &mut Vec<Proc>,
+    id: &str,
+) -> anyhow::Result<(String, chrono::DateTime<chrono::Utc>)> {
+    let (victim_id, victim_pid) = owner_of(pool, id).await?;
+    let index = workers
+        .iter()
+        .position(|w| w.pid() as i32 == victim_pid)
+        .context("owner is ours")?;
+    let victim = workers.remove(index);
+    victim.signal("KILL")?;
+    let killed_at = sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(pool)
+        .await?;
+    Ok((victim_id, killed_at))
+}
+
 fn runtime(db: &TestDb) -> anyhow::Result<Runtime> {
     let args = DatabaseArgs::from_url(&db.url);
     Ok(Runtime::new(
@@ -664,17 +684,7 @@ async fn a_killed_workers_workflow_continues_on_another_worker() -> anyhow::Resu
         Ok(counter(&db.pool, "ticks:long").await? >= 3)
     })
     .await?;
-    let (victim_id, victim_pid) = owner_of(&db.pool, "long").await?;
-    let index = workers
-        .iter()
-        .position(|w| w.pid() as i32 == victim_pid)
-        .context("owner is ours")?;
-    let victim = workers.remove(index);
-    victim.signal("KILL")?;
-    let killed_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
-        .fetch_one(&db.pool)
-        .await?;
-    drop(victim);
+    let (victim_id, killed_at) = kill_owner(&db.pool, &mut workers, "long").await?;
     let takeover = wait_step_elsewhere(
         &db.pool,
         "long",
@@ -722,12 +732,7 @@ async fn a_first_sleep_keeps_its_wake_up_time_through_a_takeover() -> anyhow::Re
     wait_status(&db.pool, "sleepy", "running", Duration::from_secs(20)).await?;
     // The scenario: the kill lands 1.5 s into the 4 s sleep.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let (victim_id, victim_pid) = owner_of(&db.pool, "sleepy").await?;
-    let index = workers
-        .iter()
-        .position(|w| w.pid() as i32 == victim_pid)
-        .context("owner is ours")?;
-    workers.remove(index).signal("KILL")?;
+    let (victim_id, _) = kill_owner(&db.pool, &mut workers, "sleepy").await?;
     wait_status(&db.pool, "sleepy", "succeeded", Duration::from_secs(30)).await?;
     let (started, ticked, ticked_by): (
         chrono::DateTime<chrono::Utc>,

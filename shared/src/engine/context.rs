@@ -519,31 +519,19 @@ impl WorkflowContext {
             .bind(topic)
             .fetch_optional(&mut *tx)
             .await?;
-            if let Some(payload) = message {
+            // The message, or none when the deadline has passed.
+            if message.is_some() || Utc::now() >= deadline {
                 self.checkpoint(
                     &mut tx,
                     seq,
                     &name,
-                    &json!({ "message": payload }),
+                    &json!({ "message": message }),
                     started,
                     RowLock::Leave,
                 )
                 .await?;
                 self.keep(tx).await?;
-                return Ok(Some(payload));
-            }
-            if Utc::now() >= deadline {
-                self.checkpoint(
-                    &mut tx,
-                    seq,
-                    &name,
-                    &json!({ "message": null }),
-                    started,
-                    RowLock::Leave,
-                )
-                .await?;
-                self.keep(tx).await?;
-                return Ok(None);
+                return Ok(message);
             }
             if self.locked {
                 break;

@@ -396,16 +396,16 @@ impl WorkflowContext {
                 }
                 Err(error) => error,
             };
-            if let Some(refused) = refusal(&error, seq, name) {
-                return Err(refused);
-            }
             if shared {
                 // The failed statement aborted the shared transaction: the
                 // steps before it are undone too.
                 self.open = None;
-                if !is_unavailable(&error) {
-                    return Err(WorkflowError::RetryUnbatched);
-                }
+            }
+            if let Some(refused) = refusal(&error, seq, name) {
+                return Err(refused);
+            }
+            if shared && !is_unavailable(&error) {
+                return Err(WorkflowError::RetryUnbatched);
             }
             let error = self.retryable(seq, name, attempt, Ok(StepError::from(error)))?;
             self.retry_or_fail(seq, name, error, attempt, &retry)

@@ -229,21 +229,19 @@ pub fn reserve_inventory(product_id: i32) -> StepStatement {
     .bind(product_id)
 }
 
-/// Creates the PENDING order of a checkout and returns its id.
-pub async fn create_order(
-    tx: &mut PgConnection,
-    product_id: i32,
-    checkout_id: &str,
-) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
+/// The step that creates the PENDING order of a checkout: its output is
+/// the order's id. A step statement
+/// ([`WorkflowContext::sql_step`](crate::engine::WorkflowContext::sql_step)),
+/// so the checkout can publish the payment id with it, in the same round
+/// trip.
+pub fn create_order(product_id: i32, checkout_id: &str) -> StepStatement {
+    StepStatement::new(
         "INSERT INTO orders (product_id, checkout_id, status, progress_remaining)
-         VALUES ($1, $2, 'PENDING', $3) RETURNING id",
+         VALUES ($1, $2, 'PENDING', $3) RETURNING id AS output",
     )
     .bind(product_id)
-    .bind(checkout_id)
+    .bind(checkout_id.to_owned())
     .bind(DISPATCH_STEPS)
-    .fetch_one(&mut *tx)
-    .await
 }
 
 /// PENDING to PAID. False when the order was not pending.

@@ -130,9 +130,13 @@ pub struct TickerInput {
     pub one_statement: bool,
 }
 
-/// `steps` times { sleep; bump `ticks:<workflow id>` }: a long-running
-/// workflow for takeover, drain and cancel tests.
+/// `steps` times { sleep; bump `ticks:<workflow id>` and set the event
+/// `tick` to the tick's number, in the same step }: a long-running workflow
+/// for takeover, drain and cancel tests.
 pub struct Ticker;
+
+/// The event a [`Ticker`] sets to the number of its last tick.
+pub const TICK_EVENT: &str = "tick";
 
 /// Kind of [`Ticker`].
 pub const TICKER: WorkflowKind = WorkflowKind {
@@ -152,12 +156,23 @@ impl Workflow for Ticker {
         input: TickerInput,
     ) -> Result<Value, WorkflowError> {
         let name = format!("ticks:{}", ctx.workflow_id());
-        for _ in 0..input.steps {
+        let id = ctx.workflow_id().to_owned();
+        for tick in 1..=input.steps {
             ctx.sleep(Duration::from_millis(input.interval_ms)).await?;
             if input.one_statement {
-                let _: i64 = ctx.sql_step("tick", bump_statement(&name)).await?;
+                let statement = bump_statement(&name).event(TICK_EVENT, tick);
+                let _: i64 = ctx.sql_step("tick", statement).await?;
             } else {
-                bump_step(ctx, "tick", name.clone()).await?;
+                let _: i64 = ctx
+                    .tx_step("tick", |tx| {
+                        let (id, name) = (id.clone(), name.clone());
+                        Box::pin(async move {
+                            let value = bump(tx, &name).await?;
+                            set_events_in(tx, &id, &[(TICK_EVENT, &json!(tick))]).await?;
+                            Ok(value)
+                        })
+                    })
+                    .await?;
             }
         }
         Ok(json!(input.steps))

@@ -51,21 +51,15 @@ impl Workflow for Checkout {
             return Ok(json!({ "outcome": "out_of_stock" }));
         }
 
+        // The payment id (it is the checkout id) goes out with the order:
+        // one statement, committed on its own, so the shopper has it
+        // without waiting for the recv below to park.
         let order_id: i64 = ctx
-            .tx_step("create_order", |tx| {
-                let checkout_id = checkout_id.clone();
-                Box::pin(async move {
-                    let order_id = store::create_order(tx, product_id, &checkout_id).await?;
-                    // The payment id is the checkout id.
-                    set_events_in(
-                        tx,
-                        &checkout_id,
-                        &[(topics::PAYMENT_ID, &json!(checkout_id))],
-                    )
-                    .await?;
-                    Ok(order_id)
-                })
-            })
+            .sql_step(
+                "create_order",
+                store::create_order(product_id, &checkout_id)
+                    .event(topics::PAYMENT_ID, &checkout_id),
+            )
             .await?;
 
         let payment = ctx

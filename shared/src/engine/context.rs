@@ -46,8 +46,6 @@ pub struct WorkflowContext {
     /// Fired (once) to hand the apalis queue slot back while the execution
     /// goes on holding none: see [`WorkflowContext::sleep`].
     pub(crate) slot: Option<oneshot::Sender<()>>,
-    /// Checkpoints of in-process sleeps, written with the next checkpoint.
-    pub(crate) pending: Vec<PendingCheckpoint>,
     /// When the last replayed checkpoint was written.
     pub(crate) replayed_until: Option<DateTime<Utc>>,
     /// Set once the execution is past its replayed checkpoints.
@@ -63,33 +61,46 @@ pub struct WorkflowContext {
     pub(crate) batch: bool,
     /// The claim saw a cancel request: the next step sees it.
     pub(crate) cancel_requested: bool,
-    /// `open` holds the workflow row's lock (a recv took it).
-    pub(crate) locked: bool,
 }
 
-/// A checkpoint waiting for the next step's transaction.
-pub(crate) struct PendingCheckpoint {
-    seq: i32,
-    output: Value,
-    started: DateTime<Utc>,
-}
-
-/// Whether a checkpoint insert also locks the workflow row.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum RowLock {
-    Take,
-    Leave,
-}
-
-/// The rows one checkpoint statement writes: those of the in-process
-/// sleeps before the step, then the step's own. `outputs` holds the sleeps'
-/// outputs only; the caller adds the step's (or the statement computes it:
+/// The checkpoint rows one `workflow_checkpoint()` call writes, as the
+/// arrays it takes: a step's, or none (a recv whose deadline is written
+/// already). `outputs` is left to the caller (or the statement computes it:
 /// see [`WorkflowContext::sql_step`]).
+#[derive(Default)]
 struct CheckpointRows {
     seqs: Vec<i32>,
     names: Vec<String>,
     outputs: Vec<Value>,
     starts: Vec<DateTime<Utc>>,
+}
+
+impl CheckpointRows {
+    /// The row of step `seq`, but its output.
+    fn step(seq: i32, name: &str, started: DateTime<Utc>) -> Self {
+        CheckpointRows {
+            seqs: vec![seq],
+            names: vec![name.to_owned()],
+            outputs: Vec::new(),
+            starts: vec![started],
+        }
+    }
+
+    /// Appends `workflow_checkpoint()`'s arguments but the last (the lock)
+    /// to a statement's own, in its order.
+    fn bind(
+        &self,
+        arguments: &mut PgArguments,
+        workflow_id: &str,
+        worker_id: &str,
+    ) -> Result<(), sqlx::error::BoxDynError> {
+        arguments.add(workflow_id)?;
+        arguments.add(&self.seqs)?;
+        arguments.add(&self.names)?;
+        arguments.add(&self.outputs)?;
+        arguments.add(worker_id)?;
+        arguments.add(&self.starts)
+    }
 }
 
 /// One SQL statement that is the whole effect of a database step: see
@@ -102,6 +113,8 @@ struct CheckpointRows {
 pub struct StepStatement {
     sql: &'static str,
     arguments: PgArguments,
+    /// Events published with the step: see [`StepStatement::event`].
+    events: Vec<(String, Value)>,
     /// A value that could not be encoded: the step fails with it.
     unencodable: Option<String>,
 }
@@ -114,8 +127,24 @@ impl StepStatement {
         StepStatement {
             sql,
             arguments: PgArguments::default(),
+            events: Vec::new(),
             unencodable: None,
         }
+    }
+
+    /// Publishes an event with the step, in its statement (as
+    /// [`set_events_in`] does in a transaction): set, and its waiters
+    /// notified at the commit, exactly when the step's checkpoint is
+    /// written, whatever the statement returned. Keys must differ.
+    pub fn event(mut self, key: &str, value: impl Serialize) -> Self {
+        match serde_json::to_value(value) {
+            Ok(value) => self.events.push((key.to_owned(), value)),
+            Err(e) => {
+                self.unencodable
+                    .get_or_insert(format!("event {key} does not encode: {e}"));
+            }
+        }
+        self
     }
 
     /// Binds the next parameter (`$1`, then `$2`, ...).
@@ -210,7 +239,7 @@ impl WorkflowContext {
             let failure = match outcome {
                 Ok(Ok(value)) => {
                     let output = serde_json::to_value(&value)?;
-                    self.checkpoint(&mut tx, seq, name, &output, started, RowLock::Leave)
+                    self.checkpoint(&mut tx, seq, name, &output, started)
                         .await?;
                     self.keep(tx).await?;
                     return Ok(value);
@@ -288,7 +317,7 @@ impl WorkflowContext {
                 Ok(Ok(value)) => {
                     let output = serde_json::to_value(&value)?;
                     let mut tx = self.transaction().await?;
-                    self.checkpoint(&mut tx, seq, name, &output, started, RowLock::Leave)
+                    self.checkpoint(&mut tx, seq, name, &output, started)
                         .await?;
                     self.keep(tx).await?;
                     return Ok(value);
@@ -351,17 +380,31 @@ impl WorkflowContext {
         if let Some(error) = statement.unencodable {
             return Err(self.step_failed(seq, name, error, 1));
         }
-        let rows = self.checkpoint_rows(seq, name, Utc::now());
+        let rows = CheckpointRows::step(seq, name, Utc::now());
         // The engine's parameters follow the statement's own.
         let first = statement.arguments.len() + 1;
         let [id, seqs, names, outputs, worker, starts] =
             std::array::from_fn(|i| format!("${}", first + i));
+        let [keys, values, channel, payloads] =
+            std::array::from_fn(|i| format!("${}", first + 6 + i));
+        let events = EventArguments::new(
+            &self.workflow_id,
+            statement
+                .events
+                .iter()
+                .map(|(key, value)| (key.as_str(), value)),
+        );
+        let set_events = if events.is_empty() {
+            String::new()
+        } else {
+            format!(", workflow_set_events({id}, {keys}, {values}, {channel}, {payloads})")
+        };
         let sql = format!(
             "WITH effect AS ({}),
                   outcome AS (SELECT (SELECT to_jsonb(output) FROM effect) AS output)
              SELECT outcome.output, workflow_checkpoint({id}, {seqs}, {names},
                  array_append({outputs}::jsonb[], coalesce(outcome.output, 'null'::jsonb)),
-                 {worker}, {starts}, false)
+                 {worker}, {starts}, false){set_events}
              FROM outcome",
             statement.sql
         );
@@ -372,7 +415,10 @@ impl WorkflowContext {
                 return Err(WorkflowError::Cancelled);
             }
             let mut arguments = statement.arguments.clone();
-            let bound = rows.bind(&mut arguments, &self.workflow_id, &self.worker_id);
+            let mut bound = rows.bind(&mut arguments, &self.workflow_id, &self.worker_id);
+            if bound.is_ok() && !events.is_empty() {
+                bound = events.bind(&mut arguments);
+            }
             if let Err(e) = bound {
                 return Err(self.step_failed(seq, name, format!("checkpoint encoding: {e}"), 1));
             }
@@ -387,7 +433,6 @@ impl WorkflowContext {
             };
             let error = match result {
                 Ok((output, _)) => {
-                    self.pending.clear();
                     return serde_json::from_value(output.unwrap_or(Value::Null)).map_err(|e| {
                         WorkflowError::fatal(format!(
                             "step {seq} ({name}): its output does not decode: {e}"
@@ -482,79 +527,71 @@ impl WorkflowContext {
         }
         self.check_draining()?;
         let started = Utc::now();
-        let mut tx = self.transaction().await?;
-        let deadline = match known_deadline {
-            Some(at) => at,
+        // The checkpoint written first: the deadline's, on the first run.
+        let (deadline, rows, refused_seq, refused_name) = match known_deadline {
+            Some(at) => (at, CheckpointRows::default(), seq, &name),
             None => {
                 let at =
                     started + chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
-                // The guard's lock rides in this checkpoint.
-                let lock = if self.locked {
-                    RowLock::Leave
-                } else {
-                    RowLock::Take
-                };
-                self.checkpoint(
-                    &mut tx,
-                    deadline_seq,
-                    &deadline_name,
-                    &json!(at),
-                    started,
-                    lock,
-                )
-                .await?;
-                at
+                let mut rows = CheckpointRows::step(deadline_seq, &deadline_name, started);
+                rows.outputs.push(json!(at));
+                (at, rows, deadline_seq, &deadline_name)
             }
         };
-        loop {
-            // Find and consume the oldest message in one statement.
-            let message: Option<Value> = sqlx::query_scalar(
-                "UPDATE workflow_messages SET consumed_at = now()
-                 WHERE id = (SELECT id FROM workflow_messages
-                             WHERE workflow_id = $1 AND topic = $2 AND consumed_at IS NULL
-                             ORDER BY id LIMIT 1 FOR UPDATE)
-                 RETURNING payload",
-            )
-            .bind(&self.workflow_id)
-            .bind(topic)
-            .fetch_optional(&mut *tx)
-            .await?;
-            // The message, or none when the deadline has passed.
-            if message.is_some() || Utc::now() >= deadline {
-                self.checkpoint(
-                    &mut tx,
-                    seq,
-                    &name,
-                    &json!({ "message": message }),
-                    started,
-                    RowLock::Leave,
-                )
-                .await?;
-                self.keep(tx).await?;
-                return Ok(message);
-            }
-            if self.locked {
-                break;
-            }
-            // Nothing yet, and parking needs the row lock: take it and look
-            // again (a resumed recv usually finds its message at once and
-            // skips this).
-            self.guard(&mut tx).await?;
+        if self.cancel_requested {
+            return Err(WorkflowError::Cancelled);
         }
-        self.park(&mut tx, Some(topic), deadline).await?;
-        tx.commit().await?;
+        // One statement (`workflow_recv()`): those checkpoints, the row lock
+        // a park needs, the look for the message (consumed if there), then
+        // the outcome's checkpoint or the park. It joins the transaction
+        // still open, or is its own commit.
+        let query = sqlx::query_as::<_, (bool, Option<Value>)>(
+            "SELECT done, message
+             FROM workflow_recv($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+        )
+        .bind(&self.workflow_id)
+        .bind(topic)
+        .bind(deadline)
+        .bind(&rows.seqs)
+        .bind(&rows.names)
+        .bind(&rows.outputs)
+        .bind(&rows.starts)
+        .bind(seq)
+        .bind(&name)
+        .bind(started)
+        .bind(&*self.worker_id)
+        .bind(self.kind.queue)
+        .bind(new_job_id())
+        .bind(JOB_MAX_ATTEMPTS);
+        let received = match self.open.as_mut() {
+            Some(tx) => query.fetch_one(&mut **tx).await,
+            None => query.fetch_one(&self.pool).await,
+        };
+        let (done, message) = match received {
+            Ok(received) => received,
+            Err(error) => {
+                // A failed statement aborts the transaction it was in.
+                self.open = None;
+                return Err(
+                    refusal(&error, refused_seq, refused_name).unwrap_or_else(|| error.into())
+                );
+            }
+        };
+        if done {
+            return Ok(message);
+        }
+        self.commit_open().await?;
         Err(WorkflowError::Parked)
     }
 
     /// A durable sleep. Long sleeps (over the runtime's hold threshold)
     /// checkpoint their wake-up time and park until a job scheduled then.
-    /// Short ones wait in-process; their checkpoint rides in the next step's
-    /// transaction, so the sleep costs no commit of its own. An execution
-    /// that replays up to such an unrecorded sleep counts it from when the
-    /// step before it was written, so a takeover keeps the wake-up time. A
-    /// sleep with no step before it (the first thing a workflow does) has
-    /// nothing to count from: its checkpoint is written before it sleeps,
-    /// in the claim's transaction.
+    /// Short ones wait in-process and write no checkpoint: a replay that
+    /// finds a checkpoint after such a sleep knows it is over, and one that
+    /// stops at it counts it from when the step before it was written, so a
+    /// takeover keeps the wake-up time. A sleep with no step before it (the
+    /// first thing a workflow does) has nothing to count from: its
+    /// checkpoint is written before it sleeps, in the claim's transaction.
     ///
     /// An in-process sleep gives the execution's queue slot back first, so a
     /// worker's concurrency bounds the steps it runs at once, not the
@@ -563,6 +600,15 @@ impl WorkflowContext {
     /// dead worker.
     pub async fn sleep(&mut self, duration: Duration) -> Result<(), WorkflowError> {
         let seq = self.take_seq();
+        // An in-process sleep leaves no checkpoint (but a first one): a
+        // checkpoint after it shows that it is over.
+        if self
+            .checkpoints
+            .front()
+            .is_some_and(|front| front.step_seq > seq)
+        {
+            return Ok(());
+        }
         let wake_at = match self.replay::<DateTime<Utc>>(seq, "sleep")? {
             Replay::Done(at) => at,
             Replay::Run => {
@@ -578,35 +624,15 @@ impl WorkflowContext {
                     <= chrono::Duration::from_std(self.hold_threshold)
                         .unwrap_or(chrono::Duration::MAX)
                 {
-                    match self.open.take() {
+                    if seq == 0 {
                         // No step before it: a replay would have no
                         // checkpoint to count it from and would sleep it
                         // all again. Written in the transaction still open
                         // (the claim's), whose commit comes next.
-                        Some(mut tx) if seq == 0 => {
-                            self.checkpoint(
-                                &mut tx,
-                                seq,
-                                "sleep",
-                                &json!(at),
-                                began,
-                                RowLock::Leave,
-                            )
+                        let mut tx = self.transaction().await?;
+                        self.checkpoint(&mut tx, seq, "sleep", &json!(at), began)
                             .await?;
-                            self.open = Some(tx);
-                        }
-                        // Written by the next step's statement: one commit
-                        // fewer. Should this execution die first, the
-                        // replay finds no checkpoint and begins the sleep
-                        // at `began`.
-                        open => {
-                            self.open = open;
-                            self.pending.push(PendingCheckpoint {
-                                seq,
-                                output: json!(at),
-                                started: began,
-                            });
-                        }
+                        self.keep(tx).await?;
                     }
                 } else {
                     Box::pin(self.park_sleep(Some((seq, now)), at)).await?;
@@ -642,10 +668,10 @@ impl WorkflowContext {
     ) -> Result<(), WorkflowError> {
         let mut tx = self.transaction().await?;
         if let Some((seq, started)) = checkpoint {
-            self.checkpoint(&mut tx, seq, "sleep", &json!(at), started, RowLock::Leave)
+            self.checkpoint(&mut tx, seq, "sleep", &json!(at), started)
                 .await?;
         }
-        self.park(&mut tx, None, at).await?;
+        self.park(&mut tx, at).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -675,7 +701,6 @@ impl WorkflowContext {
         if let Some(tx) = self.open.take() {
             return Ok(tx);
         }
-        self.locked = false;
         Ok(self.pool.begin().await?)
     }
 
@@ -685,7 +710,6 @@ impl WorkflowContext {
         if self.batch {
             self.open = Some(tx);
         } else {
-            self.locked = false;
             tx.commit().await?;
         }
         Ok(())
@@ -693,7 +717,6 @@ impl WorkflowContext {
 
     /// Commits the operations still open.
     async fn commit_open(&mut self) -> Result<(), WorkflowError> {
-        self.locked = false;
         if let Some(tx) = self.open.take() {
             tx.commit().await?;
         }
@@ -751,50 +774,10 @@ impl WorkflowContext {
         }
     }
 
-    /// Locks the workflow row, unless `tx` holds its lock already, and sees
-    /// cancellation. A recv holds it before it parks, and looks for its
-    /// message after taking it: a send locks the row too, so either the
-    /// recv's next statement sees the message or the send sees the workflow
-    /// parked.
-    async fn guard(&mut self, tx: &mut PgConnection) -> Result<(), WorkflowError> {
-        if self.locked {
-            return Ok(());
-        }
-        let row: Option<(String, bool)> = sqlx::query_as(
-            "SELECT status, cancel_requested FROM workflows WHERE id = $1 FOR UPDATE",
-        )
-        .bind(&self.workflow_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        self.stopped(row)?;
-        self.locked = true;
-        Ok(())
-    }
-
-    /// Whether the workflow, as `row` (status, cancel requested) shows it,
-    /// must stop here: cancelled, or finished by another execution.
-    fn stopped(&self, row: Option<(String, bool)>) -> Result<(), WorkflowError> {
-        match row {
-            None => Err(WorkflowError::fatal("workflow row disappeared")),
-            Some((_, true)) => Err(WorkflowError::Cancelled),
-            Some((status, false))
-                if matches!(status.as_str(), "succeeded" | "failed" | "cancelled") =>
-            {
-                Err(WorkflowError::Fenced {
-                    step: self.next_seq - 1,
-                    name: format!("(workflow already {status})"),
-                })
-            }
-            Some(_) => Ok(()),
-        }
-    }
-
     /// Inserts a checkpoint, after those of the in-process sleeps before it,
     /// through `workflow_checkpoint()`, which refuses it (an error, mapped by
     /// [`refusal`]) when another execution won this step (this one is fenced
-    /// off) or the workflow was cancelled or has finished. With
-    /// [`RowLock::Take`], the same statement also locks the workflow row as
-    /// [`WorkflowContext::guard`] does.
+    /// off) or the workflow was cancelled or has finished.
     async fn checkpoint(
         &mut self,
         tx: &mut PgConnection,
@@ -802,18 +785,16 @@ impl WorkflowContext {
         name: &str,
         output: &Value,
         started: DateTime<Utc>,
-        lock: RowLock,
     ) -> Result<(), WorkflowError> {
-        let mut rows = self.checkpoint_rows(seq, name, started);
+        let mut rows = CheckpointRows::step(seq, name, started);
         rows.outputs.push(output.clone());
-        let written = sqlx::query("SELECT workflow_checkpoint($1, $2, $3, $4, $5, $6, $7)")
+        let written = sqlx::query("SELECT workflow_checkpoint($1, $2, $3, $4, $5, $6, false)")
             .bind(&self.workflow_id)
             .bind(&rows.seqs)
             .bind(&rows.names)
             .bind(&rows.outputs)
             .bind(&*self.worker_id)
             .bind(&rows.starts)
-            .bind(lock == RowLock::Take)
             .execute(&mut *tx)
             .await;
         match written {
@@ -821,45 +802,17 @@ impl WorkflowContext {
                 // Written: every caller commits this transaction next, or
                 // ends the execution (which then replays from the last
                 // commit).
-                self.pending.clear();
-                self.locked |= lock == RowLock::Take;
                 Ok(())
             }
             Err(error) => Err(refusal(&error, seq, name).unwrap_or_else(|| error.into())),
         }
     }
 
-    /// The checkpoint rows of step `seq`, after the in-process sleeps' still
-    /// pending (kept until the statement that writes them succeeds).
-    fn checkpoint_rows(&self, seq: i32, name: &str, started: DateTime<Utc>) -> CheckpointRows {
-        let mut rows = CheckpointRows {
-            seqs: Vec::with_capacity(self.pending.len() + 1),
-            names: Vec::with_capacity(self.pending.len() + 1),
-            outputs: Vec::with_capacity(self.pending.len() + 1),
-            starts: Vec::with_capacity(self.pending.len() + 1),
-        };
-        for p in &self.pending {
-            rows.seqs.push(p.seq);
-            rows.names.push("sleep".to_owned());
-            rows.outputs.push(p.output.clone());
-            rows.starts.push(p.started);
-        }
-        rows.seqs.push(seq);
-        rows.names.push(name.to_owned());
-        rows.starts.push(started);
-        rows
-    }
-
-    /// Parks the workflow until a message on `topic` or `until`, with the
-    /// job that wakes it then: one statement.
-    async fn park(
-        &self,
-        tx: &mut PgConnection,
-        topic: Option<&str>,
-        until: DateTime<Utc>,
-    ) -> Result<(), WorkflowError> {
+    /// Parks a sleeping workflow until `until`, with the job that wakes it
+    /// then: one statement. (A recv parks inside `workflow_recv()`.)
+    async fn park(&self, tx: &mut PgConnection, until: DateTime<Utc>) -> Result<(), WorkflowError> {
         sqlx::query(
-            "UPDATE workflows SET status = 'waiting', owner = NULL, wait_topic = $6, wait_until = $3,
+            "UPDATE workflows SET status = 'waiting', owner = NULL, wait_topic = NULL, wait_until = $3,
              wait_job = workflow_enqueue($1, $2, $4, $3, 0, $5), updated_at = now()
              WHERE id = $2",
         )
@@ -868,7 +821,6 @@ impl WorkflowContext {
         .bind(until)
         .bind(new_job_id())
         .bind(JOB_MAX_ATTEMPTS)
-        .bind(topic)
         .execute(&mut *tx)
         .await?;
         Ok(())
@@ -922,24 +874,6 @@ impl WorkflowContext {
     }
 }
 
-impl CheckpointRows {
-    /// Appends `workflow_checkpoint()`'s arguments but the last (the lock)
-    /// to a statement's own, in its order.
-    fn bind(
-        &self,
-        arguments: &mut PgArguments,
-        workflow_id: &str,
-        worker_id: &str,
-    ) -> Result<(), sqlx::error::BoxDynError> {
-        arguments.add(workflow_id)?;
-        arguments.add(&self.seqs)?;
-        arguments.add(&self.names)?;
-        arguments.add(&self.outputs)?;
-        arguments.add(worker_id)?;
-        arguments.add(&self.starts)
-    }
-}
-
 /// What a checkpoint refused by `workflow_checkpoint()` means for the
 /// execution (the SQLSTATEs are in its migration); `None` for any other
 /// error.
@@ -966,36 +900,60 @@ fn refusal(error: &sqlx::Error, seq: i32, name: &str) -> Option<WorkflowError> {
 /// transaction, in one statement however many there are (their keys must
 /// differ: PostgreSQL refuses to upsert one row twice in a statement).
 /// Inside a [`WorkflowContext::tx_step`] they happen exactly once with the
-/// step.
+/// step. (A [`StepStatement`] publishes its own with
+/// [`StepStatement::event`].)
 pub async fn set_events_in(
     tx: &mut PgConnection,
     workflow_id: &str,
     events: &[(&str, &Value)],
 ) -> Result<(), sqlx::Error> {
-    let keys: Vec<&str> = events.iter().map(|(key, _)| *key).collect();
-    let values: Vec<&Value> = events.iter().map(|(_, value)| *value).collect();
-    let payloads: Vec<String> = events
-        .iter()
-        .map(|(key, value)| EventListener::payload(workflow_id, key, value))
-        .collect();
+    let mut arguments = PgArguments::default();
+    arguments.add(workflow_id).map_err(sqlx::Error::Encode)?;
+    EventArguments::new(workflow_id, events.iter().copied())
+        .bind(&mut arguments)
+        .map_err(sqlx::Error::Encode)?;
     // The notifications go out with the rows' commit.
-    sqlx::query(
-        "WITH event AS (
-             INSERT INTO workflow_events (workflow_id, key, value)
-             SELECT $1, e.key, e.value FROM unnest($2::text[], $3::jsonb[]) AS e(key, value)
-             ON CONFLICT (workflow_id, key) DO UPDATE SET value = EXCLUDED.value, created_at = now()
-             RETURNING key)
-         SELECT pg_notify($4, n.payload)
-         FROM event JOIN unnest($2::text[], $5::text[]) AS n(key, payload) USING (key)",
-    )
-    .bind(workflow_id)
-    .bind(&keys)
-    .bind(&values)
-    .bind(EVENTS_CHANNEL)
-    .bind(&payloads)
-    .execute(&mut *tx)
-    .await?;
+    sqlx::query_with("SELECT workflow_set_events($1, $2, $3, $4, $5)", arguments)
+        .execute(&mut *tx)
+        .await?;
     Ok(())
+}
+
+/// `workflow_set_events()`'s arguments after the workflow id: the events'
+/// keys, values, the channel and each event's notification payload.
+struct EventArguments<'a> {
+    keys: Vec<&'a str>,
+    values: Vec<&'a Value>,
+    payloads: Vec<String>,
+}
+
+impl<'a> EventArguments<'a> {
+    fn new(workflow_id: &str, events: impl Iterator<Item = (&'a str, &'a Value)>) -> Self {
+        let mut arguments = EventArguments {
+            keys: Vec::new(),
+            values: Vec::new(),
+            payloads: Vec::new(),
+        };
+        for (key, value) in events {
+            arguments.keys.push(key);
+            arguments.values.push(value);
+            arguments
+                .payloads
+                .push(EventListener::payload(workflow_id, key, value));
+        }
+        arguments
+    }
+
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    fn bind(&self, arguments: &mut PgArguments) -> Result<(), sqlx::error::BoxDynError> {
+        arguments.add(&self.keys)?;
+        arguments.add(&self.values)?;
+        arguments.add(EVENTS_CHANNEL)?;
+        arguments.add(&self.payloads)
+    }
 }
 
 pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {

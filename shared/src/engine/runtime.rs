@@ -616,12 +616,9 @@ impl Runtime {
             draining: inner.drain.subscribe(),
             execution,
             slot: slot.take(),
-            pending: Vec::new(),
             replayed_until: None,
             running: false,
             resumed_after: None,
-            // The claim's lock on the row, when its transaction stays open.
-            locked: open.is_some(),
             open,
             batch,
             cancel_requested,

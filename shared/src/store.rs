@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgPool;
 
 use crate::engine::{StepStatement, WorkflowKind};
 
@@ -244,16 +244,17 @@ pub fn create_order(product_id: i32, checkout_id: &str) -> StepStatement {
     .bind(DISPATCH_STEPS)
 }
 
-/// PENDING to PAID. False when the order was not pending.
-pub async fn mark_paid(tx: &mut PgConnection, order_id: i64) -> Result<bool, sqlx::Error> {
-    Ok(sqlx::query(
-        "UPDATE orders SET status = 'PAID', last_update_time = now() WHERE id = $1 AND status = 'PENDING'",
+/// The step that marks a PENDING order PAID: its output is `true`, or null
+/// when the order was not pending. A step statement, so the checkout starts
+/// the order's dispatch and publishes the settlement with it, in the same
+/// round trip.
+pub fn mark_paid(order_id: i64) -> StepStatement {
+    StepStatement::new(
+        "UPDATE orders SET status = 'PAID', last_update_time = now()
+         WHERE id = $1 AND status = 'PENDING'
+         RETURNING true AS output",
     )
     .bind(order_id)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected()
-        == 1)
 }
 
 /// The step that cancels a PENDING order and gives its unit back to stock,

@@ -118,6 +118,30 @@ impl Workflow for NoOp {
     }
 }
 
+/// One one-statement step that starts a [`NoOp`] workflow (the input's
+/// `child`, its id) in its statement.
+pub struct Parent;
+
+/// Kind of [`Parent`].
+pub const PARENT: WorkflowKind = WorkflowKind {
+    name: "parent",
+    queue: QUEUE,
+};
+
+impl Workflow for Parent {
+    type Input = Value;
+    type Output = Value;
+    fn kind(&self) -> WorkflowKind {
+        PARENT
+    }
+    async fn run(&self, ctx: &mut WorkflowContext, input: Value) -> Result<Value, WorkflowError> {
+        let child = input["child"].as_str().unwrap_or_default();
+        let statement = StepStatement::new("SELECT true AS output").start(NOOP, child, json!({}));
+        let _: Option<bool> = ctx.sql_step("start_child", statement).await?;
+        Ok(json!(child))
+    }
+}
+
 /// Input of [`Ticker`].
 #[derive(Debug, Serialize, Deserialize)]
 pub struct TickerInput {

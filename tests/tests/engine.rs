@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use harness::workflows::{
-    self, COUNTER, FLAKY, FlakyInput, MESSENGER, MessengerInput, TICKER, Ticker, TickerInput,
-    counter,
+    self, COUNTER, FLAKY, FlakyInput, MESSENGER, MessengerInput, PARENT, Parent, TICKER, Ticker,
+    TickerInput, counter,
 };
 use harness::{
     Proc, TestDb, live_workers, wait_step_elsewhere, wait_until, wait_workers, worker_env,
@@ -111,7 +111,8 @@ fn runtime(db: &TestDb) -> anyhow::Result<Runtime> {
         args.connect_options("in-process")?,
         RuntimeConfig::default(),
     )
-    .register(Ticker))
+    .register(Ticker)
+    .register(Parent))
 }
 
 #[tokio::test]
@@ -162,6 +163,56 @@ async fn start_is_idempotent_under_50_concurrent_callers() -> anyhow::Result<()>
         count(&db.pool, "SELECT count(*) FROM apalis.jobs").await?,
         1,
         "the conflict enqueued nothing"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_step_statement_starts_its_child_once_and_fails_on_a_kind_conflict() -> anyhow::Result<()>
+{
+    let db = engine_db().await?;
+    let engine = Engine::new(db.pool.clone());
+    let rt = runtime(&db)?;
+    engine
+        .start(PARENT, "parent", &json!({ "child": "child" }))
+        .await?;
+    assert_eq!(rt.execute("parent").await, ExecutionOutcome::Succeeded);
+    let child = engine.info("child").await?.context("child started")?;
+    assert_eq!(
+        (child.kind.as_str(), child.status.as_str()),
+        ("noop", "enqueued"),
+        "started with its parent's step"
+    );
+    let jobs = "SELECT count(*) FROM apalis.jobs j
+                WHERE convert_from(j.job, 'UTF8')::json ->> 'workflow_id' = 'child'";
+    assert_eq!(count(&db.pool, jobs).await?, 1, "one job for the child");
+
+    // The child's id is held by another kind: the step fails (a bug in the
+    // workflow, not worth retrying) and changes nothing.
+    engine
+        .start(TICKER, "taken", &json!({ "steps": 1, "interval_ms": 1 }))
+        .await?;
+    engine
+        .start(PARENT, "parent-2", &json!({ "child": "taken" }))
+        .await?;
+    assert_eq!(rt.execute("parent-2").await, ExecutionOutcome::Failed);
+    let failed = engine.info("parent-2").await?.context("parent-2")?;
+    let error = failed.error.unwrap_or_default();
+    assert_eq!(failed.status, "failed");
+    assert!(
+        error.contains("a ticker workflow holds"),
+        "names the kind holding the id: {error}"
+    );
+    let taken = engine.info("taken").await?.context("taken")?;
+    assert_eq!(taken.kind, "ticker");
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM workflow_steps WHERE workflow_id = 'parent-2'"
+        )
+        .await?,
+        0,
+        "no checkpoint for the failed step"
     );
     Ok(())
 }

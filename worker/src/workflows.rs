@@ -3,9 +3,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use shared::engine::{
-    Engine, StepError, Workflow, WorkflowContext, WorkflowError, WorkflowKind, set_events_in,
-};
+use shared::engine::{Workflow, WorkflowContext, WorkflowError, WorkflowKind, set_events_in};
 use shared::store::{
     self, CHECKOUT, CheckoutInput, DISPATCH, DISPATCH_STEPS, DispatchInput, PaymentStatus,
     dispatch_workflow_id, topics,
@@ -73,23 +71,17 @@ impl Workflow for Checkout {
         };
 
         if payment == Some(PaymentStatus::Paid) {
-            ctx.tx_step("mark_paid", |tx| {
-                let checkout_id = checkout_id.clone();
-                Box::pin(async move {
-                    store::mark_paid(tx, order_id).await?;
-                    Engine::start_in(
-                        tx,
-                        DISPATCH,
-                        &dispatch_workflow_id(order_id),
-                        &DispatchInput { order_id },
-                    )
-                    .await
-                    .map_err(|e| StepError::Retryable(e.into()))?;
-                    publish_settlement(tx, &checkout_id, outcome, order_id).await?;
-                    Ok(())
-                })
-            })
-            .await?;
+            // The order paid, its dispatch started and the webhook's answer
+            // published: one statement, in the claim's transaction.
+            let statement = store::mark_paid(order_id)
+                .start(
+                    DISPATCH,
+                    &dispatch_workflow_id(order_id),
+                    &DispatchInput { order_id },
+                )
+                .event(topics::PAYMENT_OUTCOME, outcome)
+                .event(topics::ORDER_ID, order_id);
+            let _: Option<bool> = ctx.sql_step("mark_paid", statement).await?;
         } else {
             // The unit goes back to the product row, every checkout's lock:
             // commit what is open first, so the cancellation is a statement
@@ -110,8 +102,8 @@ impl Workflow for Checkout {
     }
 }
 
-/// The events that answer a checkout's payment webhook: how the payment
-/// was settled, and the order.
+/// The events that answer a cancelled checkout's payment webhook: how the
+/// payment was settled, and the order (a paid one's ride in `mark_paid`).
 async fn publish_settlement(
     tx: &mut sqlx::PgConnection,
     checkout_id: &str,

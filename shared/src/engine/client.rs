@@ -79,7 +79,10 @@ impl Engine {
     }
 
     /// [`Engine::start`] inside the caller's transaction (a workflow step
-    /// starting a child commits both together).
+    /// starting a child commits both together; a one-statement step uses
+    /// [`StepStatement::start`](super::StepStatement::start)). A
+    /// [`EngineError::KindConflict`] is raised by the statement, so it ends
+    /// the caller's transaction too.
     pub async fn start_in(
         conn: &mut PgConnection,
         kind: WorkflowKind,
@@ -90,52 +93,29 @@ impl Engine {
             return Err(EngineError::InvalidId);
         }
         let input = serde_json::to_value(input)?;
-        // One statement: the workflow row and, when it is new, its job. The
-        // kind read sees the table as it was before the insert: a workflow
-        // already there.
-        let (job, existing): (Option<String>, Option<String>) = sqlx::query_as(
-            "WITH inserted AS (
-                 INSERT INTO workflows (id, kind, queue, input) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (id) DO NOTHING RETURNING id),
-             job AS (SELECT workflow_enqueue($3, id, $5, NULL, 0, $6) AS id FROM inserted)
-             SELECT (SELECT id FROM job), (SELECT kind FROM workflows WHERE id = $1)",
-        )
-        .bind(id)
-        .bind(kind.name)
-        .bind(kind.queue)
-        .bind(&input)
-        .bind(new_job_id())
-        .bind(JOB_MAX_ATTEMPTS)
-        .fetch_one(&mut *conn)
-        .await?;
-        if job.is_some() {
-            return Ok(WorkflowHandle {
-                id: id.to_owned(),
-                kind: kind.name.to_owned(),
-                created: true,
-            });
-        }
-        let existing = match existing {
-            Some(existing) => existing,
-            // Inserted by a start that committed after this statement began.
-            None => {
-                sqlx::query_scalar("SELECT kind FROM workflows WHERE id = $1")
-                    .bind(id)
-                    .fetch_one(&mut *conn)
-                    .await?
-            }
-        };
-        if existing != kind.name {
-            return Err(EngineError::KindConflict {
-                id: id.to_owned(),
-                existing,
-                requested: kind.name.to_owned(),
-            });
-        }
+        // One statement: the workflow row and, when it is new, its job
+        // (migration 20261130000002).
+        let created = sqlx::query_scalar("SELECT workflow_start($1, $2, $3, $4, $5, $6)")
+            .bind(id)
+            .bind(kind.name)
+            .bind(kind.queue)
+            .bind(&input)
+            .bind(new_job_id())
+            .bind(JOB_MAX_ATTEMPTS)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|error| match kind_conflict(&error) {
+                Some(existing) => EngineError::KindConflict {
+                    id: id.to_owned(),
+                    existing,
+                    requested: kind.name.to_owned(),
+                },
+                None => error.into(),
+            })?;
         Ok(WorkflowHandle {
             id: id.to_owned(),
-            kind: existing,
-            created: false,
+            kind: kind.name.to_owned(),
+            created,
         })
     }
 
@@ -406,5 +386,16 @@ impl EventSubscription<'_> {
                 },
             }
         }
+    }
+}
+
+/// The kind of the workflow that holds an id `workflow_start()` was asked
+/// to start as another kind (it raised WF005), if that is the error.
+pub(crate) fn kind_conflict(error: &sqlx::Error) -> Option<String> {
+    match error {
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("WF005") => {
+            Some(db.message().to_owned())
+        }
+        _ => None,
     }
 }

@@ -115,6 +115,8 @@ pub struct StepStatement {
     arguments: PgArguments,
     /// Events published with the step: see [`StepStatement::event`].
     events: Vec<(String, Value)>,
+    /// A workflow started with the step: see [`StepStatement::start`].
+    start: Option<(WorkflowKind, String, Value)>,
     /// A value that could not be encoded: the step fails with it.
     unencodable: Option<String>,
 }
@@ -128,8 +130,34 @@ impl StepStatement {
             sql,
             arguments: PgArguments::default(),
             events: Vec::new(),
+            start: None,
             unencodable: None,
         }
+    }
+
+    /// Starts a workflow with the step, in its statement (as
+    /// [`Engine::start_in`](super::Engine::start_in) does in a transaction):
+    /// started exactly when the step's checkpoint is written, whatever the
+    /// statement returned; nothing new when `id` exists already. An `id`
+    /// held by a workflow of another kind fails the step. One per step.
+    pub fn start(mut self, kind: WorkflowKind, id: &str, input: impl Serialize) -> Self {
+        let problem = if id.is_empty() || id.len() > 256 {
+            Some(format!("cannot start {id:?}: an id is 1 to 256 bytes"))
+        } else if self.start.is_some() {
+            Some("a step statement starts one workflow at most".to_owned())
+        } else {
+            match serde_json::to_value(input) {
+                Ok(input) => {
+                    self.start = Some((kind, id.to_owned(), input));
+                    None
+                }
+                Err(e) => Some(format!("the input of {id} does not encode: {e}")),
+            }
+        };
+        if let Some(problem) = problem {
+            self.unencodable.get_or_insert(problem);
+        }
+        self
     }
 
     /// Publishes an event with the step, in its statement (as
@@ -385,8 +413,12 @@ impl WorkflowContext {
         let first = statement.arguments.len() + 1;
         let [id, seqs, names, outputs, worker, starts] =
             std::array::from_fn(|i| format!("${}", first + i));
-        let [keys, values, channel, payloads] =
-            std::array::from_fn(|i| format!("${}", first + 6 + i));
+        let mut next = first + 6;
+        let mut placeholders = |n: usize| {
+            let list: Vec<String> = (next..next + n).map(|i| format!("${i}")).collect();
+            next += n;
+            list.join(", ")
+        };
         let events = EventArguments::new(
             &self.workflow_id,
             statement
@@ -394,17 +426,21 @@ impl WorkflowContext {
                 .iter()
                 .map(|(key, value)| (key.as_str(), value)),
         );
-        let set_events = if events.is_empty() {
-            String::new()
-        } else {
-            format!(", workflow_set_events({id}, {keys}, {values}, {channel}, {payloads})")
-        };
+        // Events and a start ride in the same statement, as more columns.
+        let mut also = String::new();
+        if !events.is_empty() {
+            also += &format!(", workflow_set_events({id}, {})", placeholders(4));
+        }
+        if statement.start.is_some() {
+            also += &format!(", workflow_start({})", placeholders(6));
+        }
+        let start_job = new_job_id();
         let sql = format!(
             "WITH effect AS ({}),
                   outcome AS (SELECT (SELECT to_jsonb(output) FROM effect) AS output)
              SELECT outcome.output, workflow_checkpoint({id}, {seqs}, {names},
                  array_append({outputs}::jsonb[], coalesce(outcome.output, 'null'::jsonb)),
-                 {worker}, {starts}, false){set_events}
+                 {worker}, {starts}, false){also}
              FROM outcome",
             statement.sql
         );
@@ -418,6 +454,9 @@ impl WorkflowContext {
             let mut bound = rows.bind(&mut arguments, &self.workflow_id, &self.worker_id);
             if bound.is_ok() && !events.is_empty() {
                 bound = events.bind(&mut arguments);
+            }
+            if let (true, Some((kind, id, input))) = (bound.is_ok(), &statement.start) {
+                bound = bind_start(&mut arguments, *kind, id, input, &start_job);
             }
             if let Err(e) = bound {
                 return Err(self.step_failed(seq, name, format!("checkpoint encoding: {e}"), 1));
@@ -874,6 +913,22 @@ impl WorkflowContext {
     }
 }
 
+/// `workflow_start()`'s arguments, appended to a step statement's.
+fn bind_start(
+    arguments: &mut PgArguments,
+    kind: WorkflowKind,
+    id: &str,
+    input: &Value,
+    job_id: &str,
+) -> Result<(), sqlx::error::BoxDynError> {
+    arguments.add(id)?;
+    arguments.add(kind.name)?;
+    arguments.add(kind.queue)?;
+    arguments.add(input)?;
+    arguments.add(job_id)?;
+    arguments.add(JOB_MAX_ATTEMPTS)
+}
+
 /// What a checkpoint refused by `workflow_checkpoint()` means for the
 /// execution (the SQLSTATEs are in its migration); `None` for any other
 /// error.
@@ -892,6 +947,10 @@ fn refusal(error: &sqlx::Error, seq: i32, name: &str) -> Option<WorkflowError> {
             name: format!("(workflow already {})", db.message()),
         },
         "WF004" => WorkflowError::fatal("workflow row disappeared"),
+        "WF005" => WorkflowError::fatal(format!(
+            "step {seq} ({name}) starts a workflow whose id a {} workflow holds",
+            db.message()
+        )),
         _ => return None,
     })
 }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use harness::workflows::{Counter, Flaky, Messenger, NoOp, Ticker};
+use harness::workflows::{Counter, Flaky, Messenger, NoOp, Parent, Ticker};
 use shared::engine::Runtime;
 
 #[tokio::main]
@@ -26,6 +26,7 @@ async fn main() -> anyhow::Result<()> {
     .register(NoOp)
     .register(Ticker)
     .register(Messenger)
+    .register(Parent)
     .register(Flaky { pool })
     .run(shared::shutdown::signal())
     .await

@@ -36,10 +36,9 @@ impl Workflow for Checkout {
             input.product_id
         };
 
-        // The claim's transaction is still open: commit it, so that the
-        // reservation is a statement of its own and every checkout's lock
-        // on the product row lasts only while that statement runs.
-        ctx.commit().await?;
+        // A statement of its own (the claim before it has committed), so
+        // every checkout's lock on the product row lasts only while that
+        // statement runs.
         let reserved: Option<bool> = ctx
             .sql_step("reserve_inventory", store::reserve_inventory(product_id))
             .await?;
@@ -72,7 +71,7 @@ impl Workflow for Checkout {
 
         if payment == Some(PaymentStatus::Paid) {
             // The order paid, its dispatch started and the webhook's answer
-            // published: one statement, in the claim's transaction.
+            // published: one statement, in the recv's transaction.
             let statement = store::mark_paid(order_id)
                 .start(
                     DISPATCH,

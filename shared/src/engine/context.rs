@@ -501,13 +501,10 @@ impl WorkflowContext {
     /// end, releasing their row locks: call it after a step that locks a
     /// row many workflows contend for, so the next steps do not hold that
     /// lock too, or before a [`WorkflowContext::sql_step`] on such a row
-    /// (a product's stock), so it runs as a statement of its own. While
-    /// the steps ahead replay from their checkpoints it does nothing: all
-    /// that is open then is the claim, which the next step that runs shares.
+    /// (a product's stock), so it runs as a statement of its own. With
+    /// nothing open (the claim commits on its own; steps that replay from
+    /// their checkpoints open nothing) it does nothing.
     pub async fn commit(&mut self) -> Result<(), WorkflowError> {
-        if !self.checkpoints.is_empty() {
-            return Ok(());
-        }
         Box::pin(self.commit_open()).await
     }
 
@@ -630,7 +627,8 @@ impl WorkflowContext {
     /// stops at it counts it from when the step before it was written, so a
     /// takeover keeps the wake-up time. A sleep with no step before it (the
     /// first thing a workflow does) has nothing to count from: its
-    /// checkpoint is written before it sleeps, in the claim's transaction.
+    /// checkpoint is written before it sleeps (one statement of its own, as
+    /// the claim before it commits alone).
     ///
     /// An in-process sleep gives the execution's queue slot back first, so a
     /// worker's concurrency bounds the steps it runs at once, not the
@@ -666,12 +664,11 @@ impl WorkflowContext {
                     if seq == 0 {
                         // No step before it: a replay would have no
                         // checkpoint to count it from and would sleep it
-                        // all again. Written in the transaction still open
-                        // (the claim's), whose commit comes next.
-                        let mut tx = self.transaction().await?;
-                        self.checkpoint(&mut tx, seq, "sleep", &json!(at), began)
+                        // all again. Nothing is open before a first step:
+                        // written by a statement of its own, its commit.
+                        let mut conn = self.pool.acquire().await?;
+                        self.checkpoint(&mut conn, seq, "sleep", &json!(at), began)
                             .await?;
-                        self.keep(tx).await?;
                     }
                 } else {
                     Box::pin(self.park_sleep(Some((seq, now)), at)).await?;
@@ -730,11 +727,10 @@ impl WorkflowContext {
     /// insert is the fence (a second execution of the step finds the
     /// checkpoint there, or waits on its uncommitted row and then finds it,
     /// and rolls back), and that same statement sees a cancellation or a
-    /// finished workflow. Only a recv locks the row (see
-    /// [`WorkflowContext::guard`]).
+    /// finished workflow. Only a recv locks the row (in `workflow_recv()`).
     async fn transaction(&mut self) -> Result<Transaction<'static, Postgres>, WorkflowError> {
         if self.cancel_requested {
-            // The claim saw it; the steps still open are committed with it.
+            // The claim saw it.
             return Err(WorkflowError::Cancelled);
         }
         if let Some(tx) = self.open.take() {

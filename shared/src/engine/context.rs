@@ -581,8 +581,17 @@ impl WorkflowContext {
         // a park needs, the look for the message (consumed if there), then
         // the outcome's checkpoint or the park. It joins the transaction
         // still open, or is its own commit.
-        let query = sqlx::query_as::<_, (bool, Option<Value>)>(
-            "SELECT done, message
+        //
+        // Its own commit of a message consumed ($15) waits for no WAL
+        // flush: nothing outside acts on it but through this execution's
+        // next commit (flushed, which carries this one: the WAL is one
+        // sequence) or a `ctx.step` (at least once, with its stable key).
+        // A database crash before that drops the consumption with its
+        // checkpoint, and the replay consumes the same message again. A
+        // park's commit is flushed: it ends the execution.
+        let query = sqlx::query_as::<_, (bool, Option<Value>, Option<String>)>(
+            "SELECT done, message,
+                 CASE WHEN done AND $15 THEN set_config('synchronous_commit', 'off', true) END
              FROM workflow_recv($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
         .bind(&self.workflow_id)
@@ -598,12 +607,13 @@ impl WorkflowContext {
         .bind(&*self.worker_id)
         .bind(self.kind.queue)
         .bind(new_job_id())
-        .bind(JOB_MAX_ATTEMPTS);
+        .bind(JOB_MAX_ATTEMPTS)
+        .bind(self.open.is_none());
         let received = match self.open.as_mut() {
             Some(tx) => query.fetch_one(&mut **tx).await,
             None => query.fetch_one(&self.pool).await,
         };
-        let (done, message) = match received {
+        let (done, message, _) = match received {
             Ok(received) => received,
             Err(error) => {
                 // A failed statement aborts the transaction it was in.

@@ -173,7 +173,7 @@ async fn main() -> anyhow::Result<()> {
         args.workflows, elapsed
     );
     println!(
-        "commits per workflow: {:.2} (start 1 + one for the claim, which takes the notified job, 3 steps and finish together = 2; a job apalis fetches adds its fetch and ack)",
+        "commits per workflow: {:.2} (start 1 + the claim, which takes the notified job, 1 + 3 steps and finish together 1 = 3; a job apalis fetches adds its fetch and ack)",
         commit_delta as f64 / args.workflows as f64
     );
     drop(workers);

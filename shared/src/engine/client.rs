@@ -89,9 +89,7 @@ impl Engine {
         id: &str,
         input: &impl Serialize,
     ) -> Result<WorkflowHandle, EngineError> {
-        if id.is_empty() || id.len() > 256 {
-            return Err(EngineError::InvalidId);
-        }
+        check_id(id)?;
         let input = serde_json::to_value(input)?;
         // One statement: the workflow row and, when it is new, its job
         // (migration 20261130000002).
@@ -398,4 +396,12 @@ pub(crate) fn kind_conflict(error: &sqlx::Error) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// A workflow id is 1 to 256 bytes.
+pub(crate) fn check_id(id: &str) -> Result<(), EngineError> {
+    if id.is_empty() || id.len() > 256 {
+        return Err(EngineError::InvalidId);
+    }
+    Ok(())
 }

@@ -141,8 +141,8 @@ impl StepStatement {
     /// statement returned; nothing new when `id` exists already. An `id`
     /// held by a workflow of another kind fails the step. One per step.
     pub fn start(mut self, kind: WorkflowKind, id: &str, input: impl Serialize) -> Self {
-        let problem = if id.is_empty() || id.len() > 256 {
-            Some(format!("cannot start {id:?}: an id is 1 to 256 bytes"))
+        let problem = if let Err(e) = super::client::check_id(id) {
+            Some(format!("cannot start {id:?}: {e}"))
         } else if self.start.is_some() {
             Some("a step statement starts one workflow at most".to_owned())
         } else {

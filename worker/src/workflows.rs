@@ -71,7 +71,7 @@ impl Workflow for Checkout {
 
         if payment == Some(PaymentStatus::Paid) {
             // The order paid, its dispatch started and the webhook's answer
-            // published: one statement, in the recv's transaction.
+            // published: one statement, its own commit.
             let statement = store::mark_paid(order_id)
                 .start(
                     DISPATCH,
@@ -83,9 +83,8 @@ impl Workflow for Checkout {
             let _: Option<bool> = ctx.sql_step("mark_paid", statement).await?;
         } else {
             // The unit goes back to the product row, every checkout's lock:
-            // commit what is open first, so the cancellation is a statement
-            // of its own and holds that row only while it runs.
-            ctx.commit().await?;
+            // a statement of its own (nothing is open after the recv), so
+            // it holds that row only while it runs.
             let _: Option<bool> = ctx
                 .sql_step("cancel_order", store::cancel_order(order_id))
                 .await?;

@@ -8,6 +8,10 @@
 #   2. else the server on 127.0.0.1:5432 when it answers (user postgres);
 #   3. else a private cluster under .local/postgres (git-ignored), started
 #      from the installed PostgreSQL binaries on port ${WIDGET_PG_PORT:-54329}.
+# A server of this machine (2 and 3) is reached over loopback without TLS
+# (sslmode=disable): encryption there protects nothing and, where the server
+# offers it, cost a quarter of its throughput in simple statements
+# (docs/benchmarks/profile.md). A DATABASE_URL given is used as it is.
 # With INSTALL_POSTGRES=1 (tests/run.sh under CI) missing binaries are
 # installed with apt-get; otherwise it says what to install.
 
@@ -26,6 +30,11 @@ pg_bin_dir() {
 }
 
 psql_ok() { psql "$1" -XtAqc 'SELECT 1' >/dev/null 2>&1; }
+
+# The URL of database $2 on the server of URL $1 (its parameters kept).
+database_url() { printf '%s' "$1" | sed -E "s#/[^/?]*(\?|\$)#/$2\1#"; }
+
+LOCAL_PARAMS="?sslmode=disable"
 
 install_postgres() {
   if [ "${INSTALL_POSTGRES:-0}" = 1 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -59,7 +68,7 @@ start_private_postgres() {
     "${as[@]}" "$bin/pg_ctl" -D "$PRIVATE_PG_DIR/data" -l "$PRIVATE_PG_DIR/server.log" -w -t 60 \
       -o "-p $PRIVATE_PG_PORT -k $PRIVATE_PG_DIR -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=on" start >/dev/null
   fi
-  ADMIN_URL="postgres://postgres@127.0.0.1:$PRIVATE_PG_PORT/postgres"
+  ADMIN_URL="postgres://postgres@127.0.0.1:$PRIVATE_PG_PORT/postgres$LOCAL_PARAMS"
 }
 
 ensure_postgres() {
@@ -67,12 +76,12 @@ ensure_postgres() {
   command -v psql >/dev/null 2>&1 || { local bin; bin=$(pg_bin_dir) && export PATH="$bin:$PATH"; }
   if [ -n "${DATABASE_URL:-}" ]; then
     log "using DATABASE_URL"
-    ADMIN_URL="$(printf '%s' "$DATABASE_URL" | sed -E 's#/[^/?]*(\?|$)#/postgres\1#')"
+    ADMIN_URL="$(database_url "$DATABASE_URL" postgres)"
     export DATABASE_URL ADMIN_URL
     return 0
-  elif command -v psql >/dev/null 2>&1 && psql_ok "postgres://postgres@127.0.0.1:5432/postgres"; then
+  elif command -v psql >/dev/null 2>&1 && psql_ok "postgres://postgres@127.0.0.1:5432/postgres$LOCAL_PARAMS"; then
     log "using the PostgreSQL server on 127.0.0.1:5432"
-    ADMIN_URL="postgres://postgres@127.0.0.1:5432/postgres"
+    ADMIN_URL="postgres://postgres@127.0.0.1:5432/postgres$LOCAL_PARAMS"
   else
     start_private_postgres
   fi
@@ -82,6 +91,6 @@ ensure_postgres() {
   if [ "$(psql "$ADMIN_URL" -XtAqc "SELECT 1 FROM pg_database WHERE datname = '$dbname'")" != 1 ]; then
     psql "$ADMIN_URL" -XqAc "CREATE DATABASE \"$dbname\"" >/dev/null
   fi
-  DATABASE_URL="${ADMIN_URL%/postgres}/$dbname"
+  DATABASE_URL="$(database_url "$ADMIN_URL" "$dbname")"
   export DATABASE_URL ADMIN_URL
 }

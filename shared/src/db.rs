@@ -11,10 +11,12 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 /// The store's and the engine's migrations (`migrations/` at the workspace root).
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 
-/// Default pool size of each process. Small on purpose: on this 2-core
-/// machine PostgreSQL did more work with fewer busy backends (widget-bench,
-/// docs/benchmarks/latest.md).
-pub const DEFAULT_MAX_CONNECTIONS: u32 = 16;
+/// Default pool size of each process. Small on purpose: on a 2-core
+/// machine PostgreSQL did more work with fewer busy backends (widget-bench
+/// at 32 clients, API and two workers: 216 flows/s with 8 each against 197
+/// with 16 and 196 with 4, docs/benchmarks/profile.md). Raise it with the
+/// database's cores, not with the number of workers.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 8;
 
 /// Connection settings shared by every binary (flatten it into a clap struct).
 #[derive(Debug, Clone, clap::Args)]
@@ -23,7 +25,7 @@ pub struct DatabaseArgs {
     #[arg(
         long = "database-url",
         env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/widget_store",
+        default_value = "postgres://postgres@127.0.0.1:5432/widget_store?sslmode=disable",
         hide_env_values = true
     )]
     pub url: String,

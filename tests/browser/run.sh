@@ -44,7 +44,7 @@ fi
 ensure_postgres widget_test_admin
 DB_NAME="widget_t_browser_$(od -An -N4 -tx4 /dev/urandom | tr -d ' ')"
 psql "$ADMIN_URL" -XqAc "CREATE DATABASE \"$DB_NAME\"" >/dev/null
-export DATABASE_URL="${ADMIN_URL%/postgres}/$DB_NAME"
+export DATABASE_URL="$(database_url "$ADMIN_URL" "$DB_NAME")"
 PORT=$(node -e 'const s=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})')
 BASE_URL="http://127.0.0.1:$PORT"
 

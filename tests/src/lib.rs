@@ -19,7 +19,20 @@ pub mod workflows;
 /// URL of the server's `postgres` database, where test databases are made.
 pub fn admin_url() -> String {
     std::env::var("WIDGET_TEST_ADMIN_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable".into())
+}
+
+/// `admin` with its database replaced by `name`; its parameters (such as
+/// `sslmode`) are kept.
+pub fn database_url(admin: &str, name: &str) -> anyhow::Result<String> {
+    let (location, params) = match admin.split_once('?') {
+        Some((location, params)) => (location, format!("?{params}")),
+        None => (admin, String::new()),
+    };
+    match location.rsplit_once('/') {
+        Some((server, _)) if server.contains("://") => Ok(format!("{server}/{name}{params}")),
+        _ => bail!("admin URL has no database part: {admin}"),
+    }
 }
 
 /// A database of its own for one test, migrated.
@@ -51,10 +64,7 @@ impl TestDb {
             .execute(&admin_pool)
             .await?;
         admin_pool.close().await;
-        let url = match admin.rsplit_once('/') {
-            Some((server, _)) => format!("{server}/{name}"),
-            None => bail!("admin URL has no database part: {admin}"),
-        };
+        let url = database_url(&admin, &name)?;
         let pool = PgPoolOptions::new()
             .max_connections(20)
             .connect(&url)

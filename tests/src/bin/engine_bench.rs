@@ -5,7 +5,7 @@
 //!
 //! Needs `cargo build --release --bins` first (it runs the release
 //! `engine-test-worker`) and a PostgreSQL reachable at WIDGET_TEST_ADMIN_URL
-//! (default postgres://postgres@127.0.0.1:5432/postgres).
+//! (default postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

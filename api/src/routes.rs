@@ -242,9 +242,11 @@ async fn checkout(
         ));
     }
     let events = state.engine.subscribe();
+    // Unflushed: this answers only with the payment id (or out of stock),
+    // an event, whose flushed commit makes the start durable too.
     let started = state
         .engine
-        .start(
+        .start_unflushed(
             CHECKOUT,
             &key,
             &CheckoutInput {
@@ -301,8 +303,11 @@ async fn payment_webhook(
     // ids are not valid payment ids), so the send itself tells an unknown
     // payment id.
     let events = engine.subscribe();
+    // Unflushed: this answers with the settlement's events, whose flushed
+    // commit makes the message durable too, or with what the send found
+    // (an unknown or finished checkout, an earlier status).
     let sent = engine
-        .send(Message {
+        .send_unflushed(Message {
             workflow_id: &payment_id,
             topic: topics::PAYMENT_STATUS,
             payload: json!(status.as_str()),

@@ -66,16 +66,35 @@ impl Engine {
         self
     }
 
-    /// Starts a workflow, or returns the existing one with this id.
+    /// Starts a workflow, or returns the existing one with this id. It is
+    /// on disk when this returns.
     pub async fn start(
         &self,
         kind: WorkflowKind,
         id: &str,
         input: &impl Serialize,
     ) -> Result<WorkflowHandle, EngineError> {
-        // start_in's first statement does it all: no transaction of its own.
+        // One statement does it all: no transaction of its own.
         let mut conn = self.pool.acquire().await?;
-        Self::start_in(&mut conn, kind, id, input).await
+        start_on(&mut conn, kind, id, input, Flush::Wait).await
+    }
+
+    /// [`Engine::start`], returning before the start's commit reaches disk:
+    /// the workflow's worker is notified one WAL flush sooner. Only for a
+    /// caller that tells nobody of the workflow until it sets an event (the
+    /// API's checkout answers with the payment id). Events are set by
+    /// commits that wait for their flush, and the WAL is one sequence, so
+    /// the event's flush makes the start durable too; a database crash
+    /// before it loses the start, of which nobody was told, and the caller's
+    /// retry starts it again.
+    pub async fn start_unflushed(
+        &self,
+        kind: WorkflowKind,
+        id: &str,
+        input: &impl Serialize,
+    ) -> Result<WorkflowHandle, EngineError> {
+        let mut conn = self.pool.acquire().await?;
+        start_on(&mut conn, kind, id, input, Flush::Later).await
     }
 
     /// [`Engine::start`] inside the caller's transaction (a workflow step
@@ -89,49 +108,47 @@ impl Engine {
         id: &str,
         input: &impl Serialize,
     ) -> Result<WorkflowHandle, EngineError> {
-        check_id(id)?;
-        let input = serde_json::to_value(input)?;
-        // One statement: the workflow row and, when it is new, its job
-        // (migration 20261130000002).
-        let created = sqlx::query_scalar("SELECT workflow_start($1, $2, $3, $4, $5, $6)")
-            .bind(id)
-            .bind(kind.name)
-            .bind(kind.queue)
-            .bind(&input)
-            .bind(new_job_id())
-            .bind(JOB_MAX_ATTEMPTS)
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(|error| match kind_conflict(&error) {
-                Some(existing) => EngineError::KindConflict {
-                    id: id.to_owned(),
-                    existing,
-                    requested: kind.name.to_owned(),
-                },
-                None => error.into(),
-            })?;
-        Ok(WorkflowHandle {
-            id: id.to_owned(),
-            kind: kind.name.to_owned(),
-            created,
-        })
+        start_on(conn, kind, id, input, Flush::Wait).await
     }
 
     /// Delivers a message: stored and, if the workflow is parked, its
     /// wake-up job made due now (or a resume job enqueued), atomically: one
     /// statement, the SQL function `workflow_send` (migration
-    /// 20261125000003).
+    /// 20261125000003). It is on disk when this returns.
     pub async fn send(&self, message: Message<'_>) -> Result<SendOutcome, EngineError> {
-        let (outcome, status, kept): (String, Option<String>, Option<Value>) =
-            sqlx::query_as("SELECT * FROM workflow_send($1, $2, $3, $4, $5, $6)")
-                .bind(message.workflow_id)
-                .bind(message.topic)
-                .bind(&message.payload)
-                .bind(message.key)
-                .bind(new_job_id())
-                .bind(JOB_MAX_ATTEMPTS)
-                .fetch_one(&self.pool)
-                .await?;
+        self.send_with(message, Flush::Wait).await
+    }
+
+    /// [`Engine::send`], returning before the message's commit reaches
+    /// disk: the parked workflow is woken one WAL flush sooner. Only for a
+    /// caller that answers nobody but from an event the workflow sets after
+    /// taking the message (the API's payment webhook waits for the order
+    /// id), for the reason given at [`Engine::start_unflushed`]: a database
+    /// crash before that event loses the message, and the sender, who has
+    /// no answer, sends it again.
+    pub async fn send_unflushed(&self, message: Message<'_>) -> Result<SendOutcome, EngineError> {
+        self.send_with(message, Flush::Later).await
+    }
+
+    async fn send_with(
+        &self,
+        message: Message<'_>,
+        flush: Flush,
+    ) -> Result<SendOutcome, EngineError> {
+        let (outcome, status, kept): (String, Option<String>, Option<Value>) = sqlx::query_as(
+            "SELECT outcome, status, kept,
+                 CASE WHEN $7 THEN set_config('synchronous_commit', 'off', true) END
+             FROM workflow_send($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(message.workflow_id)
+        .bind(message.topic)
+        .bind(&message.payload)
+        .bind(message.key)
+        .bind(new_job_id())
+        .bind(JOB_MAX_ATTEMPTS)
+        .bind(flush == Flush::Later)
+        .fetch_one(&self.pool)
+        .await?;
         match outcome.as_str() {
             "delivered" => Ok(SendOutcome::Delivered),
             "duplicate" => Ok(SendOutcome::Duplicate {
@@ -267,6 +284,55 @@ async fn lock_status(
     status
         .and_then(|s| WorkflowStatus::parse(&s))
         .ok_or_else(|| EngineError::UnknownWorkflow(workflow_id.to_owned()))
+}
+
+/// Whether a start or a send returns after its commit reaches disk.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Flush {
+    /// After: the caller may tell anyone.
+    Wait,
+    /// Before: the next flushed commit carries it (`synchronous_commit` off
+    /// for its transaction, set in its statement).
+    Later,
+}
+
+/// One statement: the workflow row and, when it is new, its job (migration
+/// 20261130000002).
+async fn start_on(
+    conn: &mut PgConnection,
+    kind: WorkflowKind,
+    id: &str,
+    input: &impl Serialize,
+    flush: Flush,
+) -> Result<WorkflowHandle, EngineError> {
+    check_id(id)?;
+    let input = serde_json::to_value(input)?;
+    let created = sqlx::query_scalar(
+        "SELECT workflow_start($1, $2, $3, $4, $5, $6),
+             CASE WHEN $7 THEN set_config('synchronous_commit', 'off', true) END",
+    )
+    .bind(id)
+    .bind(kind.name)
+    .bind(kind.queue)
+    .bind(&input)
+    .bind(new_job_id())
+    .bind(JOB_MAX_ATTEMPTS)
+    .bind(flush == Flush::Later)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(|error| match kind_conflict(&error) {
+        Some(existing) => EngineError::KindConflict {
+            id: id.to_owned(),
+            existing,
+            requested: kind.name.to_owned(),
+        },
+        None => error.into(),
+    })?;
+    Ok(WorkflowHandle {
+        id: id.to_owned(),
+        kind: kind.name.to_owned(),
+        created,
+    })
 }
 
 /// Event notifications taken since [`Engine::subscribe`].

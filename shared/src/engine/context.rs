@@ -163,7 +163,10 @@ impl StepStatement {
     /// Publishes an event with the step, in its statement (as
     /// [`set_events_in`] does in a transaction): set, and its waiters
     /// notified at the commit, exactly when the step's checkpoint is
-    /// written, whatever the statement returned. Keys must differ.
+    /// written, whatever the statement returned. Keys must differ. Such a
+    /// statement must leave `synchronous_commit` as it is: callers of
+    /// [`Engine::start_unflushed`](super::Engine::start_unflushed) rely on
+    /// events being set by flushed commits.
     pub fn event(mut self, key: &str, value: impl Serialize) -> Self {
         match serde_json::to_value(value) {
             Ok(value) => self.events.push((key.to_owned(), value)),

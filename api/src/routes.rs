@@ -303,9 +303,9 @@ async fn payment_webhook(
     // ids are not valid payment ids), so the send itself tells an unknown
     // payment id.
     let events = engine.subscribe();
-    // Unflushed: this answers with the settlement's events, whose flushed
-    // commit makes the message durable too, or with what the send found
-    // (an unknown or finished checkout, an earlier status).
+    // Unflushed: this answers from the settlement's events, whose flushed
+    // commit makes the message durable too, or from what a crash cannot
+    // take back (no such checkout; a finished one).
     let sent = engine
         .send_unflushed(Message {
             workflow_id: &payment_id,
@@ -324,12 +324,14 @@ async fn payment_webhook(
                 .next_all(&payment_id, settled, state.event_wait)
                 .await?
         }
-        Ok(SendOutcome::Duplicate { payload }) if payload == json!(status.as_str()) => {
+        // A status was taken before, this one or the other: answer from
+        // the settlement, not from that message, which another webhook may
+        // have sent unflushed a moment ago.
+        Ok(SendOutcome::Duplicate { .. }) => {
             events
                 .get_all(&payment_id, settled, state.event_wait)
                 .await?
         }
-        Ok(SendOutcome::Duplicate { .. }) => return Err(payment_conflict()),
         Err(EngineError::UnknownWorkflow(_)) => {
             return Err(ApiError::not_found("unknown_payment", "no such payment id"));
         }
@@ -342,7 +344,7 @@ async fn payment_webhook(
         return Err(ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "order_not_ready",
-            "the payment was recorded but the order is not settled yet; retry",
+            "the order is not settled yet; retry with the same status",
         ));
     };
     if outcome == json!(status.as_str()) {

@@ -212,21 +212,21 @@ pub async fn restock(pool: &PgPool, inventory: i32) -> Result<Product, sqlx::Err
 /// while the statement runs, not for round trips to the worker.
 ///
 /// A reservation commits without waiting for its WAL flush
-/// (`synchronous_commit` off for its transaction, set in the same
-/// statement). The flush was part of the row lock's hold: in four pairs of
-/// runs alternated with and without, the checkout p99 at 32 clients was
-/// 191–212 ms against 216–284 ms (flows/s within the noise). Nothing is lost
-/// by it: a database crash can drop the reservation only together with its
-/// checkpoint (one statement), before anything outside saw it (the payment
-/// id goes out with the checkout's next commit, which is synchronous, and
-/// whose flush covers this one), so the checkout replays it. "Out of stock"
-/// is an answer the shopper sees: that commit stays synchronous.
+/// ([`StepStatement::unflushed`]). The flush was part of the row lock's
+/// hold: in four pairs of runs alternated with and without, the checkout
+/// p99 at 32 clients was 191–212 ms against 216–284 ms (flows/s within the
+/// noise). Nothing is lost by it: a database crash can drop the
+/// reservation only together with its checkpoint (one statement), before
+/// anything outside saw it (the payment id, or "out of stock", goes out
+/// with the checkout's next commit, which is flushed and carries this
+/// one), so the checkout replays it.
 pub fn reserve_inventory(product_id: i32) -> StepStatement {
     StepStatement::new(
         "UPDATE products SET inventory = inventory - 1 WHERE id = $1 AND inventory > 0
-         RETURNING set_config('synchronous_commit', 'off', true) = 'off' AS output",
+         RETURNING true AS output",
     )
     .bind(product_id)
+    .unflushed()
 }
 
 /// The step that creates the PENDING order of a checkout: its output is
@@ -262,19 +262,19 @@ pub fn mark_paid(order_id: i64) -> StepStatement {
 /// output is `true`, or null when the order was not pending. A step
 /// statement, so the product row is held only while it runs.
 ///
-/// Like a reservation, it commits without waiting for its WAL flush: the
-/// cancellation goes out (the payment outcome and order id events) with the
-/// checkout's next commit, which is synchronous and whose flush covers this
-/// one; a crash before that drops it together with its checkpoint, and the
-/// checkout replays it.
+/// Like a reservation, it commits without waiting for its WAL flush
+/// ([`StepStatement::unflushed`]): the cancellation goes out (the payment
+/// outcome and order id events) with the checkout's next commit, which is
+/// flushed and carries this one; a crash before that drops it together
+/// with its checkpoint, and the checkout replays it.
 pub fn cancel_order(order_id: i64) -> StepStatement {
     StepStatement::new(
         "UPDATE orders SET status = 'CANCELLED', last_update_time = now()
          WHERE id = $1 AND status = 'PENDING'
-         RETURNING return_unit(product_id)
-             AND set_config('synchronous_commit', 'off', true) = 'off' AS output",
+         RETURNING return_unit(product_id) AS output",
     )
     .bind(order_id)
+    .unflushed()
 }
 
 /// One dispatch step: progress down by one; DISPATCHED at zero. Its output

@@ -117,6 +117,8 @@ pub struct StepStatement {
     events: Vec<(String, Value)>,
     /// A workflow started with the step: see [`StepStatement::start`].
     start: Option<(WorkflowKind, String, Value)>,
+    /// See [`StepStatement::unflushed`].
+    unflushed: bool,
     /// A value that could not be encoded: the step fails with it.
     unencodable: Option<String>,
 }
@@ -131,8 +133,25 @@ impl StepStatement {
             arguments: PgArguments::default(),
             events: Vec::new(),
             start: None,
+            unflushed: false,
             unencodable: None,
         }
+    }
+
+    /// Lets the step's commit return before its WAL flush when the step
+    /// commits alone (no transaction open): for a step that nobody outside
+    /// the workflow acts on before the workflow's next flushed commit,
+    /// which carries it (the WAL is one sequence). A database crash before
+    /// that drops the step together with its checkpoint, and the workflow
+    /// replays it. Without effect on a statement that publishes events or
+    /// starts a workflow, and inside a shared transaction: events are
+    /// always set by flushed commits, which callers of
+    /// [`Engine::start_unflushed`](super::Engine::start_unflushed) rely on.
+    /// The store's reservation and cancellation use it, so the product
+    /// row is not held through a flush.
+    pub fn unflushed(mut self) -> Self {
+        self.unflushed = true;
+        self
     }
 
     /// Starts a workflow with the step, in its statement (as
@@ -163,10 +182,7 @@ impl StepStatement {
     /// Publishes an event with the step, in its statement (as
     /// [`set_events_in`] does in a transaction): set, and its waiters
     /// notified at the commit, exactly when the step's checkpoint is
-    /// written, whatever the statement returned. Keys must differ. Such a
-    /// statement must leave `synchronous_commit` as it is: callers of
-    /// [`Engine::start_unflushed`](super::Engine::start_unflushed) rely on
-    /// events being set by flushed commits.
+    /// written, whatever the statement returned. Keys must differ.
     pub fn event(mut self, key: &str, value: impl Serialize) -> Self {
         match serde_json::to_value(value) {
             Ok(value) => self.events.push((key.to_owned(), value)),
@@ -437,6 +453,13 @@ impl WorkflowContext {
         if statement.start.is_some() {
             also += &format!(", workflow_start({})", placeholders(6));
         }
+        let may_skip_flush = statement.unflushed && events.is_empty() && statement.start.is_none();
+        if may_skip_flush {
+            also += &format!(
+                ", CASE WHEN {} THEN set_config('synchronous_commit', 'off', true) END",
+                placeholders(1)
+            );
+        }
         let start_job = new_job_id();
         let sql = format!(
             "WITH effect AS ({}),
@@ -461,6 +484,11 @@ impl WorkflowContext {
             if let (true, Some((kind, id, input))) = (bound.is_ok(), &statement.start) {
                 bound = bind_start(&mut arguments, *kind, id, input, &start_job);
             }
+            let shared = self.open.is_some();
+            if bound.is_ok() && may_skip_flush {
+                // Only a commit of its own may skip the flush.
+                bound = arguments.add(!shared);
+            }
             if let Err(e) = bound {
                 return Err(self.step_failed(seq, name, format!("checkpoint encoding: {e}"), 1));
             }
@@ -468,7 +496,6 @@ impl WorkflowContext {
                 AssertSqlSafe(sql.clone()),
                 arguments,
             );
-            let shared = self.open.is_some();
             let result = match self.open.as_mut() {
                 Some(tx) => query.fetch_one(&mut **tx).await,
                 None => query.fetch_one(&self.pool).await,

@@ -72,6 +72,25 @@ impl TestDb {
         shared::db::migrate(&pool).await?;
         Ok(Self { name, url, pool })
     }
+
+    /// Drops the database, ending the connections still open to it (a
+    /// benchmark's, once its processes are stopped). Tests leave theirs to
+    /// `tests/run.sh`, which drops them at its next start.
+    pub async fn drop_database(self) -> anyhow::Result<()> {
+        self.pool.close().await;
+        let admin_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&admin_url())
+            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+            self.name
+        )))
+        .execute(&admin_pool)
+        .await?;
+        admin_pool.close().await;
+        Ok(())
+    }
 }
 
 /// Where the workspace's binaries are built (`cargo build --workspace --bins`).

@@ -177,6 +177,7 @@ async fn main() -> anyhow::Result<()> {
         commit_delta as f64 / args.workflows as f64
     );
     drop(workers);
+    db.drop_database().await?;
 
     // Takeover after SIGKILL.
     let db = TestDb::create().await?;
@@ -262,5 +263,6 @@ async fn main() -> anyhow::Result<()> {
         "ticks applied exactly once per checkpointed step: {}",
         if duplicates == 0 { "yes" } else { "NO" }
     );
-    Ok(())
+    drop(fleet);
+    db.drop_database().await
 }

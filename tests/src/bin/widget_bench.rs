@@ -476,7 +476,11 @@ async fn main() -> anyhow::Result<()> {
         "wrote {}/latest.json, latest.md, throughput.svg",
         args.out.display()
     );
-    Ok(())
+    let Stack {
+        db, api, workers, ..
+    } = s;
+    drop((api, workers));
+    db.drop_database().await
 }
 
 fn total_memory_gib() -> f64 {

@@ -5,7 +5,7 @@
 # Sets ADMIN_URL (a URL to the server's `postgres` database, for creating
 # databases) and DATABASE_URL (DBNAME on that server, created if missing):
 #   1. DATABASE_URL when given (its server is used as is; its database is
-#      created if missing; a server that does not answer is an error);
+#      created if missing; a server that does not answer is reported);
 #   2. else the server on 127.0.0.1:5432 when it answers (user postgres);
 #   3. else a private cluster under .local/postgres (git-ignored), started
 #      from the installed PostgreSQL binaries on port ${WIDGET_PG_PORT:-54329}.
@@ -81,17 +81,17 @@ ensure_postgres() {
     export DATABASE_URL ADMIN_URL
     psql_ok "$DATABASE_URL" && return 0
     # Its server answers but the database is missing: create it, as for a
-    # server found here. Anything else is said now, not retried forever.
+    # server found here. Anything else is said now; the processes retry.
     local name
-    name=$(printf '%s' "$DATABASE_URL" | sed -E 's#^.*/([^/?]*)(\?.*)?$#\1#')
+    name=$(printf '%s' "${DATABASE_URL%%\?*}" | sed -E 's#^.*/##')
     if [ -n "$name" ] && psql_ok "$ADMIN_URL" \
       && [ "$(psql "$ADMIN_URL" -XtAqc "SELECT count(*) FROM pg_database WHERE datname = '$name'")" = 0 ]; then
       log "creating database $name"
       psql "$ADMIN_URL" -XqAc "CREATE DATABASE \"$name\"" >/dev/null
       return 0
     fi
-    echo "DATABASE_URL does not answer: $(psql "$DATABASE_URL" -XtAqc 'SELECT 1' 2>&1 | head -1)" >&2
-    exit 1
+    echo "warning: DATABASE_URL does not answer ($(psql "$DATABASE_URL" -XtAqc 'SELECT 1' 2>&1 | head -1)); the processes will retry until it does" >&2
+    return 0
   elif command -v psql >/dev/null 2>&1 && psql_ok "postgres://postgres@127.0.0.1:5432/postgres$LOCAL_PARAMS"; then
     log "using the PostgreSQL server on 127.0.0.1:5432"
     ADMIN_URL="postgres://postgres@127.0.0.1:5432/postgres$LOCAL_PARAMS"

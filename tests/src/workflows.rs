@@ -142,6 +142,43 @@ impl Workflow for Parent {
     }
 }
 
+/// An unflushed one-statement step inside the transaction a `set_event`
+/// opened, then a step that returns that transaction's
+/// `synchronous_commit`: its output. The commit sets an event, so the
+/// engine must leave it waiting for its flush (`on`).
+pub struct FlushProbe;
+
+/// Kind of [`FlushProbe`].
+pub const FLUSH_PROBE: WorkflowKind = WorkflowKind {
+    name: "flush_probe",
+    queue: QUEUE,
+};
+
+impl Workflow for FlushProbe {
+    type Input = Value;
+    type Output = Value;
+    fn kind(&self) -> WorkflowKind {
+        FLUSH_PROBE
+    }
+    async fn run(&self, ctx: &mut WorkflowContext, _: Value) -> Result<Value, WorkflowError> {
+        ctx.set_event("opened", true).await?;
+        let statement = StepStatement::new("SELECT true AS output").unflushed();
+        let _: Option<bool> = ctx.sql_step("unflushed", statement).await?;
+        let setting: String = ctx
+            .tx_step("read_setting", |tx| {
+                Box::pin(async move {
+                    Ok(
+                        sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
+                            .fetch_one(&mut *tx)
+                            .await?,
+                    )
+                })
+            })
+            .await?;
+        Ok(json!(setting))
+    }
+}
+
 /// Input of [`Ticker`].
 #[derive(Debug, Serialize, Deserialize)]
 pub struct TickerInput {

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use harness::workflows::{
-    self, COUNTER, FLAKY, FlakyInput, MESSENGER, MessengerInput, PARENT, Parent, TICKER, Ticker,
-    TickerInput, counter,
+    self, COUNTER, FLAKY, FLUSH_PROBE, FlakyInput, FlushProbe, MESSENGER, MessengerInput, PARENT,
+    Parent, TICKER, Ticker, TickerInput, counter,
 };
 use harness::{
     Proc, TestDb, live_workers, wait_step_elsewhere, wait_until, wait_workers, worker_env,
@@ -112,7 +112,8 @@ fn runtime(db: &TestDb) -> anyhow::Result<Runtime> {
         RuntimeConfig::default(),
     )
     .register(Ticker)
-    .register(Parent))
+    .register(Parent)
+    .register(FlushProbe))
 }
 
 #[tokio::test]
@@ -213,6 +214,23 @@ async fn a_step_statement_starts_its_child_once_and_fails_on_a_kind_conflict() -
         .await?,
         0,
         "no checkpoint for the failed step"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unflushed_step_inside_a_shared_transaction_leaves_its_commit_flushed()
+-> anyhow::Result<()> {
+    let db = engine_db().await?;
+    let engine = Engine::new(db.pool.clone());
+    let rt = runtime(&db)?;
+    engine.start(FLUSH_PROBE, "probe", &json!({})).await?;
+    assert_eq!(rt.execute("probe").await, ExecutionOutcome::Succeeded);
+    let probe = engine.info("probe").await?.context("probe")?;
+    assert_eq!(
+        probe.output,
+        Some(json!("on")),
+        "the transaction sets an event: Engine::start_unflushed's callers rely on its flush"
     );
     Ok(())
 }

@@ -119,7 +119,8 @@ impl Workflow for NoOp {
 }
 
 /// One one-statement step that starts a [`NoOp`] workflow (the input's
-/// `child`, its id) in its statement.
+/// `child`, its id) in its statement and ends the parent
+/// ([`WorkflowContext::final_sql_step`]) with the child's id as output.
 pub struct Parent;
 
 /// Kind of [`Parent`].
@@ -137,8 +138,8 @@ impl Workflow for Parent {
     async fn run(&self, ctx: &mut WorkflowContext, input: Value) -> Result<Value, WorkflowError> {
         let child = input["child"].as_str().unwrap_or_default();
         let statement = StepStatement::new("SELECT true AS output").start(NOOP, child, json!({}));
-        let _: Option<bool> = ctx.sql_step("start_child", statement).await?;
-        Ok(json!(child))
+        ctx.final_sql_step("start_child", statement, json!(child))
+            .await
     }
 }
 

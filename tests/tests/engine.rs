@@ -178,6 +178,18 @@ async fn a_step_statement_starts_its_child_once_and_fails_on_a_kind_conflict() -
         .start(PARENT, "parent", &json!({ "child": "child" }))
         .await?;
     assert_eq!(rt.execute("parent").await, ExecutionOutcome::Succeeded);
+    let parent = engine.info("parent").await?.context("parent")?;
+    assert_eq!(parent.output, Some(json!("child")));
+    let ended_with_its_step: bool = sqlx::query_scalar(
+        "SELECT w.xmin = s.xmin FROM workflows w JOIN workflow_steps s ON s.workflow_id = w.id
+         WHERE w.id = 'parent' AND s.name = 'start_child'",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    assert!(
+        ended_with_its_step,
+        "the parent ended in its last step's commit, not one of its own"
+    );
     let child = engine.info("child").await?.context("child started")?;
     assert_eq!(
         (child.kind.as_str(), child.status.as_str()),
@@ -378,12 +390,9 @@ async fn completed_steps_replay_without_running_again() -> anyhow::Result<()> {
         "SELECT count(DISTINCT step_seq) FROM workflow_steps WHERE workflow_id = 'replayed'",
     )
     .await?;
-    // In-process sleeps leave no checkpoint, but the first (it has no step
-    // before it to count a takeover's wake-up from).
-    assert_eq!(
-        distinct, 7,
-        "the first sleep + 6 ticks, each checkpointed once"
-    );
+    // In-process sleeps leave no checkpoint (the first counts from the
+    // workflow's start).
+    assert_eq!(distinct, 6, "6 ticks, each checkpointed once");
     Ok(())
 }
 

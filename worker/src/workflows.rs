@@ -69,9 +69,11 @@ impl Workflow for Checkout {
             None => "timed_out",
         };
 
+        let output = json!({ "order_id": order_id, "payment": outcome });
         if payment == Some(PaymentStatus::Paid) {
-            // The order paid, its dispatch started and the webhook's answer
-            // published: one statement, its own commit.
+            // The order paid, its dispatch started, the webhook's answer
+            // published and the checkout ended: one statement, its own
+            // commit.
             let statement = store::mark_paid(order_id)
                 .start(
                     DISPATCH,
@@ -80,23 +82,22 @@ impl Workflow for Checkout {
                 )
                 .event(topics::PAYMENT_OUTCOME, outcome)
                 .event(topics::ORDER_ID, order_id);
-            let _: Option<bool> = ctx.sql_step("mark_paid", statement).await?;
-        } else {
-            // The unit goes back to the product row, every checkout's lock:
-            // a statement of its own (nothing is open after the recv), so
-            // it holds that row only while it runs.
-            let _: Option<bool> = ctx
-                .sql_step("cancel_order", store::cancel_order(order_id))
-                .await?;
-            ctx.tx_step("publish_cancellation", |tx| {
-                let checkout_id = checkout_id.clone();
-                Box::pin(async move {
-                    Ok(publish_settlement(tx, &checkout_id, outcome, order_id).await?)
-                })
-            })
-            .await?;
+            return ctx.final_sql_step("mark_paid", statement, output).await;
         }
-        Ok(json!({ "order_id": order_id, "payment": outcome }))
+        // The unit goes back to the product row, every checkout's lock:
+        // a statement of its own (nothing is open after the recv), so
+        // it holds that row only while it runs.
+        let _: Option<bool> = ctx
+            .sql_step("cancel_order", store::cancel_order(order_id))
+            .await?;
+        ctx.tx_step("publish_cancellation", |tx| {
+            let checkout_id = checkout_id.clone();
+            Box::pin(
+                async move { Ok(publish_settlement(tx, &checkout_id, outcome, order_id).await?) },
+            )
+        })
+        .await?;
+        Ok(output)
     }
 }
 
@@ -115,7 +116,8 @@ async fn publish_settlement(
     set_events_in(tx, checkout_id, &events).await
 }
 
-/// Dispatch of a paid order: ten times { durable sleep; one progress step }.
+/// Dispatch of a paid order: ten times { durable sleep; one progress step },
+/// the last of which ends the workflow.
 pub struct Dispatch {
     /// Pause before each progress step.
     pub interval: Duration,
@@ -135,14 +137,15 @@ impl Workflow for Dispatch {
         input: DispatchInput,
     ) -> Result<Value, WorkflowError> {
         let order_id = input.order_id;
-        let mut left = DISPATCH_STEPS;
-        for _ in 0..DISPATCH_STEPS {
+        for _ in 1..DISPATCH_STEPS {
             ctx.sleep(self.interval).await?;
-            left = ctx
-                .sql_step::<Option<i32>>("update_progress", store::update_progress(order_id))
-                .await?
-                .unwrap_or(0);
+            let _: Option<i32> = ctx
+                .sql_step("update_progress", store::update_progress(order_id))
+                .await?;
         }
-        Ok(json!({ "order_id": order_id, "progress_remaining": left }))
+        ctx.sleep(self.interval).await?;
+        let output = json!({ "order_id": order_id });
+        ctx.final_sql_step("update_progress", store::update_progress(order_id), output)
+            .await
     }
 }

@@ -46,8 +46,9 @@ pub struct WorkflowContext {
     /// Fired (once) to hand the apalis queue slot back while the execution
     /// goes on holding none: see [`WorkflowContext::sleep`].
     pub(crate) slot: Option<oneshot::Sender<()>>,
-    /// When the last replayed checkpoint was written.
-    pub(crate) replayed_until: Option<DateTime<Utc>>,
+    /// When the last replayed checkpoint was written, or the workflow was
+    /// started when there is none.
+    pub(crate) replayed_until: DateTime<Utc>,
     /// Set once the execution is past its replayed checkpoints.
     pub(crate) running: bool,
     /// `replayed_until`, for the operation that ran first after replay.
@@ -61,6 +62,9 @@ pub struct WorkflowContext {
     pub(crate) batch: bool,
     /// The claim saw a cancel request: the next step sees it.
     pub(crate) cancel_requested: bool,
+    /// This execution's last step ended the workflow
+    /// ([`WorkflowContext::final_sql_step`]), committed or in `open`.
+    pub(crate) finished: bool,
 }
 
 /// The checkpoint rows one `workflow_checkpoint()` call writes, as the
@@ -407,7 +411,48 @@ impl WorkflowContext {
         let retry = self.retry;
         // Boxed: a workflow's future then stays small while it waits
         // (thousands of sleeping dispatches live in one worker).
-        Box::pin(self.run_sql_step(name, retry, statement)).await
+        Box::pin(self.run_sql_step(name, retry, statement, None)).await
+    }
+
+    /// The workflow's last step: a [`WorkflowContext::sql_step`] whose
+    /// statement also ends the workflow, succeeded with `output`, exactly
+    /// when the step's checkpoint is written. One commit where the step and
+    /// the end took two (the end's commit is flushed: a lost end would
+    /// leave the workflow running, owned by a live worker that no longer
+    /// runs it). Returns `output` for `run` to return at once: the runtime
+    /// does not store what `run` returns after it, and a step after it
+    /// fails (the workflow has finished). Replayed from an earlier
+    /// execution's checkpoint, it ends the workflow as a step and the end
+    /// of `run` do.
+    ///
+    /// ```ignore
+    /// let output = json!({ "order_id": order_id });
+    /// ctx.final_sql_step("mark_paid", store::mark_paid(order_id), output).await
+    /// ```
+    pub async fn final_sql_step<O>(
+        &mut self,
+        name: &str,
+        statement: StepStatement,
+        output: O,
+    ) -> Result<O, WorkflowError>
+    where
+        O: Serialize + Send,
+    {
+        let retry = self.retry;
+        let value = match serde_json::to_value(&output) {
+            Ok(value) => value,
+            Err(e) => {
+                let seq = self.next_seq;
+                return Err(self.step_failed(
+                    seq,
+                    name,
+                    format!("the output does not encode: {e}"),
+                    1,
+                ));
+            }
+        };
+        let _: Value = Box::pin(self.run_sql_step(name, retry, statement, Some(&value))).await?;
+        Ok(output)
     }
 
     async fn run_sql_step<T>(
@@ -415,6 +460,7 @@ impl WorkflowContext {
         name: &str,
         retry: RetryPolicy,
         statement: StepStatement,
+        finish: Option<&Value>,
     ) -> Result<T, WorkflowError>
     where
         T: DeserializeOwned + Send,
@@ -453,7 +499,17 @@ impl WorkflowContext {
         if statement.start.is_some() {
             also += &format!(", workflow_start({})", placeholders(6));
         }
-        let may_skip_flush = statement.unflushed && events.is_empty() && statement.start.is_none();
+        // After the checkpoint, which refuses a finished workflow.
+        if finish.is_some() {
+            also += &format!(
+                ", workflow_finish({id}, 'succeeded', {}, NULL, 0)",
+                placeholders(1)
+            );
+        }
+        let may_skip_flush = statement.unflushed
+            && events.is_empty()
+            && statement.start.is_none()
+            && finish.is_none();
         if may_skip_flush {
             also += &format!(
                 ", CASE WHEN {} THEN set_config('synchronous_commit', 'off', true) END",
@@ -484,6 +540,9 @@ impl WorkflowContext {
             if let (true, Some((kind, id, input))) = (bound.is_ok(), &statement.start) {
                 bound = bind_start(&mut arguments, *kind, id, input, &start_job);
             }
+            if let (true, Some(output)) = (bound.is_ok(), finish) {
+                bound = arguments.add(output);
+            }
             let shared = self.open.is_some();
             if bound.is_ok() && may_skip_flush {
                 // Only a commit of its own may skip the flush.
@@ -502,6 +561,7 @@ impl WorkflowContext {
             };
             let error = match result {
                 Ok((output, _)) => {
+                    self.finished |= finish.is_some();
                     return serde_json::from_value(output.unwrap_or(Value::Null)).map_err(|e| {
                         WorkflowError::fatal(format!(
                             "step {seq} ({name}): its output does not decode: {e}"
@@ -666,9 +726,9 @@ impl WorkflowContext {
     /// finds a checkpoint after such a sleep knows it is over, and one that
     /// stops at it counts it from when the step before it was written, so a
     /// takeover keeps the wake-up time. A sleep with no step before it (the
-    /// first thing a workflow does) has nothing to count from: its
-    /// checkpoint is written before it sleeps (one statement of its own, as
-    /// the claim before it commits alone).
+    /// first thing a workflow does) counts from when the workflow was
+    /// started: a workflow that waited longer than that in the queue does
+    /// not sleep at all.
     ///
     /// An in-process sleep gives the execution's queue slot back first, so a
     /// worker's concurrency bounds the steps it runs at once, not the
@@ -692,25 +752,17 @@ impl WorkflowContext {
                 self.check_draining()?;
                 let now = Utc::now();
                 // Right after replay, this sleep began when the last replayed
-                // step was written (its own checkpoint was lost with the
-                // execution that slept): keep that wake-up time.
+                // step was written, or the workflow was started when no step
+                // was (an in-process sleep writes no checkpoint): every
+                // execution, a takeover's too, computes the same wake-up
+                // time.
                 let began = self.resumed_after.take().unwrap_or(now).min(now);
                 let at =
                     began + chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX);
                 if at - now
-                    <= chrono::Duration::from_std(self.hold_threshold)
+                    > chrono::Duration::from_std(self.hold_threshold)
                         .unwrap_or(chrono::Duration::MAX)
                 {
-                    if seq == 0 {
-                        // No step before it: a replay would have no
-                        // checkpoint to count it from and would sleep it
-                        // all again. Nothing is open before a first step:
-                        // written by a statement of its own, its commit.
-                        let mut conn = self.pool.acquire().await?;
-                        self.checkpoint(&mut conn, seq, "sleep", &json!(at), began)
-                            .await?;
-                    }
-                } else {
                     Box::pin(self.park_sleep(Some((seq, now)), at)).await?;
                     return Err(WorkflowError::Parked);
                 }
@@ -818,13 +870,13 @@ impl WorkflowContext {
             self.resumed_after = if self.running {
                 None
             } else {
-                self.replayed_until
+                Some(self.replayed_until)
             };
             self.running = true;
             return Ok(Replay::Run);
         }
         let checkpoint = self.checkpoints.pop_front().expect("front exists");
-        self.replayed_until = Some(checkpoint.finished_at);
+        self.replayed_until = checkpoint.finished_at;
         if checkpoint.name != name {
             return Err(WorkflowError::Nondeterministic {
                 step: seq,

@@ -13,6 +13,7 @@ use apalis::prelude::{
     BackendExt, BoxDynError, Data, WorkerBuilder, WorkerBuilderExt, WorkerError,
 };
 use apalis_postgres::PostgresStorage;
+use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde::Serialize;
@@ -176,6 +177,9 @@ struct Claim {
     cancel_requested: bool,
     executions: i32,
     checkpoints: Value,
+    /// When the workflow was started: a sleep before its first step counts
+    /// from then.
+    created_at: DateTime<Utc>,
 }
 
 /// The worker-side engine of one process.
@@ -511,6 +515,7 @@ impl Runtime {
                           'finished_at', s.finished_at)
                           ORDER BY s.step_seq), '[]')
                   FROM workflow_steps s WHERE s.workflow_id = w.id) AS checkpoints,
+                 w.created_at,
                  set_config('synchronous_commit', 'off', true) AS commit_mode",
         )
         .bind(workflow_id)
@@ -557,6 +562,7 @@ impl Runtime {
             cancel_requested,
             executions: execution,
             checkpoints,
+            created_at,
         } = claim;
         let workflow_id = workflow_id.as_str();
         // A workflow marked running elsewhere is executed anyway: its owner's
@@ -602,12 +608,13 @@ impl Runtime {
             draining: inner.drain.subscribe(),
             execution,
             slot: slot.take(),
-            replayed_until: None,
+            replayed_until: created_at,
             running: false,
             resumed_after: None,
             open: None,
             batch,
             cancel_requested,
+            finished: false,
         };
         let span = tracing::info_span!("workflow", workflow_id, kind = %kind, execution, worker_id = %inner.worker_id);
         let result = AssertUnwindSafe(definition.run_json(&mut ctx, input))
@@ -617,10 +624,11 @@ impl Runtime {
         // Still held (no in-process sleep happened): keep it until settled.
         *slot = ctx.slot.take();
         let open = ctx.open.take();
+        let finished = ctx.finished;
         // Never hold `span.enter()` across an await: the task may resume on
         // another thread, which corrupts the span registry (it panicked here).
         Box::pin(
-            self.settle(workflow_id, &queue, result, open)
+            self.settle(workflow_id, &queue, result, open, finished)
                 .instrument(span),
         )
         .await
@@ -628,15 +636,24 @@ impl Runtime {
 
     /// Records how an execution ended, in the transaction still open from
     /// its last steps when there is one. `None`: replay without batching.
+    /// `finished`: the last step ended the workflow already.
     async fn settle(
         &self,
         workflow_id: &str,
         queue: &str,
         result: Result<Result<Value, WorkflowError>, Box<dyn std::any::Any + Send>>,
         open: Option<Transaction<'static, Postgres>>,
+        finished: bool,
     ) -> Result<Option<ExecutionOutcome>, sqlx::Error> {
         let inner = &self.inner;
         let outcome = match result {
+            Ok(Ok(_)) if finished => {
+                if let Some(tx) = open {
+                    tx.commit().await?;
+                }
+                tracing::debug!("workflow succeeded with its last step");
+                ExecutionOutcome::Succeeded
+            }
             Ok(Ok(output)) => {
                 self.finish(open, workflow_id, "succeeded", Some(&output), None, 0)
                     .await?;
@@ -722,16 +739,12 @@ impl Runtime {
         error: Option<&str>,
         attempts: i32,
     ) -> Result<(), sqlx::Error> {
-        let finish = sqlx::query(
-            "UPDATE workflows SET status = $2, output = $3, error = $4, attempts = $5, owner = NULL,
-             wait_topic = NULL, wait_until = NULL, updated_at = now()
-             WHERE id = $1 AND status NOT IN ('succeeded', 'failed', 'cancelled')",
-        )
-        .bind(workflow_id)
-        .bind(status)
-        .bind(output)
-        .bind(error)
-        .bind(attempts);
+        let finish = sqlx::query("SELECT workflow_finish($1, $2, $3, $4, $5)")
+            .bind(workflow_id)
+            .bind(status)
+            .bind(output)
+            .bind(error)
+            .bind(attempts);
         match open {
             Some(mut tx) => {
                 finish.execute(&mut *tx).await?;

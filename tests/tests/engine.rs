@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use harness::workflows::{
-    self, COUNTER, FLAKY, FLUSH_PROBE, FlakyInput, FlushProbe, MESSENGER, MessengerInput, PARENT,
-    Parent, TICKER, Ticker, TickerInput, counter,
+    self, COUNTER, FLAKY, FLUSH_PROBE, FlakyInput, FlushProbe, MESSENGER, MessengerInput, NoOp,
+    PARENT, Parent, TICKER, Ticker, TickerInput, counter,
 };
 use harness::{
     Proc, TestDb, live_workers, wait_step_elsewhere, wait_until, wait_workers, worker_env,
@@ -16,8 +16,8 @@ use rand::Rng;
 use serde_json::{Value, json};
 use shared::db::DatabaseArgs;
 use shared::engine::{
-    Engine, EngineError, EventListener, ExecutionOutcome, Message, Runtime, RuntimeConfig,
-    SendOutcome, WorkflowStatus,
+    Engine, EngineError, EventListener, ExecutionOutcome, Message, QueueConfig, Runtime,
+    RuntimeConfig, SendOutcome, WorkflowStatus,
 };
 use sqlx::PgPool;
 
@@ -190,6 +190,7 @@ async fn a_step_statement_starts_its_child_once_and_fails_on_a_kind_conflict() -
         ended_with_its_step,
         "the parent ended in its last step's commit, not one of its own"
     );
+    // This runtime does not run the child's kind: its job goes to the queue.
     let child = engine.info("child").await?.context("child started")?;
     assert_eq!(
         (child.kind.as_str(), child.status.as_str()),
@@ -226,6 +227,47 @@ async fn a_step_statement_starts_its_child_once_and_fails_on_a_kind_conflict() -
         .await?,
         0,
         "no checkpoint for the failed step"
+    );
+    Ok(())
+}
+
+/// A worker that runs the child's kind, with a free slot on its queue, runs
+/// a child its step starts itself, claimed by the start: no job, no claim,
+/// one execution.
+#[tokio::test]
+async fn a_child_started_by_a_step_runs_on_that_worker_without_a_job() -> anyhow::Result<()> {
+    let db = engine_db().await?;
+    let engine = Engine::new(db.pool.clone());
+    let args = DatabaseArgs::from_url(&db.url);
+    let config = RuntimeConfig {
+        queues: vec![QueueConfig {
+            name: workflows::QUEUE.into(),
+            concurrency: 4,
+        }],
+        ..RuntimeConfig::default()
+    };
+    let rt = Runtime::new(db.pool.clone(), args.connect_options("in-process")?, config)
+        .register(Parent)
+        .register(NoOp);
+    engine
+        .start(PARENT, "parent", &json!({ "child": "child" }))
+        .await?;
+    assert_eq!(rt.execute("parent").await, ExecutionOutcome::Succeeded);
+    wait_status(&db.pool, "child", "succeeded", Duration::from_secs(10)).await?;
+    let child = engine.info("child").await?.context("child")?;
+    assert_eq!(child.executions, 1, "one execution, claimed by its start");
+    let jobs = "SELECT count(*) FROM apalis.jobs j
+                WHERE convert_from(j.job, 'UTF8')::json ->> 'workflow_id' = 'child'";
+    assert_eq!(count(&db.pool, jobs).await?, 0, "no job for the child");
+    let ran_by: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT worker_id FROM workflow_steps WHERE workflow_id = 'child'",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    assert_eq!(
+        ran_by,
+        vec![rt.worker_id().to_owned()],
+        "ran on the parent's worker"
     );
     Ok(())
 }

@@ -13,11 +13,14 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use sqlx::postgres::PgArguments;
-use sqlx::{Arguments, AssertSqlSafe, Encode, PgConnection, PgPool, Postgres, Transaction, Type};
+use sqlx::{
+    Arguments, AssertSqlSafe, Encode, PgConnection, PgPool, Postgres, Row, Transaction, Type,
+};
 use tokio::sync::{oneshot, watch};
 
 use super::events::{EVENTS_CHANNEL, EventListener};
 use super::queue::{JOB_MAX_ATTEMPTS, new_job_id};
+use super::runtime::StartHere;
 use super::{RetryPolicy, StepError, WorkflowError, WorkflowKind};
 use crate::db::is_unavailable;
 
@@ -65,6 +68,8 @@ pub struct WorkflowContext {
     /// This execution's last step ended the workflow
     /// ([`WorkflowContext::final_sql_step`]), committed or in `open`.
     pub(crate) finished: bool,
+    /// Runs a workflow a step statement starts in this process when it can.
+    pub(crate) here: StartHere,
 }
 
 /// The checkpoint rows one `workflow_checkpoint()` call writes, as the
@@ -163,6 +168,13 @@ impl StepStatement {
     /// started exactly when the step's checkpoint is written, whatever the
     /// statement returned; nothing new when `id` exists already. An `id`
     /// held by a workflow of another kind fails the step. One per step.
+    ///
+    /// When this process runs that kind, has a free slot on its queue, is
+    /// not draining and the step commits alone, the new workflow is
+    /// started claimed by this process and runs here, without a job, a
+    /// notification or a claim of its own; should the process die, the
+    /// reaper hands it to the queue like any running workflow of a dead
+    /// worker. Otherwise its job goes to the queue.
     pub fn start(mut self, kind: WorkflowKind, id: &str, input: impl Serialize) -> Self {
         let problem = if let Err(e) = super::client::check_id(id) {
             Some(format!("cannot start {id:?}: {e}"))
@@ -497,7 +509,7 @@ impl WorkflowContext {
             also += &format!(", workflow_set_events({id}, {})", placeholders(4));
         }
         if statement.start.is_some() {
-            also += &format!(", workflow_start({})", placeholders(6));
+            also += &format!(", workflow_start({}) AS started", placeholders(7));
         }
         // After the checkpoint, which refuses a finished workflow.
         if finish.is_some() {
@@ -517,6 +529,13 @@ impl WorkflowContext {
             );
         }
         let start_job = new_job_id();
+        // A workflow the step starts runs here, claimed by its start, when
+        // this process has a slot for it and the statement commits alone
+        // (its row must be there for the first step of its execution).
+        let mut start_here = match &statement.start {
+            Some((kind, ..)) if self.open.is_none() => self.here.reserve(*kind),
+            _ => None,
+        };
         let sql = format!(
             "WITH effect AS ({}),
                   outcome AS (SELECT (SELECT to_jsonb(output) FROM effect) AS output)
@@ -538,7 +557,8 @@ impl WorkflowContext {
                 bound = events.bind(&mut arguments);
             }
             if let (true, Some((kind, id, input))) = (bound.is_ok(), &statement.start) {
-                bound = bind_start(&mut arguments, *kind, id, input, &start_job);
+                let owner = start_here.is_some().then_some(&*self.worker_id);
+                bound = bind_start(&mut arguments, *kind, id, input, &start_job, owner);
             }
             if let (true, Some(output)) = (bound.is_ok(), finish) {
                 bound = arguments.add(output);
@@ -551,17 +571,28 @@ impl WorkflowContext {
             if let Err(e) = bound {
                 return Err(self.step_failed(seq, name, format!("checkpoint encoding: {e}"), 1));
             }
-            let query = sqlx::query_as_with::<_, (Option<Value>, bool), _>(
-                AssertSqlSafe(sql.clone()),
-                arguments,
-            );
+            let query = sqlx::query_with(AssertSqlSafe(sql.clone()), arguments);
+            let started_at = Utc::now();
             let result = match self.open.as_mut() {
                 Some(tx) => query.fetch_one(&mut **tx).await,
                 None => query.fetch_one(&self.pool).await,
             };
-            let error = match result {
-                Ok((output, _)) => {
+            let row = result.and_then(|row| {
+                let started = match statement.start {
+                    Some(_) => row.try_get::<bool, _>("started")?,
+                    None => false,
+                };
+                Ok((row.try_get::<Option<Value>, _>(0)?, started))
+            });
+            let error = match row {
+                Ok((output, started)) => {
                     self.finished |= finish.is_some();
+                    if let (Some(slot), Some((kind, id, input)), true) =
+                        (start_here.take(), &statement.start, started)
+                    {
+                        self.here
+                            .execute(slot, *kind, id, input.clone(), started_at);
+                    }
                     return serde_json::from_value(output.unwrap_or(Value::Null)).map_err(|e| {
                         WorkflowError::fatal(format!(
                             "step {seq} ({name}): its output does not decode: {e}"
@@ -1001,20 +1032,23 @@ impl WorkflowContext {
     }
 }
 
-/// `workflow_start()`'s arguments, appended to a step statement's.
+/// `workflow_start()`'s arguments, appended to a step statement's: with
+/// `owner`, the workflow starts claimed by that worker, without a job.
 fn bind_start(
     arguments: &mut PgArguments,
     kind: WorkflowKind,
     id: &str,
     input: &Value,
     job_id: &str,
+    owner: Option<&str>,
 ) -> Result<(), sqlx::error::BoxDynError> {
     arguments.add(id)?;
     arguments.add(kind.name)?;
     arguments.add(kind.queue)?;
     arguments.add(input)?;
     arguments.add(job_id)?;
-    arguments.add(JOB_MAX_ATTEMPTS)
+    arguments.add(JOB_MAX_ATTEMPTS)?;
+    arguments.add(owner)
 }
 
 /// What a checkpoint refused by `workflow_checkpoint()` means for the

@@ -21,7 +21,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgListener};
 use sqlx::{PgPool, Postgres, Transaction};
-use tokio::sync::{Semaphore, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tracing::Instrument;
 
 use super::context::{Checkpoint, WorkflowContext, panic_message};
@@ -180,6 +180,72 @@ struct Claim {
     /// When the workflow was started: a sleep before its first step counts
     /// from then.
     created_at: DateTime<Utc>,
+}
+
+/// Lets a step statement that starts a workflow
+/// ([`StepStatement::start`](super::StepStatement::start)) run it in this
+/// process, claimed by the start itself: no job, no notification, no claim
+/// of its own. Only for a kind registered here, on a queue this process
+/// consumes with a free slot, while it is not draining; otherwise the start
+/// enqueues a job as usual.
+#[derive(Clone)]
+pub(crate) struct StartHere {
+    runtime: Runtime,
+}
+
+impl StartHere {
+    /// A slot of `kind`'s queue for a workflow to be started here, or
+    /// `None` when it must go through the queue.
+    pub(crate) fn reserve(&self, kind: WorkflowKind) -> Option<OwnedSemaphorePermit> {
+        let inner = &self.runtime.inner;
+        if *inner.drain.borrow() || !inner.workflows.contains_key(kind.name) {
+            return None;
+        }
+        inner
+            .queues
+            .get(kind.queue)?
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .ok()
+    }
+
+    /// Executes a workflow a step statement has just started (committed)
+    /// here, in the slot [`StartHere::reserve`] gave.
+    pub(crate) fn execute(
+        &self,
+        slot: OwnedSemaphorePermit,
+        kind: WorkflowKind,
+        workflow_id: &str,
+        input: Value,
+        created_at: DateTime<Utc>,
+    ) {
+        let runtime = self.runtime.clone();
+        // As `workflow_start()` left the row.
+        let claim = Claim {
+            workflow_id: workflow_id.to_owned(),
+            kind: kind.name.to_owned(),
+            queue: kind.queue.to_owned(),
+            input,
+            previous_status: "enqueued".to_owned(),
+            previous_owner: None,
+            cancel_requested: false,
+            executions: 1,
+            checkpoints: Value::Array(Vec::new()),
+            created_at,
+        };
+        tokio::spawn(async move {
+            let (released_tx, released) = oneshot::channel();
+            tokio::spawn(async move {
+                runtime
+                    .execute_claimed(claim, None, Some(released_tx))
+                    .await
+            });
+            // Fired, or dropped when the execution ended: either way, done.
+            let _ = released.await;
+            drop(slot);
+        });
+    }
 }
 
 /// The worker-side engine of one process.
@@ -404,15 +470,24 @@ impl Runtime {
                 return ExecutionOutcome::Skipped;
             }
         };
+        self.execute_claimed(claim, Some(job_id), slot).await
+    }
+
+    /// Executes a workflow claimed already: by [`Runtime::execute_job`]'s
+    /// statement, or by the step statement that started it here
+    /// ([`StartHere`]).
+    async fn execute_claimed(
+        &self,
+        claim: Claim,
+        job_id: Option<&str>,
+        slot: Option<oneshot::Sender<()>>,
+    ) -> ExecutionOutcome {
         let workflow_id = claim.workflow_id.clone();
         match self.enter(&workflow_id) {
-            Ok(guard) => {
-                self.execute_entered(guard, Some(job_id), Some(claim), slot)
-                    .await
-            }
+            Ok(guard) => self.execute_entered(guard, job_id, Some(claim), slot).await,
             // Another execution here still holds it: wait for that one,
             // then claim the workflow again, as for a fetched job.
-            Err(_) => self.execute_in_slot(&workflow_id, Some(job_id), slot).await,
+            Err(_) => self.execute_in_slot(&workflow_id, job_id, slot).await,
         }
     }
 
@@ -615,6 +690,9 @@ impl Runtime {
             batch,
             cancel_requested,
             finished: false,
+            here: StartHere {
+                runtime: self.clone(),
+            },
         };
         let span = tracing::info_span!("workflow", workflow_id, kind = %kind, execution, worker_id = %inner.worker_id);
         let result = AssertUnwindSafe(definition.run_json(&mut ctx, input))

@@ -272,6 +272,41 @@ async fn a_child_started_by_a_step_runs_on_that_worker_without_a_job() -> anyhow
     Ok(())
 }
 
+/// A workflow left `running` under a live worker that does not execute it
+/// (a claim, or a step's start of a child, whose commit went through while
+/// its answer was lost) goes back to the queue at that worker's next
+/// lost-workflow check, and runs. The reaper alone would never take it
+/// over: its owner is alive.
+#[tokio::test]
+async fn a_running_workflow_its_live_owner_lost_goes_back_to_the_queue() -> anyhow::Result<()> {
+    let db = engine_db().await?;
+    let _worker = spawn_worker(&db, "owner", &[])?;
+    wait_workers(&db.pool, 1).await?;
+    let owner: String = sqlx::query_scalar("SELECT id FROM workers")
+        .fetch_one(&db.pool)
+        .await?;
+    let input = TickerInput {
+        steps: 1,
+        interval_ms: 1,
+        one_statement: true,
+    };
+    // As such a commit leaves it: running, owned by the live worker, no job.
+    sqlx::query(
+        "INSERT INTO workflows (id, kind, queue, input, status, owner, executions, updated_at)
+         VALUES ('lost', $1, $2, $3, 'running', $4, 1, now() - interval '1 minute')",
+    )
+    .bind(TICKER.name)
+    .bind(TICKER.queue)
+    .bind(serde_json::to_value(&input)?)
+    .bind(&owner)
+    .execute(&db.pool)
+    .await?;
+    let took = wait_status(&db.pool, "lost", "succeeded", Duration::from_secs(40)).await?;
+    println!("a lost running workflow succeeded {took:?} after it was left");
+    assert_eq!(counter(&db.pool, "ticks:lost").await?, 1);
+    Ok(())
+}
+
 #[tokio::test]
 async fn an_unflushed_step_inside_a_shared_transaction_leaves_its_commit_flushed()
 -> anyhow::Result<()> {

@@ -509,7 +509,10 @@ impl WorkflowContext {
             also += &format!(", workflow_set_events({id}, {})", placeholders(4));
         }
         if statement.start.is_some() {
-            also += &format!(", workflow_start({}) AS started", placeholders(7));
+            also += &format!(
+                ", workflow_start({}) AS started, now() AS started_at",
+                placeholders(7)
+            );
         }
         // After the checkpoint, which refuses a finished workflow.
         if finish.is_some() {
@@ -572,22 +575,26 @@ impl WorkflowContext {
                 return Err(self.step_failed(seq, name, format!("checkpoint encoding: {e}"), 1));
             }
             let query = sqlx::query_with(AssertSqlSafe(sql.clone()), arguments);
-            let started_at = Utc::now();
             let result = match self.open.as_mut() {
                 Some(tx) => query.fetch_one(&mut **tx).await,
                 None => query.fetch_one(&self.pool).await,
             };
+            // A new child's row was inserted at `started_at` (the
+            // database's clock, as a takeover's claim reads it).
             let row = result.and_then(|row| {
                 let started = match statement.start {
-                    Some(_) => row.try_get::<bool, _>("started")?,
-                    None => false,
+                    Some(_) => Some((
+                        row.try_get::<bool, _>("started")?,
+                        row.try_get::<DateTime<Utc>, _>("started_at")?,
+                    )),
+                    None => None,
                 };
                 Ok((row.try_get::<Option<Value>, _>(0)?, started))
             });
             let error = match row {
                 Ok((output, started)) => {
                     self.finished |= finish.is_some();
-                    if let (Some(slot), Some((kind, id, input)), true) =
+                    if let (Some(slot), Some((kind, id, input)), Some((true, started_at))) =
                         (start_here.take(), &statement.start, started)
                     {
                         self.here
@@ -893,6 +900,14 @@ impl WorkflowContext {
         seq: i32,
         name: &str,
     ) -> Result<Replay<T>, WorkflowError> {
+        if self.finished {
+            // The workflow has ended: its row would refuse the step, and a
+            // refusal inside the transaction of the final step would undo
+            // that step and its end with it.
+            return Err(WorkflowError::fatal(format!(
+                "step {seq} ({name}) comes after the workflow's final step"
+            )));
+        }
         if self
             .checkpoints
             .front()

@@ -323,6 +323,59 @@ pub(crate) async fn release_jobs(
         .collect())
 }
 
+/// Hands back to the queue the running workflows this live process owns
+/// but does not execute. A claim, or a start claimed by a step's statement
+/// ([`StepStatement::start`](super::StepStatement::start)), whose commit
+/// went through while its answer was lost (the connection cut at that
+/// moment) leaves its workflow `running` under an owner that is alive,
+/// which the reaper never takes over. `executing` tells the workflows this
+/// process executes now; `older_than` spares claims too recent to be in
+/// it yet (a claim commits before its execution enters that set). Returns
+/// the workflows handed back.
+pub(crate) async fn release_lost(
+    pool: &PgPool,
+    me: &str,
+    executing: impl Fn(&str) -> bool,
+    older_than: Duration,
+) -> Result<Vec<String>, sqlx::Error> {
+    let owned: Vec<String> = sqlx::query_scalar(
+        "SELECT id FROM workflows
+         WHERE owner = $1 AND status = 'running'
+           AND updated_at < now() - make_interval(secs => $2)",
+    )
+    .bind(me)
+    .bind(older_than.as_secs_f64())
+    .fetch_all(pool)
+    .await?;
+    let lost: Vec<String> = owned.into_iter().filter(|id| !executing(id)).collect();
+    if lost.is_empty() {
+        return Ok(lost);
+    }
+    let mut tx = pool.begin().await?;
+    // The same conditions again: an execution that began since claimed
+    // the row anew (a later updated_at) or ended (no longer running).
+    let released: Vec<(String, String)> = sqlx::query_as(
+        "UPDATE workflows SET status = 'enqueued', owner = NULL, updated_at = now()
+         WHERE id = ANY($1) AND owner = $2 AND status = 'running'
+           AND updated_at < now() - make_interval(secs => $3)
+         RETURNING id, queue",
+    )
+    .bind(&lost)
+    .bind(me)
+    .bind(older_than.as_secs_f64())
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut by_queue: HashMap<&str, Vec<&str>> = HashMap::new();
+    for (workflow_id, queue) in &released {
+        by_queue.entry(queue).or_default().push(workflow_id);
+    }
+    for (queue, workflow_ids) in by_queue {
+        enqueue_takeovers(&mut tx, queue, &workflow_ids).await?;
+    }
+    tx.commit().await?;
+    Ok(released.into_iter().map(|(id, _)| id).collect())
+}
+
 /// A clean exit: hands this worker's remaining jobs back and removes it
 /// from the registry, so others take over at once.
 pub(crate) async fn leave(pool: &PgPool, me: &str) -> Result<u64, sqlx::Error> {

@@ -234,11 +234,24 @@ impl StartHere {
             checkpoints: Value::Array(Vec::new()),
             created_at,
         };
+        // Entered now, not when the spawned task first runs: the drain and
+        // the lost-workflow check must see the child from the moment the
+        // step that started it returns.
+        let entered = runtime.mark_entered(workflow_id).is_ok();
         tokio::spawn(async move {
             let (released_tx, released) = oneshot::channel();
             tokio::spawn(async move {
+                let slot = Some(released_tx);
+                if !entered {
+                    return runtime.execute_claimed(claim, None, slot).await;
+                }
+                let workflow_id = claim.workflow_id.clone();
+                let guard = InFlightGuard {
+                    inner: &runtime.inner,
+                    workflow_id: &workflow_id,
+                };
                 runtime
-                    .execute_claimed(claim, None, Some(released_tx))
+                    .execute_entered(guard, None, Some(claim), slot)
                     .await
             });
             // Fired, or dropped when the execution ended: either way, done.
@@ -494,6 +507,15 @@ impl Runtime {
     /// Marks `workflow_id` as executing in this process, or returns a
     /// receiver that ends when the execution already here does.
     fn enter<'a>(&'a self, workflow_id: &'a str) -> Result<InFlightGuard<'a>, watch::Receiver<()>> {
+        self.mark_entered(workflow_id)?;
+        Ok(InFlightGuard {
+            inner: &self.inner,
+            workflow_id,
+        })
+    }
+
+    /// What [`Runtime::enter`] records, for a guard made later.
+    fn mark_entered(&self, workflow_id: &str) -> Result<(), watch::Receiver<()>> {
         let inner = &*self.inner;
         let mut executions = inner.in_flight.lock().expect("in-flight set");
         if let Some(ended) = executions.get(workflow_id) {
@@ -501,7 +523,7 @@ impl Runtime {
         }
         executions.insert(workflow_id.to_owned(), watch::channel(()).0);
         inner.in_flight_count.fetch_add(1, Ordering::Relaxed);
-        Ok(InFlightGuard { inner, workflow_id })
+        Ok(())
     }
 
     /// Executes an entered workflow to its next park or its end, replaying
@@ -1005,7 +1027,12 @@ async fn run_queue(inner: Arc<Inner>, queue: QueueConfig) {
     }
 }
 
+/// How often a worker looks for running workflows it owns but lost (see
+/// [`fleet::release_lost`]), and how old their claim must be.
+const LOST_CHECK: Duration = Duration::from_secs(10);
+
 async fn reap_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    let mut next_lost_check = tokio::time::Instant::now() + LOST_CHECK;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(inner.config.reap_interval) => {}
@@ -1017,6 +1044,25 @@ async fn reap_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
         match fleet::reap(&inner.pool, &inner.worker_id, inner.config.stale_after).await {
             Ok(reaped) => *inner.peers.lock().expect("peers") = reaped.live,
             Err(e) => tracing::debug!(error = %e, "reap failed"),
+        }
+        if tokio::time::Instant::now() < next_lost_check {
+            continue;
+        }
+        next_lost_check = tokio::time::Instant::now() + LOST_CHECK;
+        let executing = |id: &str| {
+            inner
+                .in_flight
+                .lock()
+                .expect("in-flight set")
+                .contains_key(id)
+        };
+        match fleet::release_lost(&inner.pool, &inner.worker_id, executing, LOST_CHECK).await {
+            Ok(lost) if lost.is_empty() => {}
+            Ok(lost) => tracing::warn!(
+                ?lost,
+                "running workflows owned here but not executing (a commit whose answer was lost): handed back to the queue"
+            ),
+            Err(e) => tracing::debug!(error = %e, "lost-workflow check failed"),
         }
     }
 }

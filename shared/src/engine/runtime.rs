@@ -238,27 +238,37 @@ impl StartHere {
         // the lost-workflow check must see the child from the moment the
         // step that started it returns.
         let entered = runtime.mark_entered(workflow_id).is_ok();
-        tokio::spawn(async move {
-            let (released_tx, released) = oneshot::channel();
-            tokio::spawn(async move {
-                let slot = Some(released_tx);
-                if !entered {
-                    return runtime.execute_claimed(claim, None, slot).await;
-                }
-                let workflow_id = claim.workflow_id.clone();
-                let guard = InFlightGuard {
-                    inner: &runtime.inner,
-                    workflow_id: &workflow_id,
-                };
-                runtime
-                    .execute_entered(guard, None, Some(claim), slot)
-                    .await
-            });
-            // Fired, or dropped when the execution ended: either way, done.
-            let _ = released.await;
-            drop(slot);
+        spawn_in_slot(slot, move |released| async move {
+            let slot = Some(released);
+            if !entered {
+                return runtime.execute_claimed(claim, None, slot).await;
+            }
+            let workflow_id = claim.workflow_id.clone();
+            let guard = InFlightGuard {
+                inner: &runtime.inner,
+                workflow_id: &workflow_id,
+            };
+            runtime
+                .execute_entered(guard, None, Some(claim), slot)
+                .await
         });
     }
+}
+
+/// Spawns an execution that holds `permit`, a slot of its queue, until it
+/// fires the sender it is given (an in-process sleep gives the slot back)
+/// or ends.
+fn spawn_in_slot<F>(permit: OwnedSemaphorePermit, execution: impl FnOnce(oneshot::Sender<()>) -> F)
+where
+    F: Future<Output = ExecutionOutcome> + Send + 'static,
+{
+    let (released_tx, released) = oneshot::channel();
+    tokio::spawn(execution(released_tx));
+    tokio::spawn(async move {
+        // Fired, or dropped when the execution ended: either way, done.
+        let _ = released.await;
+        drop(permit);
+    });
 }
 
 /// The worker-side engine of one process.
@@ -933,11 +943,8 @@ async fn job_notice_loop(inner: Arc<Inner>) {
         let runtime = Runtime {
             inner: inner.clone(),
         };
-        tokio::spawn(async move {
-            let (slot, released) = oneshot::channel();
-            tokio::spawn(async move { runtime.execute_job(&job.id, Some(slot)).await });
-            let _ = released.await;
-            drop(permit);
+        spawn_in_slot(permit, move |slot| async move {
+            runtime.execute_job(&job.id, Some(slot)).await
         });
     })
     .await;

@@ -257,23 +257,33 @@ async fn release_work(conn: &mut PgConnection, worker_ids: &[String]) -> Result<
     .bind(worker_ids)
     .fetch_all(&mut *conn)
     .await?;
-    let mut moved = released.len() as u64;
-    // One insert per queue: a dead worker may own hundreds of sleepers.
-    let mut by_queue: HashMap<&str, Vec<&str>> = HashMap::new();
-    for (workflow_id, queue) in &owned {
-        if !released.contains(workflow_id) {
-            by_queue.entry(queue).or_default().push(workflow_id);
-        }
-    }
-    for (queue, workflow_ids) in by_queue {
-        enqueue_takeovers(conn, queue, &workflow_ids).await?;
-        moved += workflow_ids.len() as u64;
-    }
+    let without_job = owned
+        .iter()
+        .filter(|(workflow_id, _)| !released.contains(workflow_id));
+    let moved = released.len() as u64 + requeue(conn, without_job).await?;
     // Not running (parked, finished): nothing to hand back, only the owner.
     sqlx::query("UPDATE workflows SET owner = NULL WHERE owner = ANY($1)")
         .bind(worker_ids)
         .execute(&mut *conn)
         .await?;
+    Ok(moved)
+}
+
+/// Gives each `(workflow id, queue)` a takeover job, one insert per queue
+/// (a dead worker may own hundreds of sleepers). Returns how many.
+async fn requeue<'a>(
+    conn: &mut PgConnection,
+    workflows: impl Iterator<Item = &'a (String, String)>,
+) -> Result<u64, sqlx::Error> {
+    let mut by_queue: HashMap<&str, Vec<&str>> = HashMap::new();
+    for (workflow_id, queue) in workflows {
+        by_queue.entry(queue).or_default().push(workflow_id);
+    }
+    let mut moved = 0;
+    for (queue, workflow_ids) in by_queue {
+        enqueue_takeovers(conn, queue, &workflow_ids).await?;
+        moved += workflow_ids.len() as u64;
+    }
     Ok(moved)
 }
 
@@ -365,13 +375,7 @@ pub(crate) async fn release_lost(
     .bind(older_than.as_secs_f64())
     .fetch_all(&mut *tx)
     .await?;
-    let mut by_queue: HashMap<&str, Vec<&str>> = HashMap::new();
-    for (workflow_id, queue) in &released {
-        by_queue.entry(queue).or_default().push(workflow_id);
-    }
-    for (queue, workflow_ids) in by_queue {
-        enqueue_takeovers(&mut tx, queue, &workflow_ids).await?;
-    }
+    requeue(&mut tx, released.iter()).await?;
     tx.commit().await?;
     Ok(released.into_iter().map(|(id, _)| id).collect())
 }

@@ -127,7 +127,11 @@ async fn main() -> anyhow::Result<()> {
     let mut polls = 0;
     let tenth = (args.workflows / 10).max(1) as i64;
     let mut next_mark = tenth;
-    let mut last_mark = Instant::now();
+    // The count is sampled every 250 ms; the moment a tenth was reached is
+    // interpolated between the two samples around it, so a sample that
+    // crosses two marks does not give the second a duration of nothing.
+    let mut last_sample = (Instant::now(), 0_i64);
+    let mut last_mark = last_sample.0;
     let mut tenths = Vec::new();
     loop {
         polls += 1;
@@ -136,11 +140,16 @@ async fn main() -> anyhow::Result<()> {
             "SELECT count(*) FROM workflows WHERE status = 'succeeded'",
         )
         .await?;
+        let now = Instant::now();
         while done >= next_mark && next_mark <= args.workflows as i64 {
-            tenths.push(tenth as f64 / last_mark.elapsed().as_secs_f64());
-            last_mark = Instant::now();
+            let (then, done_then) = last_sample;
+            let share = (next_mark - done_then) as f64 / (done - done_then) as f64;
+            let reached = then + now.duration_since(then).mul_f64(share);
+            tenths.push(tenth as f64 / reached.duration_since(last_mark).as_secs_f64());
+            last_mark = reached;
             next_mark += tenth;
         }
+        last_sample = (now, done);
         if done == args.workflows as i64 {
             break;
         }

@@ -693,7 +693,12 @@ fn markdown(r: &Value) -> String {
     md
 }
 
-/// Flows/s (bars) and p99 flow latency (line) against client concurrency.
+/// Issue 5's throughput target: three times the original demo's 82 flows/s
+/// (at 32 clients), drawn on the chart.
+const TARGET_FLOWS_PER_S: f64 = 250.0;
+
+/// Flows/s (bars) and p99 flow latency (line) against client concurrency,
+/// with the throughput target as a dashed line.
 fn chart(r: &Value) -> String {
     let levels: Vec<(String, f64, f64)> = r["levels"]
         .as_array()
@@ -707,10 +712,14 @@ fn chart(r: &Value) -> String {
             )
         })
         .collect();
-    let (w, h, left, right, top, bottom) = (640.0, 360.0, 70.0, 70.0, 40.0, 50.0);
+    let (w, h, left, right, top, bottom) = (640.0, 360.0, 70.0, 70.0, 50.0, 50.0);
     let plot_w = w - left - right;
     let plot_h = h - top - bottom;
-    let max_rate = levels.iter().map(|l| l.1).fold(1.0, f64::max) * 1.15;
+    let max_rate = levels
+        .iter()
+        .map(|l| l.1)
+        .fold(TARGET_FLOWS_PER_S, f64::max)
+        * 1.15;
     let max_p99 = levels.iter().map(|l| l.2).fold(1.0, f64::max) * 1.15;
     let slot = plot_w / levels.len().max(1) as f64;
     let mut svg = format!(
@@ -760,6 +769,13 @@ fn chart(r: &Value) -> String {
             top + plot_h - plot_h * p99 / max_p99
         ));
     }
+    let target_y = top + plot_h - plot_h * TARGET_FLOWS_PER_S / max_rate;
+    svg.push_str(&format!(
+        "<line x1=\"{left}\" y1=\"{target_y}\" x2=\"{}\" y2=\"{target_y}\" stroke=\"#48bb78\" stroke-width=\"2\" stroke-dasharray=\"6 4\"/>\
+         <text x=\"{}\" y=\"36\" text-anchor=\"middle\" font-size=\"11\" fill=\"#2f855a\">dashed: the target, {TARGET_FLOWS_PER_S:.0} flows/s at 32 clients</text>\n",
+        left + plot_w,
+        w / 2.0,
+    ));
     svg.push_str(&format!(
         "<polyline points=\"{}\" fill=\"none\" stroke=\"#c05621\" stroke-width=\"2.5\"/>\n\
          <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">client concurrency</text>\n</svg>\n",

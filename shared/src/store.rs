@@ -279,16 +279,20 @@ pub fn cancel_order(order_id: i64) -> StepStatement {
 
 /// One dispatch step: progress down by one; DISPATCHED at zero. Its output
 /// is the progress left, or null when the order was not being dispatched.
-/// A step statement: one round trip, its own commit.
+/// A step statement for each dispatch (it touches only its own order):
+/// the steps of the dispatches a worker runs that come due together share
+/// one statement and one commit.
 pub fn update_progress(order_id: i64) -> StepStatement {
-    StepStatement::new(
+    StepStatement::for_each(
         "UPDATE orders SET progress_remaining = progress_remaining - 1,
              status = CASE WHEN progress_remaining - 1 = 0 THEN 'DISPATCHED' ELSE status END,
              last_update_time = now()
-         WHERE id = $1 AND status = 'PAID' AND progress_remaining > 0
-         RETURNING progress_remaining AS output",
+         FROM input
+         WHERE orders.id = (input.arg)::bigint AND orders.status = 'PAID'
+             AND orders.progress_remaining > 0
+         RETURNING input.workflow_id, orders.progress_remaining AS output",
     )
-    .bind(order_id)
+    .arg(order_id)
 }
 
 /// One order.

@@ -40,6 +40,16 @@ pub fn bump_statement(name: &str) -> StepStatement {
     StepStatement::new(BUMP).bind(name.to_owned())
 }
 
+/// Bumps the counter `ticks:<workflow id>` of each `input` row: a
+/// [`StepStatement::for_each`] statement.
+pub fn bump_each() -> StepStatement {
+    StepStatement::for_each(
+        "INSERT INTO engine_test_counters (name, value) SELECT 'ticks:' || workflow_id, 1 FROM input
+         ON CONFLICT (name) DO UPDATE SET value = engine_test_counters.value + 1
+         RETURNING substr(name, length('ticks:') + 1) AS workflow_id, value AS output",
+    )
+}
+
 /// A database step named `step` that bumps counter `name`.
 async fn bump_step(
     ctx: &mut WorkflowContext,
@@ -190,6 +200,10 @@ pub struct TickerInput {
     /// Each tick is a one-statement step (`sql_step`), not a `tx_step`.
     #[serde(default)]
     pub one_statement: bool,
+    /// Each tick is a [`StepStatement::for_each`] statement without an
+    /// event, which the engine batches with other tickers' ticks.
+    #[serde(default)]
+    pub for_each: bool,
 }
 
 /// `steps` times { sleep; bump `ticks:<workflow id>` and set the event
@@ -221,7 +235,9 @@ impl Workflow for Ticker {
         let id = ctx.workflow_id().to_owned();
         for tick in 1..=input.steps {
             ctx.sleep(Duration::from_millis(input.interval_ms)).await?;
-            if input.one_statement {
+            if input.for_each {
+                let _: i64 = ctx.sql_step("tick", bump_each()).await?;
+            } else if input.one_statement {
                 let statement = bump_statement(&name).event(TICK_EVENT, tick);
                 let _: i64 = ctx.sql_step("tick", statement).await?;
             } else {

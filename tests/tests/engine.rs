@@ -289,6 +289,7 @@ async fn a_running_workflow_its_live_owner_lost_goes_back_to_the_queue() -> anyh
         steps: 1,
         interval_ms: 1,
         one_statement: true,
+        for_each: false,
     };
     // As such a commit leaves it: running, owned by the live worker, no job.
     sqlx::query(
@@ -431,6 +432,7 @@ async fn completed_steps_replay_without_running_again() -> anyhow::Result<()> {
         steps: 6,
         interval_ms: 1,
         one_statement: false,
+        for_each: false,
     };
     engine.start(TICKER, "replayed", &input).await?;
     let rt = runtime(&db)?;
@@ -488,6 +490,7 @@ async fn two_executions_at_once_apply_no_step_twice() -> anyhow::Result<()> {
                     steps: 8,
                     interval_ms: 20,
                     one_statement,
+                    for_each: false,
                 },
             )
             .await?;
@@ -509,6 +512,106 @@ async fn two_executions_at_once_apply_no_step_twice() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Starts `count` tickers whose ticks are `for_each` statements, each
+/// counter seeded with a distinct hundred (`ticks:<id>` = 100 × i), so a
+/// tick's output (the counter after it) names the workflow it belongs to.
+async fn start_for_each_tickers(
+    db: &TestDb,
+    prefix: &str,
+    count: i64,
+    steps: u32,
+) -> anyhow::Result<Vec<String>> {
+    let engine = Engine::new(db.pool.clone());
+    let mut ids = Vec::new();
+    for i in 1..=count {
+        let id = format!("{prefix}-{i}");
+        sqlx::query("INSERT INTO engine_test_counters (name, value) VALUES ($1, $2)")
+            .bind(format!("ticks:{id}"))
+            .bind(100 * i)
+            .execute(&db.pool)
+            .await?;
+        let input = TickerInput {
+            steps,
+            interval_ms: 30,
+            one_statement: false,
+            for_each: true,
+        };
+        engine.start(TICKER, &id, &input).await?;
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
+/// Each ticker's counter moved by exactly its steps, and its ticks'
+/// checkpoints hold its own counter's values in order.
+async fn assert_each_tick_once(db: &TestDb, ids: &[String], steps: i64) -> anyhow::Result<()> {
+    for (i, id) in (1..).zip(ids) {
+        assert_eq!(
+            counter(&db.pool, &format!("ticks:{id}")).await?,
+            100 * i + steps,
+            "{id}: each tick applied once"
+        );
+        let outputs: Vec<Value> = sqlx::query_scalar(
+            "SELECT output FROM workflow_steps WHERE workflow_id = $1 AND name = 'tick' ORDER BY step_seq",
+        )
+        .bind(id)
+        .fetch_all(&db.pool)
+        .await?;
+        let expected: Vec<Value> = (1..=steps).map(|k| json!(100 * i + k)).collect();
+        assert_eq!(outputs, expected, "{id}: each tick's output is its own");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn for_each_steps_of_many_workflows_commit_together_each_once() -> anyhow::Result<()> {
+    let db = engine_db().await?;
+    let ids = start_for_each_tickers(&db, "batched", 40, 5).await?;
+    let runtime = runtime(&db)?;
+    let outcomes = futures::future::join_all(ids.iter().map(|id| runtime.execute(id))).await;
+    assert!(
+        outcomes.iter().all(|o| *o == ExecutionOutcome::Succeeded),
+        "{outcomes:?}"
+    );
+    assert_each_tick_once(&db, &ids, 5).await?;
+    // Rows one transaction wrote share its xmin.
+    let (ticks, commits): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT xmin::text) FROM workflow_steps WHERE name = 'tick'",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    assert_eq!(ticks, 200);
+    assert!(
+        commits <= ticks / 2,
+        "200 ticks of 40 workflows due together took {commits} commits"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_executions_of_batched_steps_apply_none_twice() -> anyhow::Result<()> {
+    let db = engine_db().await?;
+    let ids = start_for_each_tickers(&db, "raced-batch", 10, 6).await?;
+    // Two runtimes execute the same ten workflows at once: each batches its
+    // own executions' ticks, and a batch in which one checkpoint is
+    // refused rolls back, its other steps running alone.
+    let (one, two) = (runtime(&db)?, runtime(&db)?);
+    let (a, b) = tokio::join!(
+        futures::future::join_all(ids.iter().map(|id| one.execute(id))),
+        futures::future::join_all(ids.iter().map(|id| two.execute(id))),
+    );
+    for ((id, a), b) in ids.iter().zip(a).zip(b) {
+        let mut outcomes = [a, b];
+        outcomes.sort_by_key(|o| format!("{o:?}"));
+        assert_eq!(
+            outcomes,
+            [ExecutionOutcome::Fenced, ExecutionOutcome::Succeeded],
+            "{id}: one wins, the other is fenced off"
+        );
+    }
+    assert_each_tick_once(&db, &ids, 6).await
 }
 
 /// The job that resumes a parked workflow can reach the worker while the
@@ -848,6 +951,7 @@ async fn a_killed_workers_workflow_continues_on_another_worker() -> anyhow::Resu
                 steps: 40,
                 interval_ms: 50,
                 one_statement: true,
+                for_each: false,
             },
         )
         .await?;
@@ -897,6 +1001,7 @@ async fn a_first_sleep_keeps_its_wake_up_time_through_a_takeover() -> anyhow::Re
                 steps: 1,
                 interval_ms: sleep.as_millis() as u64,
                 one_statement: true,
+                for_each: false,
             },
         )
         .await?;
@@ -941,6 +1046,7 @@ async fn sleeping_workflows_hold_no_worker_slot() -> anyhow::Result<()> {
         steps: 5,
         interval_ms: 1_000,
         one_statement: false,
+        for_each: false,
     };
     for i in 0..20 {
         engine.start(TICKER, &format!("sleeper{i}"), &input).await?;
@@ -1186,6 +1292,7 @@ async fn cancel_at_a_step_boundary_and_resume_from_the_last_checkpoint() -> anyh
                     steps: 30,
                     interval_ms: 50,
                     one_statement,
+                    for_each: false,
                 },
             )
             .await?;
@@ -1260,6 +1367,7 @@ async fn sigterm_drains_and_hands_work_to_another_worker_at_once() -> anyhow::Re
                 steps: 40,
                 interval_ms: 50,
                 one_statement: false,
+                for_each: false,
             },
         )
         .await?;
@@ -1326,6 +1434,7 @@ async fn the_fleet_registry_shows_each_live_worker() -> anyhow::Result<()> {
                 steps: 20,
                 interval_ms: 100,
                 one_statement: false,
+                for_each: false,
             },
         )
         .await?;

@@ -18,6 +18,7 @@ use sqlx::{
 };
 use tokio::sync::{oneshot, watch};
 
+use super::batch::{BatchedStep, StepBatches};
 use super::events::{EVENTS_CHANNEL, EventListener};
 use super::queue::{JOB_MAX_ATTEMPTS, new_job_id};
 use super::runtime::StartHere;
@@ -70,6 +71,8 @@ pub struct WorkflowContext {
     pub(crate) finished: bool,
     /// Runs a workflow a step statement starts in this process when it can.
     pub(crate) here: StartHere,
+    /// Batches this process's [`StepStatement::for_each`] steps.
+    pub(crate) batches: StepBatches,
 }
 
 /// The checkpoint rows one `workflow_checkpoint()` call writes, as the
@@ -128,6 +131,10 @@ pub struct StepStatement {
     start: Option<(WorkflowKind, String, Value)>,
     /// See [`StepStatement::unflushed`].
     unflushed: bool,
+    /// Written over `input`: see [`StepStatement::for_each`].
+    for_each: bool,
+    /// The value of `input.arg`: see [`StepStatement::arg`].
+    arg: Value,
     /// A value that could not be encoded: the step fails with it.
     unencodable: Option<String>,
 }
@@ -143,8 +150,49 @@ impl StepStatement {
             events: Vec::new(),
             start: None,
             unflushed: false,
+            for_each: false,
+            arg: Value::Null,
             unencodable: None,
         }
+    }
+
+    /// A statement written over the relation `input (workflow_id text, arg
+    /// jsonb)`, one row per step, which returns at most one row per
+    /// `input` row with the columns `workflow_id` and `output` (the step's
+    /// value), and touches only rows of the workflow of its `input` row:
+    /// the steps of this statement that several workflows of a process
+    /// reach within a few milliseconds then run as one statement and one
+    /// commit (an all or nothing batch; a step whose checkpoint is refused
+    /// sends the others to run alone). A step with events, a start, or
+    /// inside an open transaction runs alone, with `input` its one row. Its
+    /// value comes through [`StepStatement::arg`], not `bind`. The
+    /// dispatch's progress steps use it.
+    ///
+    /// ```ignore
+    /// StepStatement::for_each(
+    ///     "UPDATE orders SET progress_remaining = progress_remaining - 1 FROM input
+    ///      WHERE orders.id = (input.arg)::bigint
+    ///      RETURNING input.workflow_id, progress_remaining AS output",
+    /// )
+    /// .arg(order_id)
+    /// ```
+    pub fn for_each(sql: &'static str) -> Self {
+        StepStatement {
+            for_each: true,
+            ..StepStatement::new(sql)
+        }
+    }
+
+    /// Sets `input.arg` of a [`StepStatement::for_each`] statement.
+    pub fn arg(mut self, value: impl Serialize) -> Self {
+        match serde_json::to_value(value) {
+            Ok(value) => self.arg = value,
+            Err(e) => {
+                self.unencodable
+                    .get_or_insert(format!("the argument does not encode: {e}"));
+            }
+        }
+        self
     }
 
     /// Lets the step's commit return before its WAL flush when the step
@@ -210,9 +258,13 @@ impl StepStatement {
         self
     }
 
-    /// Binds the next parameter (`$1`, then `$2`, ...).
+    /// Binds the next parameter (`$1`, then `$2`, ...); not for a
+    /// [`StepStatement::for_each`] statement.
     pub fn bind<'t, T: Encode<'t, Postgres> + Type<Postgres>>(mut self, value: T) -> Self {
-        if let Err(e) = self.arguments.add(value) {
+        if self.for_each {
+            self.unencodable
+                .get_or_insert("a for_each statement takes its value through arg".to_owned());
+        } else if let Err(e) = self.arguments.add(value) {
             self.unencodable.get_or_insert(format!(
                 "parameter ${} does not encode: {e}",
                 self.arguments.len() + 1
@@ -485,7 +537,26 @@ impl WorkflowContext {
         if let Some(error) = statement.unencodable {
             return Err(self.step_failed(seq, name, error, 1));
         }
-        let rows = CheckpointRows::step(seq, name, Utc::now());
+        let started = Utc::now();
+        let batchable = statement.for_each
+            && self.open.is_none()
+            && statement.events.is_empty()
+            && statement.start.is_none()
+            && finish.is_none()
+            && !statement.unflushed;
+        if batchable && !self.cancel_requested {
+            let step = BatchedStep {
+                workflow_id: self.workflow_id.clone(),
+                seq,
+                name: name.to_owned(),
+                started,
+                arg: statement.arg.clone(),
+            };
+            if let Some(output) = self.batches.run(statement.sql, step).await {
+                return decode_output(seq, name, output);
+            }
+        }
+        let rows = CheckpointRows::step(seq, name, started);
         // The engine's parameters follow the statement's own.
         let first = statement.arguments.len() + 1;
         let [id, seqs, names, outputs, worker, starts] =
@@ -539,8 +610,17 @@ impl WorkflowContext {
             Some((kind, ..)) if self.open.is_none() => self.here.reserve(*kind),
             _ => None,
         };
+        // A for_each statement's `input`: this step's row.
+        let input = if statement.for_each {
+            format!(
+                "input AS (SELECT {id}::text AS workflow_id, {}::jsonb AS arg),",
+                placeholders(1)
+            )
+        } else {
+            String::new()
+        };
         let sql = format!(
-            "WITH effect AS ({}),
+            "WITH {input} effect AS ({}),
                   outcome AS (SELECT (SELECT to_jsonb(output) FROM effect) AS output)
              SELECT outcome.output, workflow_checkpoint({id}, {seqs}, {names},
                  array_append({outputs}::jsonb[], coalesce(outcome.output, 'null'::jsonb)),
@@ -571,6 +651,9 @@ impl WorkflowContext {
                 // Only a commit of its own may skip the flush.
                 bound = arguments.add(!shared);
             }
+            if bound.is_ok() && statement.for_each {
+                bound = arguments.add(&statement.arg);
+            }
             if let Err(e) = bound {
                 return Err(self.step_failed(seq, name, format!("checkpoint encoding: {e}"), 1));
             }
@@ -600,11 +683,7 @@ impl WorkflowContext {
                         self.here
                             .execute(slot, *kind, id, input.clone(), started_at);
                     }
-                    return serde_json::from_value(output.unwrap_or(Value::Null)).map_err(|e| {
-                        WorkflowError::fatal(format!(
-                            "step {seq} ({name}): its output does not decode: {e}"
-                        ))
-                    });
+                    return decode_output(seq, name, output.unwrap_or(Value::Null));
                 }
                 Err(error) => error,
             };
@@ -1064,6 +1143,19 @@ fn bind_start(
     arguments.add(job_id)?;
     arguments.add(JOB_MAX_ATTEMPTS)?;
     arguments.add(owner)
+}
+
+/// A step statement's output as the type its caller asked for.
+fn decode_output<T: DeserializeOwned>(
+    seq: i32,
+    name: &str,
+    output: Value,
+) -> Result<T, WorkflowError> {
+    serde_json::from_value(output).map_err(|e| {
+        WorkflowError::fatal(format!(
+            "step {seq} ({name}): its output does not decode: {e}"
+        ))
+    })
 }
 
 /// What a checkpoint refused by `workflow_checkpoint()` means for the

@@ -27,6 +27,7 @@
 //!   life ([`Runtime`]); live workers reap a dead one's jobs the moment its
 //!   lock is free.
 
+mod batch;
 mod client;
 mod context;
 mod error;

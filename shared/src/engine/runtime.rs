@@ -24,6 +24,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tracing::Instrument;
 
+use super::batch::StepBatches;
 use super::context::{Checkpoint, WorkflowContext, panic_message};
 use super::fleet::{self, CONTROL_CHANNEL, Registration};
 use super::queue::{self, FetchWake, JOB_MAX_ATTEMPTS, JobWakeups, WorkflowJob, new_job_id};
@@ -295,6 +296,8 @@ struct Inner {
     peers: Mutex<Vec<(String, Vec<String>)>>,
     drain: watch::Sender<bool>,
     config: RuntimeConfig,
+    /// Batches the executions' `for_each` step statements.
+    batches: StepBatches,
 }
 
 /// One queue's executions in this process: at most its concurrency hold a
@@ -313,11 +316,13 @@ impl Runtime {
         let suffix: u32 = rand::random();
         let worker_id = format!("{host}-{}-{suffix:08x}", std::process::id());
         let (drain, _) = watch::channel(false);
+        let worker_id: Arc<str> = Arc::from(worker_id);
         Self {
             inner: Arc::new(Inner {
+                batches: StepBatches::new(pool.clone(), worker_id.clone()),
                 pool,
                 connect,
-                worker_id: Arc::from(worker_id),
+                worker_id,
                 lock_key: rand::random::<i64>(),
                 workflows: HashMap::new(),
                 in_flight: Mutex::new(HashMap::new()),
@@ -725,6 +730,7 @@ impl Runtime {
             here: StartHere {
                 runtime: self.clone(),
             },
+            batches: inner.batches.clone(),
         };
         let span = tracing::info_span!("workflow", workflow_id, kind = %kind, execution, worker_id = %inner.worker_id);
         let result = AssertUnwindSafe(definition.run_json(&mut ctx, input))

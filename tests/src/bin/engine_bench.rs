@@ -206,6 +206,7 @@ async fn main() -> anyhow::Result<()> {
                     steps: 100_000,
                     interval_ms: 20,
                     one_statement: false,
+                    for_each: false,
                 },
             )
             .await?;

@@ -18,6 +18,8 @@ use serde_json::Value;
 use sqlx::{AssertSqlSafe, PgPool, Row};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::db::is_unavailable;
+
 /// How long a lane waits for more steps after the first of a batch: about
 /// a dozen dispatch steps a batch at a few hundred flows a second, for
 /// 10 ms more per step (a dispatch step follows a sleep of a second).
@@ -35,9 +37,19 @@ pub(crate) struct BatchedStep {
     pub(crate) arg: Value,
 }
 
-/// A step in its lane, with where its output goes once its batch committed
-/// (`None`: run it alone).
-type Waiting = (BatchedStep, oneshot::Sender<Option<Value>>);
+/// What became of a step sent to its lane.
+pub(crate) enum Batched {
+    /// Its batch committed: the step's output.
+    Done(Value),
+    /// Run it alone: its batch held no other step, or was rolled back.
+    Alone,
+    /// The batch lost the database, perhaps after its commit: replay from
+    /// the checkpoints, as after any step that lost it.
+    Unavailable(String),
+}
+
+/// A step in its lane, with where its outcome goes.
+type Waiting = (BatchedStep, oneshot::Sender<Batched>);
 
 /// The batching lanes of one process, one per statement.
 #[derive(Clone)]
@@ -62,9 +74,9 @@ impl StepBatches {
         }
     }
 
-    /// Runs `step` of statement `sql` in a batch: its output, or `None` when
-    /// it must run alone (the batch held no other step, or was rolled back).
-    pub(crate) async fn run(&self, sql: &'static str, step: BatchedStep) -> Option<Value> {
+    /// Runs `step` of statement `sql` in a batch. A lane lives as long as
+    /// the process (one per `for_each` statement).
+    pub(crate) async fn run(&self, sql: &'static str, step: BatchedStep) -> Batched {
         let (done, answer) = oneshot::channel();
         let lane = {
             let mut lanes = self.inner.lanes.lock().unwrap_or_else(|e| e.into_inner());
@@ -77,8 +89,10 @@ impl StepBatches {
                 })
                 .clone()
         };
-        lane.send((step, done)).ok()?;
-        answer.await.ok().flatten()
+        if lane.send((step, done)).is_err() {
+            return Batched::Alone;
+        }
+        answer.await.unwrap_or(Batched::Alone)
     }
 }
 
@@ -126,29 +140,43 @@ fn batch_sql(sql: &str) -> String {
 
 async fn run_batch(inner: Arc<Inner>, statement: Arc<String>, steps: Vec<Waiting>) {
     // One step a workflow (a second, were there ever two executions of one
-    // workflow here, runs alone), in a fixed order, so that two batches
-    // lock the rows they share in the same order.
+    // workflow here, runs alone). Two batches that share workflows (two
+    // executions of each, in two processes) may lock their rows in
+    // different orders: PostgreSQL breaks such a deadlock, and the batch
+    // it fails runs its steps alone.
     let mut seen = HashSet::new();
-    let (mut batch, alone): (Vec<_>, Vec<_>) = steps
+    let (batch, alone): (Vec<_>, Vec<_>) = steps
         .into_iter()
         .partition(|(step, _)| seen.insert(step.workflow_id.clone()));
-    batch.sort_by(|(a, _), (b, _)| a.workflow_id.cmp(&b.workflow_id));
-    let mut outputs = if batch.len() < 2 {
-        HashMap::new()
+    let outcome = if batch.len() < 2 {
+        Ok(HashMap::new())
     } else {
-        match commit_batch(&inner, &statement, &batch).await {
-            Ok(outputs) => outputs,
-            Err(error) => {
-                tracing::debug!(%error, steps = batch.len(), "a batch failed: its steps run alone");
-                HashMap::new()
+        commit_batch(&inner, &statement, &batch).await
+    };
+    match outcome {
+        Ok(mut outputs) => {
+            for (step, done) in batch {
+                let _ = done.send(match outputs.remove(&step.workflow_id) {
+                    Some(output) => Batched::Done(output),
+                    None => Batched::Alone,
+                });
             }
         }
-    };
-    for (step, done) in batch {
-        let _ = done.send(outputs.remove(&step.workflow_id));
+        Err(error) if is_unavailable(&error) => {
+            tracing::debug!(%error, steps = batch.len(), "a batch lost the database");
+            for (_, done) in batch {
+                let _ = done.send(Batched::Unavailable(error.to_string()));
+            }
+        }
+        Err(error) => {
+            tracing::debug!(%error, steps = batch.len(), "a batch failed: its steps run alone");
+            for (_, done) in batch {
+                let _ = done.send(Batched::Alone);
+            }
+        }
     }
     for (_, done) in alone {
-        let _ = done.send(None);
+        let _ = done.send(Batched::Alone);
     }
 }
 
@@ -168,10 +196,14 @@ async fn commit_batch(
     // connection is made for ten rows of `input` against the tables as
     // they were, and with no ANALYZE since (autovacuum off) it stays a hash
     // join over a whole table as that table grows (6.6 ms a batch against
-    // 1 ms, measured with pg_stat_statements at 32 clients).
+    // 1 ms, measured with pg_stat_statements at 32 clients). A row lock
+    // held elsewhere (a duplicate execution's, a frozen worker's) would
+    // hold up every step of the batch: after a while, they run alone.
     let mut tx = inner
         .pool
-        .begin_with("BEGIN; SET LOCAL plan_cache_mode = force_custom_plan")
+        .begin_with(
+            "BEGIN; SET LOCAL plan_cache_mode = force_custom_plan; SET LOCAL lock_timeout = '500ms'",
+        )
         .await?;
     let rows = sqlx::query(AssertSqlSafe(statement.to_owned()))
         .bind(&ids)

@@ -18,7 +18,7 @@ use sqlx::{
 };
 use tokio::sync::{oneshot, watch};
 
-use super::batch::{BatchedStep, StepBatches};
+use super::batch::{Batched, BatchedStep, StepBatches};
 use super::events::{EVENTS_CHANNEL, EventListener};
 use super::queue::{JOB_MAX_ATTEMPTS, new_job_id};
 use super::runtime::StartHere;
@@ -159,7 +159,10 @@ impl StepStatement {
     /// A statement written over the relation `input (workflow_id text, arg
     /// jsonb)`, one row per step, which returns at most one row per
     /// `input` row with the columns `workflow_id` and `output` (the step's
-    /// value), and touches only rows of the workflow of its `input` row:
+    /// value), and touches only rows of the workflow of its `input` row
+    /// (PostgreSQL applies one update to a row per statement: two `input`
+    /// rows reaching one row would leave one step without its effect,
+    /// silently):
     /// the steps of this statement that several workflows of a process
     /// reach within a few milliseconds then run as one statement and one
     /// commit (an all or nothing batch; a step whose checkpoint is refused
@@ -552,8 +555,14 @@ impl WorkflowContext {
                 started,
                 arg: statement.arg.clone(),
             };
-            if let Some(output) = self.batches.run(statement.sql, step).await {
-                return decode_output(seq, name, output);
+            match self.batches.run(statement.sql, step).await {
+                Batched::Done(output) => return decode_output(seq, name, output),
+                Batched::Unavailable(error) => {
+                    return Err(WorkflowError::Unavailable(sqlx::Error::Io(
+                        std::io::Error::other(error),
+                    )));
+                }
+                Batched::Alone => {}
             }
         }
         let rows = CheckpointRows::step(seq, name, started);

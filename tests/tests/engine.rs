@@ -475,6 +475,18 @@ async fn completed_steps_replay_without_running_again() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Of two executions of workflow `id` at once, one succeeded and the other
+/// was fenced off.
+fn assert_one_won(id: &str, a: ExecutionOutcome, b: ExecutionOutcome) {
+    let mut outcomes = [a, b];
+    outcomes.sort_by_key(|o| format!("{o:?}"));
+    assert_eq!(
+        outcomes,
+        [ExecutionOutcome::Fenced, ExecutionOutcome::Succeeded],
+        "{id}: one wins, the other is fenced off"
+    );
+}
+
 #[tokio::test]
 async fn two_executions_at_once_apply_no_step_twice() -> anyhow::Result<()> {
     let db = engine_db().await?;
@@ -498,13 +510,7 @@ async fn two_executions_at_once_apply_no_step_twice() -> anyhow::Result<()> {
         // a duplicate job, or a worker presumed dead that was only slow).
         let (one, two) = (runtime(&db)?, runtime(&db)?);
         let (a, b) = tokio::join!(one.execute(id), two.execute(id));
-        let mut outcomes = [a, b];
-        outcomes.sort_by_key(|o| format!("{o:?}"));
-        assert_eq!(
-            outcomes,
-            [ExecutionOutcome::Fenced, ExecutionOutcome::Succeeded],
-            "{id}: one wins, the other is fenced off"
-        );
+        assert_one_won(id, a, b);
         assert_eq!(
             counter(&db.pool, &format!("ticks:{id}")).await?,
             8,
@@ -603,13 +609,7 @@ async fn two_executions_of_batched_steps_apply_none_twice() -> anyhow::Result<()
         futures::future::join_all(ids.iter().map(|id| two.execute(id))),
     );
     for ((id, a), b) in ids.iter().zip(a).zip(b) {
-        let mut outcomes = [a, b];
-        outcomes.sort_by_key(|o| format!("{o:?}"));
-        assert_eq!(
-            outcomes,
-            [ExecutionOutcome::Fenced, ExecutionOutcome::Succeeded],
-            "{id}: one wins, the other is fenced off"
-        );
+        assert_one_won(id, a, b);
     }
     assert_each_tick_once(&db, &ids, 6).await
 }

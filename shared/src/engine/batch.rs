@@ -115,7 +115,8 @@ async fn gather(inner: Arc<Inner>, sql: &'static str, mut steps: mpsc::Unbounded
 
 /// The statement of a batch: the step statement over `input`, one row per
 /// step, and their checkpoints, written only for a workflow neither
-/// cancelled nor finished and a step no other execution wrote. It returns
+/// cancelled nor finished and a step no other execution wrote (what
+/// `workflow_checkpoint()` refuses, raising, for a step alone). It returns
 /// the checkpoints written; fewer than the steps, and the batch is rolled
 /// back.
 fn batch_sql(sql: &str) -> String {

@@ -190,6 +190,37 @@ impl Workflow for FlushProbe {
     }
 }
 
+/// One step statement that inserts the counter `once:<workflow id>` (a
+/// plain insert, so a second insert violates its key) after 200 ms, then
+/// a recv of topic `go` that parks: two executions at once both reach the
+/// insert, and the loser's fails on the winner's row.
+pub struct InsertOnce;
+
+/// Kind of [`InsertOnce`].
+pub const INSERT_ONCE: WorkflowKind = WorkflowKind {
+    name: "insert_once",
+    queue: QUEUE,
+};
+
+impl Workflow for InsertOnce {
+    type Input = Value;
+    type Output = Value;
+    fn kind(&self) -> WorkflowKind {
+        INSERT_ONCE
+    }
+    async fn run(&self, ctx: &mut WorkflowContext, _: Value) -> Result<Value, WorkflowError> {
+        let name = format!("once:{}", ctx.workflow_id());
+        let statement = StepStatement::new(
+            "INSERT INTO engine_test_counters (name, value) SELECT $1, 1 FROM pg_sleep(0.2)
+             RETURNING value AS output",
+        )
+        .bind(name);
+        let _: i64 = ctx.sql_step("insert", statement).await?;
+        let go = ctx.recv("go", Duration::from_secs(60)).await?;
+        Ok(json!({ "go": go }))
+    }
+}
+
 /// Input of [`Ticker`].
 #[derive(Debug, Serialize, Deserialize)]
 pub struct TickerInput {

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use harness::workflows::{
-    self, COUNTER, FLAKY, FLUSH_PROBE, FlakyInput, FlushProbe, MESSENGER, MessengerInput, NoOp,
-    PARENT, Parent, TICKER, Ticker, TickerInput, counter,
+    self, COUNTER, FLAKY, FLUSH_PROBE, FlakyInput, FlushProbe, INSERT_ONCE, InsertOnce, MESSENGER,
+    MessengerInput, NoOp, PARENT, Parent, TICKER, Ticker, TickerInput, counter,
 };
 use harness::{
     Proc, TestDb, live_workers, wait_step_elsewhere, wait_until, wait_workers, worker_env,
@@ -113,7 +113,8 @@ fn runtime(db: &TestDb) -> anyhow::Result<Runtime> {
     )
     .register(Ticker)
     .register(Parent)
-    .register(FlushProbe))
+    .register(FlushProbe)
+    .register(InsertOnce))
 }
 
 #[tokio::test]
@@ -517,6 +518,39 @@ async fn two_executions_at_once_apply_no_step_twice() -> anyhow::Result<()> {
             "{id}: no tick applied twice"
         );
     }
+    Ok(())
+}
+
+/// A duplicate execution can fail in a step's own statement because the
+/// winner's effect is there (a unique key, here), not on its checkpoint.
+/// It must stop as fenced off, not retry and then fail the workflow the
+/// winner is running (a chaos run once lost a checkout so: another worker
+/// took it over after a database restart, and the first one's replay
+/// failed it on `orders_checkout_id_unique`).
+#[tokio::test]
+async fn a_duplicate_execution_failing_on_the_winners_effect_is_fenced_off() -> anyhow::Result<()> {
+    let db = engine_db().await?;
+    let engine = Engine::new(db.pool.clone());
+    engine.start(INSERT_ONCE, "inserted", &json!({})).await?;
+    let (one, two) = (runtime(&db)?, runtime(&db)?);
+    let (a, b) = tokio::join!(one.execute("inserted"), two.execute("inserted"));
+    let mut outcomes = [a, b];
+    outcomes.sort_by_key(|o| format!("{o:?}"));
+    assert_eq!(
+        outcomes,
+        [ExecutionOutcome::Fenced, ExecutionOutcome::Parked],
+        "the winner parks at its recv, the loser is fenced off"
+    );
+    assert_eq!(status(&db.pool, "inserted").await?, "waiting");
+    let message = Message {
+        workflow_id: "inserted",
+        topic: "go",
+        payload: json!(true),
+        key: None,
+    };
+    engine.send(message).await?;
+    assert_eq!(one.execute("inserted").await, ExecutionOutcome::Succeeded);
+    assert_eq!(workflows::counter(&db.pool, "once:inserted").await?, 1);
     Ok(())
 }
 

@@ -370,8 +370,7 @@ impl WorkflowContext {
                 // The rollback undid the steps before it too: replay them.
                 return Err(WorkflowError::RetryUnbatched);
             }
-            let error = self.retryable(seq, name, attempt, failure)?;
-            self.retry_or_fail(seq, name, error, attempt, &retry)
+            self.after_failure(seq, name, attempt, failure, &retry)
                 .await?;
         }
     }
@@ -431,7 +430,7 @@ impl WorkflowContext {
         loop {
             attempt += 1;
             let outcome = AssertUnwindSafe(f(key.clone())).catch_unwind().await;
-            let error = match outcome {
+            let failure = match outcome {
                 Ok(Ok(value)) => {
                     let output = serde_json::to_value(&value)?;
                     let mut tx = self.transaction().await?;
@@ -440,10 +439,10 @@ impl WorkflowContext {
                     self.keep(tx).await?;
                     return Ok(value);
                 }
-                Ok(Err(error)) => self.retryable(seq, name, attempt, Ok(error))?,
-                Err(panic) => self.retryable(seq, name, attempt, Err(panic))?,
+                Ok(Err(error)) => Ok(error),
+                Err(panic) => Err(panic),
             };
-            self.retry_or_fail(seq, name, error, attempt, &retry)
+            self.after_failure(seq, name, attempt, failure, &retry)
                 .await?;
         }
     }
@@ -707,8 +706,7 @@ impl WorkflowContext {
             if shared && !is_unavailable(&error) {
                 return Err(WorkflowError::RetryUnbatched);
             }
-            let error = self.retryable(seq, name, attempt, Ok(StepError::from(error)))?;
-            self.retry_or_fail(seq, name, error, attempt, &retry)
+            self.after_failure(seq, name, attempt, Ok(StepError::from(error)), &retry)
                 .await?;
         }
     }
@@ -1085,6 +1083,63 @@ impl WorkflowContext {
         .execute(&mut *tx)
         .await?;
         Ok(())
+    }
+
+    /// After a failed attempt of step `seq`: stops the execution when
+    /// another execution has written the step's checkpoint, or the workflow
+    /// was cancelled or has finished, since the failure may be that other
+    /// execution's doing (its effect came first: a unique key the step's
+    /// own statement then violates, say); otherwise retries after a
+    /// backoff, or fails the workflow.
+    async fn after_failure(
+        &self,
+        seq: i32,
+        name: &str,
+        attempt: u32,
+        failure: Result<StepError, Box<dyn std::any::Any + Send>>,
+        retry: &RetryPolicy,
+    ) -> Result<(), WorkflowError> {
+        let verdict = self.retryable(seq, name, attempt, failure);
+        if matches!(verdict, Ok(_) | Err(WorkflowError::Failed { .. }))
+            && let Some(stop) = self.fenced_off(seq, name).await
+        {
+            return Err(stop);
+        }
+        self.retry_or_fail(seq, name, verdict?, attempt, retry)
+            .await
+    }
+
+    /// Why this execution must stop at step `seq`, as a refused checkpoint
+    /// would say, or `None` (also when the database cannot tell now).
+    async fn fenced_off(&self, seq: i32, name: &str) -> Option<WorkflowError> {
+        let row: Option<(bool, bool, String)> = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM workflow_steps WHERE workflow_id = $1 AND step_seq = $2),
+                 cancel_requested, status
+             FROM workflows WHERE id = $1",
+        )
+        .bind(&self.workflow_id)
+        .bind(seq)
+        .fetch_optional(&self.pool)
+        .await
+        .ok()?;
+        let Some((written, cancel_requested, status)) = row else {
+            return Some(WorkflowError::fatal("workflow row disappeared"));
+        };
+        if written {
+            Some(WorkflowError::Fenced {
+                step: seq,
+                name: name.to_owned(),
+            })
+        } else if cancel_requested {
+            Some(WorkflowError::Cancelled)
+        } else if matches!(status.as_str(), "succeeded" | "failed" | "cancelled") {
+            Some(WorkflowError::Fenced {
+                step: seq,
+                name: format!("(workflow already {status})"),
+            })
+        } else {
+            None
+        }
     }
 
     async fn retry_or_fail(

@@ -64,6 +64,8 @@ struct Postgres {
     bin: PathBuf,
     dir: PathBuf,
     port: u16,
+    /// Leave the stopped cluster on disk when dropped, for a post-mortem.
+    keep: bool,
 }
 
 impl Postgres {
@@ -78,7 +80,12 @@ impl Postgres {
             std::env::temp_dir().join(format!("widget-chaos-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir)?;
         let port = free_port()?;
-        let pg = Self { bin, dir, port };
+        let pg = Self {
+            bin,
+            dir,
+            port,
+            keep: false,
+        };
         if is_root() {
             run(Command::new("chown").arg("postgres").arg(&pg.dir))?;
         }
@@ -137,7 +144,9 @@ impl Postgres {
 impl Drop for Postgres {
     fn drop(&mut self) {
         let _ = self.stop_immediate();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -720,8 +729,23 @@ async fn main() -> anyhow::Result<()> {
     // `process::exit` runs no destructors.
     drop(fleet);
     drop(pool);
+    let mut pg = pg;
+    pg.keep = failed;
+    let (kept, port, bin) = (pg.dir.clone(), pg.port, pg.bin.clone());
     drop(pg);
     if failed {
+        println!(
+            "chaos: the stopped cluster is kept for a post-mortem in {dir}; start it with \
+             {runuser}{bin}/pg_ctl -D {dir}/data -o \"-p {port} -k {dir}\" start, then \
+             psql -h 127.0.0.1 -p {port} -U postgres widget_chaos",
+            dir = kept.display(),
+            bin = bin.display(),
+            runuser = if is_root() {
+                "runuser -u postgres -- "
+            } else {
+                ""
+            },
+        );
         println!("chaos: VIOLATIONS FOUND");
         std::process::exit(1);
     }

@@ -476,14 +476,15 @@ async fn completed_steps_replay_without_running_again() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Of two executions of workflow `id` at once, one succeeded and the other
-/// was fenced off.
-fn assert_one_won(id: &str, a: ExecutionOutcome, b: ExecutionOutcome) {
+/// Of two executions of workflow `id` at once, one ended as `winner` and
+/// the other was fenced off.
+fn assert_one_fenced(id: &str, a: ExecutionOutcome, b: ExecutionOutcome, winner: ExecutionOutcome) {
     let mut outcomes = [a, b];
     outcomes.sort_by_key(|o| format!("{o:?}"));
+    let mut expected = [ExecutionOutcome::Fenced, winner];
+    expected.sort_by_key(|o| format!("{o:?}"));
     assert_eq!(
-        outcomes,
-        [ExecutionOutcome::Fenced, ExecutionOutcome::Succeeded],
+        outcomes, expected,
         "{id}: one wins, the other is fenced off"
     );
 }
@@ -511,7 +512,7 @@ async fn two_executions_at_once_apply_no_step_twice() -> anyhow::Result<()> {
         // a duplicate job, or a worker presumed dead that was only slow).
         let (one, two) = (runtime(&db)?, runtime(&db)?);
         let (a, b) = tokio::join!(one.execute(id), two.execute(id));
-        assert_one_won(id, a, b);
+        assert_one_fenced(id, a, b, ExecutionOutcome::Succeeded);
         assert_eq!(
             counter(&db.pool, &format!("ticks:{id}")).await?,
             8,
@@ -534,13 +535,8 @@ async fn a_duplicate_execution_failing_on_the_winners_effect_is_fenced_off() -> 
     engine.start(INSERT_ONCE, "inserted", &json!({})).await?;
     let (one, two) = (runtime(&db)?, runtime(&db)?);
     let (a, b) = tokio::join!(one.execute("inserted"), two.execute("inserted"));
-    let mut outcomes = [a, b];
-    outcomes.sort_by_key(|o| format!("{o:?}"));
-    assert_eq!(
-        outcomes,
-        [ExecutionOutcome::Fenced, ExecutionOutcome::Parked],
-        "the winner parks at its recv, the loser is fenced off"
-    );
+    // The winner parks at its recv.
+    assert_one_fenced("inserted", a, b, ExecutionOutcome::Parked);
     assert_eq!(status(&db.pool, "inserted").await?, "waiting");
     let message = Message {
         workflow_id: "inserted",
@@ -643,7 +639,7 @@ async fn two_executions_of_batched_steps_apply_none_twice() -> anyhow::Result<()
         futures::future::join_all(ids.iter().map(|id| two.execute(id))),
     );
     for ((id, a), b) in ids.iter().zip(a).zip(b) {
-        assert_one_won(id, a, b);
+        assert_one_fenced(id, a, b, ExecutionOutcome::Succeeded);
     }
     assert_each_tick_once(&db, &ids, 6).await
 }

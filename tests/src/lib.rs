@@ -93,12 +93,30 @@ impl TestDb {
     }
 }
 
-/// Where the workspace's binaries are built (`cargo build --workspace --bins`).
+/// A binary of the workspace's debug build, built from the current sources
+/// first: the first call in a test process runs `cargo build --workspace
+/// --bins` (a no-op when nothing changed), so a test never spawns a stale
+/// `widget-api` or `widget-worker`, whether it runs under `tests/run.sh` or
+/// alone. Panics when the build fails: no test can mean anything then.
 pub fn bin(name: &str) -> PathBuf {
-    let target = std::env::var("CARGO_TARGET_DIR")
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "--workspace", "--bins", "--quiet"])
+            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+            .status()
+            .expect("running cargo build for the test binaries");
+        assert!(status.success(), "cargo build --workspace --bins failed");
+    });
+    target_dir().join("debug").join(name)
+}
+
+/// The workspace's target directory.
+pub fn target_dir() -> PathBuf {
+    std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    target.join("debug").join(name)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
 }
 
 fn log_dir() -> PathBuf {
@@ -393,4 +411,46 @@ impl Api {
         anyhow::ensure!(status == 200, "GET {path}: {status} {body}");
         Ok(serde_json::from_str(&body)?)
     }
+}
+
+/// The outputs of an order's dispatch progress steps in step order: each is
+/// the progress left after that step, so a dispatch that applied each step
+/// once reads exactly [`EXPECTED_PROGRESS`]. A step applied twice shows as
+/// a skipped number and a trailing `None` (the guard in the statement makes
+/// a step after zero do nothing), which a count of checkpoints cannot see.
+pub async fn progress_outputs(pool: &PgPool, order_id: i64) -> anyhow::Result<Vec<Option<i64>>> {
+    let outputs: Vec<serde_json::Value> = sqlx::query_scalar(
+        "SELECT output FROM workflow_steps WHERE workflow_id = $1 AND name = 'update_progress'
+         ORDER BY step_seq",
+    )
+    .bind(shared::store::dispatch_workflow_id(order_id))
+    .fetch_all(pool)
+    .await?;
+    Ok(outputs.iter().map(serde_json::Value::as_i64).collect())
+}
+
+/// The progress left after each of a dispatch's ten steps, in order.
+pub const EXPECTED_PROGRESS: [Option<i64>; 10] = [
+    Some(9),
+    Some(8),
+    Some(7),
+    Some(6),
+    Some(5),
+    Some(4),
+    Some(3),
+    Some(2),
+    Some(1),
+    Some(0),
+];
+
+/// Asserts that order `order_id`'s dispatch applied each progress step
+/// exactly once: its checkpoints read 9, 8, ..., 0.
+pub async fn assert_progress_applied_once(pool: &PgPool, order_id: i64) -> anyhow::Result<()> {
+    let outputs = progress_outputs(pool, order_id).await?;
+    anyhow::ensure!(
+        outputs == EXPECTED_PROGRESS,
+        "order {order_id}: the dispatch's progress steps left {outputs:?}, not 9, 8, ..., 0 \
+         (a step applied twice or skipped)"
+    );
+    Ok(())
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use shared::db::DatabaseArgs;
-use shared::engine::{QueueConfig, Runtime, RuntimeConfig};
+use shared::engine::{CrashPoint, QueueConfig, Runtime, RuntimeConfig};
 use shared::telemetry::LogArgs;
 
 /// The worker's configuration: every flag also reads an environment variable.
@@ -63,6 +63,10 @@ pub struct Config {
     /// Finished queue jobs older than this are deleted.
     #[arg(long, env = "WORKER_PRUNE_AFTER_MS", default_value_t = 300_000)]
     pub prune_after_ms: u64,
+    /// Tests only: die with SIGKILL right before or after a step commits,
+    /// `before:<step>[#n]` or `after:<step>[#n]`. Debug builds only.
+    #[arg(long, env = "WORKER_CRASH_AT", hide = true)]
+    pub crash_at: Option<CrashPoint>,
 }
 
 impl Config {
@@ -85,6 +89,7 @@ impl Config {
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
             prune_after: Duration::from_millis(self.prune_after_ms),
             allow_remote_crash: self.chaos,
+            crash_at: self.crash_at.clone(),
             ..RuntimeConfig::default()
         }
     }

@@ -19,6 +19,7 @@ use sqlx::{
 use tokio::sync::{oneshot, watch};
 
 use super::batch::{Batched, BatchedStep, StepBatches};
+use super::crash_point::{CrashCounter, CrashWhen, crash_now};
 use super::events::{EVENTS_CHANNEL, EventListener};
 use super::queue::{JOB_MAX_ATTEMPTS, new_job_id};
 use super::runtime::StartHere;
@@ -73,6 +74,8 @@ pub struct WorkflowContext {
     pub(crate) here: StartHere,
     /// Batches this process's [`StepStatement::for_each`] steps.
     pub(crate) batches: StepBatches,
+    /// The test-only crash point, counting the calls of its step.
+    pub(crate) crash: CrashCounter,
 }
 
 /// The checkpoint rows one `workflow_checkpoint()` call writes, as the
@@ -342,6 +345,7 @@ impl WorkflowContext {
         T: Serialize + DeserializeOwned + Send,
         F: for<'c> FnMut(&'c mut PgConnection) -> BoxFuture<'c, Result<T, StepError>> + Send,
     {
+        let crash = self.crash.call(name);
         let seq = self.take_seq();
         if let Replay::Done(value) = self.replay(seq, name)? {
             return Ok(value);
@@ -359,7 +363,9 @@ impl WorkflowContext {
                     let output = serde_json::to_value(&value)?;
                     self.checkpoint(&mut tx, seq, name, &output, started)
                         .await?;
+                    self.crash_before_commit(crash, name);
                     self.keep(tx).await?;
+                    self.crash_after_commit(crash, name).await?;
                     return Ok(value);
                 }
                 Ok(Err(error)) => Ok(error),
@@ -416,6 +422,7 @@ impl WorkflowContext {
         F: FnMut(String) -> Fut + Send,
         Fut: Future<Output = Result<T, StepError>> + Send,
     {
+        let crash = self.crash.call(name);
         let seq = self.take_seq();
         if let Replay::Done(value) = self.replay(seq, name)? {
             return Ok(value);
@@ -436,7 +443,9 @@ impl WorkflowContext {
                     let mut tx = self.transaction().await?;
                     self.checkpoint(&mut tx, seq, name, &output, started)
                         .await?;
+                    self.crash_before_commit(crash, name);
                     self.keep(tx).await?;
+                    self.crash_after_commit(crash, name).await?;
                     return Ok(value);
                 }
                 Ok(Err(error)) => Ok(error),
@@ -531,6 +540,7 @@ impl WorkflowContext {
     where
         T: DeserializeOwned + Send,
     {
+        let crash = self.crash.call(name);
         let seq = self.take_seq();
         if let Replay::Done(value) = self.replay(seq, name)? {
             return Ok(value);
@@ -538,6 +548,10 @@ impl WorkflowContext {
         self.check_draining()?;
         if let Some(error) = statement.unencodable {
             return Err(self.step_failed(seq, name, error, 1));
+        }
+        if crash.is_some() {
+            // A commit of its own to die before or after (not a batch's).
+            self.open_transaction().await?;
         }
         let started = Utc::now();
         let batchable = statement.for_each
@@ -684,6 +698,8 @@ impl WorkflowContext {
             });
             let error = match row {
                 Ok((output, started)) => {
+                    self.crash_before_commit(crash, name);
+                    self.crash_after_commit(crash, name).await?;
                     self.finished |= finish.is_some();
                     if let (Some(slot), Some((kind, id, input)), Some((true, started_at))) =
                         (start_here.take(), &statement.start, started)
@@ -771,11 +787,16 @@ impl WorkflowContext {
                 Replay::Run => None,
             };
         let name = format!("recv:{topic}");
+        let crash = self.crash.call(&name);
         let seq = self.take_seq();
         if let Replay::Done(outcome) = self.replay::<Value>(seq, &name)? {
             return Ok(outcome.get("message").cloned().filter(|m| !m.is_null()));
         }
         self.check_draining()?;
+        if crash.is_some() {
+            // A commit of its own to die before or after.
+            self.open_transaction().await?;
+        }
         let started = Utc::now();
         // The checkpoint written first: the deadline's, on the first run.
         let (deadline, rows, refused_seq, refused_name) = match known_deadline {
@@ -838,6 +859,8 @@ impl WorkflowContext {
             }
         };
         if done {
+            self.crash_before_commit(crash, &name);
+            self.crash_after_commit(crash, &name).await?;
             return Ok(message);
         }
         self.commit_open().await?;
@@ -860,6 +883,7 @@ impl WorkflowContext {
     /// what recovers it: the reaper re-enqueues the running workflows of a
     /// dead worker.
     pub async fn sleep(&mut self, duration: Duration) -> Result<(), WorkflowError> {
+        let crash = self.crash.call("sleep");
         let seq = self.take_seq();
         // An in-process sleep leaves no checkpoint (but a first one): a
         // checkpoint after it shows that it is over.
@@ -870,6 +894,15 @@ impl WorkflowContext {
         {
             return Ok(());
         }
+        self.crash_before_commit(crash, "sleep");
+        let slept = self.run_sleep(seq, duration).await;
+        if matches!(slept, Ok(()) | Err(WorkflowError::Parked)) {
+            self.crash_after_commit(crash, "sleep").await?;
+        }
+        slept
+    }
+
+    async fn run_sleep(&mut self, seq: i32, duration: Duration) -> Result<(), WorkflowError> {
         let wake_at = match self.replay::<DateTime<Utc>>(seq, "sleep")? {
             Replay::Done(at) => at,
             Replay::Run => {
@@ -925,6 +958,36 @@ impl WorkflowContext {
         }
         self.park(&mut tx, at).await?;
         tx.commit().await?;
+        Ok(())
+    }
+
+    /// Opens the transaction the next database operation joins, if none is.
+    async fn open_transaction(&mut self) -> Result<(), WorkflowError> {
+        if self.open.is_none() {
+            self.open = Some(self.pool.begin().await?);
+        }
+        Ok(())
+    }
+
+    /// The test-only crash point, before the step's commit: the step has
+    /// run in a transaction not yet committed.
+    fn crash_before_commit(&self, crash: Option<CrashWhen>, name: &str) {
+        if crash == Some(CrashWhen::Before) {
+            crash_now(&format!("before:{name} of {}", self.workflow_id));
+        }
+    }
+
+    /// The test-only crash point, after the step's commit: commits what is
+    /// open (the step with the steps before it), then dies.
+    async fn crash_after_commit(
+        &mut self,
+        crash: Option<CrashWhen>,
+        name: &str,
+    ) -> Result<(), WorkflowError> {
+        if crash == Some(CrashWhen::After) {
+            self.commit_open().await?;
+            crash_now(&format!("after:{name} of {}", self.workflow_id));
+        }
         Ok(())
     }
 

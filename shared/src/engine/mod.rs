@@ -30,6 +30,7 @@
 mod batch;
 mod client;
 mod context;
+mod crash_point;
 mod error;
 mod events;
 pub mod fleet;
@@ -44,6 +45,7 @@ use serde::Serialize;
 pub use client::{Engine, EventSubscription, Message, SendOutcome};
 pub use context::set_events_in;
 pub use context::{StepStatement, WorkflowContext};
+pub use crash_point::{CrashPoint, CrashWhen};
 pub use error::{EngineError, StepError, WorkflowError};
 pub use events::EventListener;
 pub use queue::{JOB_INSERT_CHANNEL, WorkflowJob};

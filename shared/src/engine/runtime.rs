@@ -26,6 +26,7 @@ use tracing::Instrument;
 
 use super::batch::StepBatches;
 use super::context::{Checkpoint, WorkflowContext, panic_message};
+use super::crash_point::CrashCounter;
 use super::fleet::{self, CONTROL_CHANNEL, Registration};
 use super::queue::{self, FetchWake, JOB_MAX_ATTEMPTS, JobWakeups, WorkflowJob, new_job_id};
 use super::{RetryPolicy, WorkflowError, WorkflowKind};
@@ -121,6 +122,9 @@ pub struct RuntimeConfig {
     /// A workflow started this many times without finishing is failed (a
     /// crash loop is a dead letter, not an infinite loop).
     pub max_executions: i32,
+    /// Tests only: die with SIGKILL at this step boundary
+    /// ([`CrashPoint`](super::CrashPoint)). Ignored by release builds.
+    pub crash_at: Option<super::CrashPoint>,
 }
 
 impl Default for RuntimeConfig {
@@ -136,6 +140,7 @@ impl Default for RuntimeConfig {
             prune_after: Duration::from_secs(300),
             allow_remote_crash: false,
             max_executions: 100,
+            crash_at: None,
         }
     }
 }
@@ -311,7 +316,15 @@ struct QueueSlots {
 
 impl Runtime {
     /// A runtime on `pool`; `connect` opens its registry connection.
-    pub fn new(pool: PgPool, connect: PgConnectOptions, config: RuntimeConfig) -> Self {
+    pub fn new(pool: PgPool, connect: PgConnectOptions, mut config: RuntimeConfig) -> Self {
+        if let Some(point) = &config.crash_at {
+            if cfg!(debug_assertions) {
+                tracing::warn!(crash_point = %point, "test crash point armed: this worker dies there");
+            } else {
+                tracing::warn!(crash_point = %point, "crash points are for test builds: ignored");
+                config.crash_at = None;
+            }
+        }
         let host = hostname();
         let suffix: u32 = rand::random();
         let worker_id = format!("{host}-{}-{suffix:08x}", std::process::id());
@@ -731,6 +744,7 @@ impl Runtime {
                 runtime: self.clone(),
             },
             batches: inner.batches.clone(),
+            crash: CrashCounter::new(inner.config.crash_at.clone()),
         };
         let span = tracing::info_span!("workflow", workflow_id, kind = %kind, execution, worker_id = %inner.worker_id);
         let result = AssertUnwindSafe(definition.run_json(&mut ctx, input))

@@ -36,11 +36,7 @@ struct Args {
 }
 
 fn worker_bin() -> PathBuf {
-    harness::bin("engine-test-worker")
-        .parent()
-        .and_then(|debug| debug.parent())
-        .map(|target| target.join("release/engine-test-worker"))
-        .expect("target dir")
+    harness::target_dir().join("release/engine-test-worker")
 }
 
 fn spawn(db: &TestDb, concurrency: &str) -> anyhow::Result<Proc> {

@@ -45,11 +45,7 @@ struct Args {
 }
 
 fn release(name: &str) -> PathBuf {
-    harness::bin(name)
-        .parent()
-        .and_then(|d| d.parent())
-        .map(|t| t.join("release").join(name))
-        .expect("target dir")
+    harness::target_dir().join("release").join(name)
 }
 
 // ------------------------------------------------------------ process stats

@@ -3,7 +3,12 @@
 # the launcher does). Each test creates its own database.
 #
 #   tests/run.sh [extra cargo test args]
-set -euo pipefail
+#
+# Every stage runs even when an earlier one failed; the last line is
+# `total: N passed, M failed` over all of them (format, lint, build, each
+# Rust test, each chaos check, each browser scenario), and the exit status is
+# non-zero when M > 0.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${CI:-}" = true ]; then export INSTALL_POSTGRES=1; fi
 source deploy/local/postgres.sh
@@ -11,50 +16,76 @@ source deploy/local/postgres.sh
 # DATABASE_URL at compile time; build from the committed offline data.
 export SQLX_OFFLINE=true
 
-ensure_postgres widget_test_admin
+ensure_postgres widget_test_admin || { echo "total: 0 passed, 1 failed (no PostgreSQL)"; exit 1; }
 export WIDGET_TEST_ADMIN_URL="$ADMIN_URL"
 # Databases left by earlier runs.
 for db in $(psql "$ADMIN_URL" -XtAqc "SELECT datname FROM pg_database WHERE datname LIKE 'widget_t\_%'"); do
   psql "$ADMIN_URL" -XqAc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null 2>&1 || true
 done
-
-log "cargo fmt --check"
-cargo fmt --all -- --check
-log "cargo clippy"
-cargo clippy --workspace --all-targets --quiet -- -D warnings
-log "building binaries"
-cargo build --workspace --bins --quiet
-log "running tests"
 mkdir -p target
+
+passed=0
+failed=0
+stages=()
+# One stage's result: its name, passed and failed counts.
+record() {
+  passed=$((passed + $2))
+  failed=$((failed + $3))
+  stages+=("$(printf '%-10s %4d passed, %d failed' "$1" "$2" "$3")")
+}
+# A stage that is one check: passes when the command succeeds.
+check() {
+  local name=$1
+  shift
+  log "$name"
+  if "$@"; then record "$name" 1 0; else record "$name" 0 1; fi
+}
+
+check "format" cargo fmt --all -- --check
+check "clippy" cargo clippy --workspace --all-targets --quiet -- -D warnings
+# The tests build what they spawn themselves; building here first makes a
+# broken build one clear failure.
+check "build" cargo build --workspace --bins --tests --quiet
+
+log "rust tests"
 cargo test --workspace --quiet -- --test-threads="${TEST_THREADS:-2}" "$@" 2>&1 | tee target/test-output.txt
-[ "${PIPESTATUS[0]}" = 0 ] || exit 1
+test_status=${PIPESTATUS[0]}
+tests_passed=$(grep -Eo '[0-9]+ passed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
+tests_failed=$(grep -Eo '[0-9]+ failed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
+# A test binary that did not build or crashed reports no count: one failure.
+if [ "$test_status" != 0 ] && [ "$tests_failed" = 0 ]; then tests_failed=1; fi
+record "tests" "$tests_passed" "$tests_failed"
+
 # The short chaos run: about a minute of kills, an API restart and one
-# PostgreSQL restart under load; any broken invariant fails the build.
+# PostgreSQL restart under load, then checks that it did that work and that
+# every invariant holds; each check prints [pass] or [FAIL].
 log "chaos (short form)"
 cargo run --quiet -p widget-tests --bin chaos -- --duration "${CHAOS_DURATION:-60}" --workers 3 \
   --json target/chaos-summary.json 2>&1 | tee target/chaos-output.txt
-[ "${PIPESTATUS[0]}" = 0 ] || exit 1
+chaos_status=${PIPESTATUS[0]}
+chaos_passed=$(grep -c '^  \[pass\]' target/chaos-output.txt || true)
+chaos_failed=$(grep -c '^  \[FAIL\]' target/chaos-output.txt || true)
+if [ "$chaos_status" != 0 ] && [ "$chaos_failed" = 0 ]; then chaos_failed=1; fi
+record "chaos" "$chaos_passed" "$chaos_failed"
 
 # The storefront in headless Chromium against the real stack (installs
 # Chromium and playwright-core itself under CI=true). SKIP_BROWSER=1 skips it.
-browser_status=0
 if [ "${SKIP_BROWSER:-0}" = 1 ]; then
   log "browser stage skipped (SKIP_BROWSER=1)"
   : >target/browser-output.txt
+  browser_status=0
 else
   log "browser (tests/browser/run.sh)"
-  set +e
   tests/browser/run.sh 2>&1 | tee target/browser-output.txt
   browser_status=${PIPESTATUS[0]}
-  set -e
 fi
 browser_passed=$(grep -c '^\[browser\] PASS' target/browser-output.txt || true)
 browser_failed=$(grep -c '^\[browser\] FAIL' target/browser-output.txt || true)
 # A stage that failed before its scenarios (no Chromium, stack down) counts once.
 if [ "$browser_status" != 0 ] && [ "$browser_failed" = 0 ]; then browser_failed=1; fi
+record "browser" "$browser_passed" "$browser_failed"
 
-passed=$(grep -Eo '[0-9]+ passed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
-failed=$(grep -Eo '[0-9]+ failed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
-invariants=$(grep -c '^  \[pass\]' target/chaos-output.txt || true)
-echo "total: $((passed + invariants + browser_passed)) passed, $((failed + browser_failed)) failed"
-[ "$browser_status" = 0 ] || exit 1
+echo
+for stage in "${stages[@]}"; do echo "  $stage"; done
+echo "total: $passed passed, $failed failed"
+[ "$failed" = 0 ]

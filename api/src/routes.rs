@@ -122,8 +122,10 @@ async fn order(State(state): State<AppState>, Path(id): Path<String>) -> ApiResu
 
 /// The order's workflow steps in order: its checkout, then its dispatch,
 /// each with the worker that ran it (a takeover after a crash shows as a
-/// change of worker). The checkout's id is the payment id, a bearer
-/// secret, so the timeline names workflows by kind only.
+/// change of worker) and its checkpoint's output (a dispatch's progress
+/// steps read 9, 8, ..., 0 when each was applied once). The checkout's id
+/// is the payment id, a bearer secret, so the timeline names workflows by
+/// kind only (no step's output holds it).
 async fn order_timeline(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -151,6 +153,7 @@ async fn order_timeline(
                 "workflow": kind,
                 "seq": step.step_seq,
                 "name": step.name,
+                "output": step.output,
                 "worker_id": step.worker_id,
                 "started_at": step.started_at,
                 "finished_at": step.finished_at,

@@ -89,6 +89,74 @@ fn key() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
+/// Waits until order `order_id`'s dispatch workflow has succeeded, so its
+/// tenth progress step has run: with a step applied twice the order shows
+/// DISPATCHED a step early, before that, so its status is no sign that
+/// every step has run.
+async fn wait_dispatch_succeeded(pool: &PgPool, order_id: i64) -> anyhow::Result<()> {
+    let id = shared::store::dispatch_workflow_id(order_id);
+    let took = wait_until(
+        &format!("workflow {id} succeeded"),
+        Duration::from_secs(90),
+        || async {
+            let status: Option<String> =
+                sqlx::query_scalar("SELECT status FROM workflows WHERE id = $1")
+                    .bind(&id)
+                    .fetch_optional(pool)
+                    .await?;
+            Ok(status.as_deref() == Some("succeeded"))
+        },
+    )
+    .await?;
+    eprintln!("{id} succeeded (waited {took:?})");
+    Ok(())
+}
+
+/// Waits for order `order_id`'s dispatch to end, then asserts it applied
+/// each progress step exactly once: its checkpoints read 9, 8, ..., 0.
+async fn assert_dispatched_once(pool: &PgPool, order_id: i64) -> anyhow::Result<()> {
+    wait_dispatch_succeeded(pool, order_id).await?;
+    harness::assert_progress_applied_once(pool, order_id).await
+}
+
+/// Asserts that checkout `key` checkpointed each of the guarded steps
+/// `names` exactly once with output `true`: a guarded statement that found
+/// nothing to do (the order not pending, no unit in stock) leaves null.
+async fn assert_checkout_steps_took_effect(
+    pool: &PgPool,
+    key: &str,
+    names: &[&str],
+) -> anyhow::Result<()> {
+    for name in names {
+        let outputs: Vec<Value> = sqlx::query_scalar(
+            "SELECT output FROM workflow_steps WHERE workflow_id = $1 AND name = $2
+             ORDER BY step_seq",
+        )
+        .bind(key)
+        .bind(name)
+        .fetch_all(pool)
+        .await?;
+        assert_eq!(
+            outputs,
+            [Value::Bool(true)],
+            "checkout's {name}: one checkpoint with output true (its effect applied once)"
+        );
+    }
+    Ok(())
+}
+
+/// The outputs of the dispatch's `update_progress` steps on a timeline, in
+/// its order.
+fn progress_on_timeline(timeline: &Value) -> Vec<Option<i64>> {
+    timeline["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["workflow"] == "dispatch" && s["name"] == "update_progress")
+        .map(|s| s["output"].as_i64())
+        .collect()
+}
+
 #[tokio::test]
 async fn happy_path_reaches_dispatched() -> anyhow::Result<()> {
     let s = stack(&[]).await?;
@@ -123,6 +191,9 @@ async fn happy_path_reaches_dispatched() -> anyhow::Result<()> {
     assert_eq!(order["order_status"], 1);
     assert_eq!(order["progress_remaining"], 0);
     assert!(order["last_update_time"].is_string());
+    assert_dispatched_once(&s.db.pool, order_id.parse()?).await?;
+    assert_checkout_steps_took_effect(&s.db.pool, &key, &["reserve_inventory", "mark_paid"])
+        .await?;
     // The payment resumed the checkout with the job its payment wait was
     // scheduled with: nothing is left in the queue to run at the deadline.
     let left: Vec<String> = sqlx::query_scalar(
@@ -180,6 +251,8 @@ async fn failed_payment_cancels_and_returns_the_unit() -> anyhow::Result<()> {
         100,
         "the unit is back in stock"
     );
+    assert_checkout_steps_took_effect(&s.db.pool, &key, &["reserve_inventory", "cancel_order"])
+        .await?;
     assert_stock_conserved(&s.db.pool, 100).await
 }
 
@@ -211,6 +284,8 @@ async fn payment_timeout_cancels_and_a_late_webhook_gets_409() -> anyhow::Result
         order["status"], "CANCELLED",
         "a late webhook resurrects nothing"
     );
+    assert_checkout_steps_took_effect(&s.db.pool, &key, &["reserve_inventory", "cancel_order"])
+        .await?;
     assert_stock_conserved(&s.db.pool, 100).await
 }
 
@@ -303,6 +378,9 @@ async fn duplicate_and_conflicting_webhooks() -> anyhow::Result<()> {
             .fetch_one(&s.db.pool)
             .await?;
     assert_eq!(dispatches, 1, "paid once, dispatched once");
+    assert_dispatched_once(&s.db.pool, order_id.parse()?).await?;
+    assert_checkout_steps_took_effect(&s.db.pool, &key, &["reserve_inventory", "mark_paid"])
+        .await?;
     // Unknown payment id.
     let (status, body) = s
         .api
@@ -312,45 +390,174 @@ async fn duplicate_and_conflicting_webhooks() -> anyhow::Result<()> {
     assert_stock_conserved(&s.db.pool, 100).await
 }
 
+/// The registry id of a live worker process of this test.
+async fn id_of_worker(pool: &PgPool, worker: &Proc) -> anyhow::Result<String> {
+    sqlx::query_scalar("SELECT id FROM workers WHERE pid = $1")
+        .bind(worker.pid() as i32)
+        .fetch_optional(pool)
+        .await?
+        .with_context(|| format!("{} is not in the registry", worker.label))
+}
+
+/// The owner of workflow `id` while it runs after at least one
+/// `update_progress` checkpoint, with the owner's pid, once it does.
+async fn running_dispatch_owner(pool: &PgPool, id: &str) -> anyhow::Result<Option<(String, i32)>> {
+    Ok(sqlx::query_as(
+        "SELECT w.owner, k.pid FROM workflows w JOIN workers k ON k.id = w.owner
+         WHERE w.id = $1 AND w.status = 'running'
+           AND EXISTS (SELECT 1 FROM workflow_steps s
+                       WHERE s.workflow_id = w.id AND s.name = 'update_progress')",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// Two kills. First, with the checkout parked in its payment wait (no
+/// owner: nothing to take over), one worker is SIGKILLed and a fresh one
+/// joins; the payment still settles on a live worker. Then the worker that
+/// owns the running dispatch (its sleeps between steps are held in that
+/// process) is SIGKILLed mid-dispatch: a different worker takes the
+/// workflow over and checkpoints its next progress step, and the order
+/// ends DISPATCHED with each step applied once and the stock conserved.
 #[tokio::test]
-async fn sigkill_between_order_and_payment_still_dispatches_on_the_other_worker()
--> anyhow::Result<()> {
-    let mut s = stack(&[]).await?;
+async fn sigkill_of_the_dispatch_owner_hands_its_next_step_to_another_worker() -> anyhow::Result<()>
+{
+    let env = [("DISPATCH_INTERVAL_MS", "400")];
+    let mut s = stack(&env).await?;
     let key = key();
     let (status, payment_id) = s.api.post(&format!("/checkout/{key}")).await?;
     assert_eq!(status, 200);
-    // The checkout now waits for its payment. Kill one worker outright.
-    let victim = s.workers.remove(0);
-    let victim_pid = victim.pid() as i32;
-    victim.signal("KILL")?;
-    drop(victim);
+
+    // The checkout now waits for its payment, owned by no worker. Kill one
+    // worker outright; a fresh one joins so that two remain for the
+    // takeover below.
+    let parked_victim = s.workers.remove(0);
+    let parked_victim_id = id_of_worker(&s.db.pool, &parked_victim).await?;
+    parked_victim.signal("KILL")?;
+    drop(parked_victim);
     wait_until(
         "the dead worker is reaped",
-        Duration::from_secs(15),
+        Duration::from_secs(30),
         || async { Ok(live_workers(&s.db.pool).await? == 1) },
     )
     .await?;
+    s.workers.push(spawn_store_worker(
+        &s.db,
+        "worker-c",
+        &[("DISPATCH_INTERVAL_MS", "400"), ("CHAOS", "true")],
+    )?);
+    wait_workers(&s.db.pool, 2).await?;
+
     let (status, order_id) = s
         .api
         .post(&format!("/payment_webhook/{payment_id}/paid"))
         .await?;
     assert_eq!(status, 200, "{order_id}");
-    wait_order_status(&s.api, &order_id, "DISPATCHED", Duration::from_secs(30)).await?;
-    let survivor_pid: i32 = sqlx::query_scalar("SELECT pid FROM workers")
-        .fetch_one(&s.db.pool)
-        .await?;
-    assert_ne!(survivor_pid, victim_pid);
-    let steps_by_survivor: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM workflow_steps s JOIN workers w ON w.id = s.worker_id
-         WHERE s.workflow_id = $1 AND s.name = 'mark_paid'",
+    let order_id: i64 = order_id.parse()?;
+    let settled_by: Option<String> = sqlx::query_scalar(
+        "SELECT worker_id FROM workflow_steps WHERE workflow_id = $1 AND name = 'mark_paid'",
     )
     .bind(&key)
     .fetch_one(&s.db.pool)
     .await?;
-    assert_eq!(
-        steps_by_survivor, 1,
-        "the surviving worker settled the payment"
+    assert_ne!(
+        settled_by.as_deref(),
+        Some(parked_victim_id.as_str()),
+        "a live worker settled the payment"
     );
+
+    // Kill the dispatch's owner while it runs, after its first progress step.
+    let dispatch_id = shared::store::dispatch_workflow_id(order_id);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let (owner, owner_pid) = loop {
+        if let Some(found) = running_dispatch_owner(&s.db.pool, &dispatch_id).await? {
+            break found;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{dispatch_id} never ran with an owner after a progress step"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let index = s
+        .workers
+        .iter()
+        .position(|w| w.pid() as i32 == owner_pid)
+        .context("the dispatch's owner is a worker of this test")?;
+    let mut owner_proc = s.workers.remove(index);
+    owner_proc.signal("KILL")?;
+    assert_eq!(
+        owner_proc.wait_exit(Duration::from_secs(15)).await?,
+        None,
+        "killed by the signal"
+    );
+    drop(owner_proc);
+
+    wait_order_status(
+        &s.api,
+        &order_id.to_string(),
+        "DISPATCHED",
+        Duration::from_secs(90),
+    )
+    .await?;
+    wait_dispatch_succeeded(&s.db.pool, order_id).await?;
+
+    // Every checkpoint is final now, the killed owner's included (one it
+    // sent the commit of just before it died could land after its exit).
+    let progress: Vec<(i32, Option<String>)> = sqlx::query_as(
+        "SELECT step_seq, worker_id FROM workflow_steps
+         WHERE workflow_id = $1 AND name = 'update_progress' ORDER BY step_seq",
+    )
+    .bind(&dispatch_id)
+    .fetch_all(&s.db.pool)
+    .await?;
+    let by_owner = progress
+        .iter()
+        .filter(|(_, w)| w.as_deref() == Some(owner.as_str()))
+        .count();
+    let last_by_owner = progress
+        .iter()
+        .rposition(|(_, w)| w.as_deref() == Some(owner.as_str()))
+        .context("the killed owner had checkpointed a progress step")?;
+    eprintln!(
+        "killed owner {owner} (pid {owner_pid}) after {by_owner} of {} progress steps",
+        progress.len()
+    );
+    let (next_seq, next_worker) = progress
+        .get(last_by_owner + 1)
+        .context("the owner was killed before the dispatch's last progress step")?;
+    let next_worker = next_worker.as_deref().context("next step's worker")?;
+    assert_ne!(
+        next_worker, owner,
+        "step {next_seq}, the next progress step after the kill, ran on another worker"
+    );
+    eprintln!("the next progress step (seq {next_seq}) ran on {next_worker}");
+    assert!(
+        progress[last_by_owner + 1..]
+            .iter()
+            .all(|(_, w)| w.as_deref() != Some(owner.as_str())),
+        "the killed owner ran nothing after its last step: {progress:?}"
+    );
+    let survivor: String = sqlx::query_scalar("SELECT id FROM workers")
+        .fetch_one(&s.db.pool)
+        .await?;
+    assert_eq!(
+        next_worker, survivor,
+        "the surviving worker took the dispatch over"
+    );
+    let executions: i32 = sqlx::query_scalar("SELECT executions FROM workflows WHERE id = $1")
+        .bind(&dispatch_id)
+        .fetch_one(&s.db.pool)
+        .await?;
+    assert!(
+        executions >= 2,
+        "{dispatch_id} ran {executions} execution(s)"
+    );
+
+    harness::assert_progress_applied_once(&s.db.pool, order_id).await?;
+    assert_checkout_steps_took_effect(&s.db.pool, &key, &["reserve_inventory", "mark_paid"])
+        .await?;
     assert_stock_conserved(&s.db.pool, 100).await
 }
 
@@ -607,6 +814,7 @@ async fn timeline_lists_checkout_then_dispatch_steps_with_worker_ids() -> anyhow
         .await?;
     assert_eq!(status, 200, "{order_id}");
     wait_order_status(&s.api, &order_id, "DISPATCHED", Duration::from_secs(30)).await?;
+    wait_dispatch_succeeded(&s.db.pool, order_id.parse()?).await?;
     let done = timeline(&s.api, &order_id).await?;
     assert_eq!(done["order_id"].to_string(), order_id);
     assert_eq!(done["progress_remaining"], 0);
@@ -627,11 +835,22 @@ async fn timeline_lists_checkout_then_dispatch_steps_with_worker_ids() -> anyhow
     let checkout = step_names(&done, "checkout");
     assert_eq!(checkout.first(), Some(&"reserve_inventory"));
     assert_eq!(checkout.last(), Some(&"mark_paid"));
-    let progress = step_names(&done, "dispatch")
-        .into_iter()
-        .filter(|n| *n == "update_progress")
-        .count();
-    assert_eq!(progress, 10, "each progress step once");
+    assert_eq!(
+        progress_on_timeline(&done),
+        harness::EXPECTED_PROGRESS,
+        "the timeline's progress steps left 9, 8, ..., 0: each applied once"
+    );
+    assert_eq!(
+        progress_on_timeline(&done),
+        harness::progress_outputs(&s.db.pool, order_id.parse()?).await?,
+        "the timeline shows the checkpoints' outputs"
+    );
+    let settled: Vec<&Value> = steps
+        .iter()
+        .filter(|s| s["workflow"] == "checkout" && s["name"] == "mark_paid")
+        .map(|s| &s["output"])
+        .collect();
+    assert_eq!(settled, [&Value::Bool(true)], "mark_paid took effect once");
     for (i, step) in steps.iter().enumerate() {
         let worker = step["worker_id"].as_str().context("worker id")?;
         assert!(worker_ids.iter().any(|w| w == worker), "{step}");
@@ -705,6 +924,7 @@ async fn timeline_shows_the_takeover_after_the_dispatching_worker_crashes() -> a
         .wait_exit(Duration::from_secs(15))
         .await?;
     wait_order_status(&s.api, &order_id, "DISPATCHED", Duration::from_secs(30)).await?;
+    wait_dispatch_succeeded(&s.db.pool, order_id.parse()?).await?;
     let done = timeline(&s.api, &order_id).await?;
     let dispatch: Vec<&Value> = done["steps"]
         .as_array()
@@ -718,11 +938,12 @@ async fn timeline_shows_the_takeover_after_the_dispatching_worker_crashes() -> a
         .collect();
     assert_eq!(workers.len(), 2, "dispatch taken over: {done}");
     assert!(workers.contains(first_worker.as_str()));
-    let progress = dispatch
-        .iter()
-        .filter(|s| s["name"] == "update_progress")
-        .count();
-    assert_eq!(progress, 10, "each progress step once: {done}");
+    assert_eq!(
+        progress_on_timeline(&done),
+        harness::EXPECTED_PROGRESS,
+        "the timeline's progress steps left 9, 8, ..., 0, each applied once across the takeover: {done}"
+    );
+    harness::assert_progress_applied_once(&s.db.pool, order_id.parse()?).await?;
     assert_eq!(done["progress_remaining"], 0);
     Ok(())
 }
@@ -747,18 +968,20 @@ async fn readiness_and_database_outage_answer_503_quickly() -> anyhow::Result<()
         .bind(&db.name)
         .execute(&admin)
         .await?;
+    // A hang would end in the request timeout's 408 (75 s); the 503 must
+    // come well before it. The limit is generous for a loaded machine; the
+    // figure measured is printed.
     let started = std::time::Instant::now();
-    let (status, body) = api.call("GET", "/product", None).await?;
+    let (status, body) =
+        tokio::time::timeout(Duration::from_secs(30), api.call("GET", "/product", None))
+            .await
+            .context("no answer within 30 s with the database away: a hang, not a 503")??;
+    eprintln!("503 with the database away after {:?}", started.elapsed());
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("database_unavailable"), "{body}");
     assert!(
         !body.to_lowercase().contains("postgres"),
         "no database words on the wire: {body}"
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "503 quickly, not a hang: {:?}",
-        started.elapsed()
     );
     assert_eq!(api.call("GET", "/readyz", None).await?.0, 503);
     assert_eq!(api.call("GET", "/healthz", None).await?.0, 200);

@@ -263,7 +263,7 @@ impl Engine {
     /// The workflow's completed steps, in order.
     pub async fn steps(&self, workflow_id: &str) -> Result<Vec<StepRecord>, EngineError> {
         Ok(sqlx::query_as(
-            "SELECT step_seq, name, worker_id, started_at, finished_at
+            "SELECT step_seq, name, output, worker_id, started_at, finished_at
              FROM workflow_steps WHERE workflow_id = $1 ORDER BY step_seq",
         )
         .bind(workflow_id)

@@ -156,6 +156,8 @@ pub struct StepRecord {
     pub step_seq: i32,
     /// The step's name.
     pub name: String,
+    /// What the step returned, as checkpointed.
+    pub output: serde_json::Value,
     /// The worker that ran it.
     pub worker_id: Option<String>,
     /// When its execution began.

@@ -1,13 +1,17 @@
 //! The chaos runner: drives checkout load against two APIs and a worker
 //! fleet while killing workers (SIGKILL, SIGTERM, crash endpoint), killing
-//! and restarting an API, restarting PostgreSQL and rescaling the fleet;
-//! then waits for quiet and checks that nothing was lost, charged twice or
-//! leaked.
+//! and restarting an API, restarting PostgreSQL and rescaling the fleet,
+//! with a small stock that runs out and is restocked; then waits for quiet
+//! and checks that it did its work (enough flows of every kind, every kind
+//! of kill, out-of-stock answers) and that nothing was lost, charged twice,
+//! applied twice or leaked.
 //!
 //!   cargo run -p widget-tests --bin chaos -- --duration 60 --workers 3
 //!
 //! It runs its own private PostgreSQL cluster (from the installed binaries)
-//! because it must be able to restart it. Exit status 1 on any violation.
+//! because it must be able to restart it. Every check prints one line,
+//! `  [pass] <name>` or `  [FAIL] <name>` (with the offending rows below);
+//! exit status 1 when any check fails.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -20,7 +24,7 @@ use chrono::{DateTime, Utc};
 use clap::Parser;
 use harness::{Proc, bin, wait_until};
 use rand::Rng;
-use rand::seq::IndexedRandom;
+use rand::seq::{IndexedRandom, SliceRandom};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -28,7 +32,7 @@ use tokio::sync::watch;
 
 #[derive(Parser, Clone)]
 #[command(
-    about = "Chaos test of Widget Store: kills everything under load, then checks the invariants"
+    about = "Chaos test of Widget Store: kills everything under load, then checks the work done and the invariants"
 )]
 struct Args {
     /// Seconds of chaos.
@@ -43,6 +47,12 @@ struct Args {
     /// Concurrent load-generating clients.
     #[arg(long, default_value_t = 8)]
     clients: usize,
+    /// Units in stock at the start (small, so that it runs out).
+    #[arg(long, default_value_t = 100)]
+    stock: i32,
+    /// Units added by each restock (one about a second after the stock reaches 0).
+    #[arg(long, default_value_t = 100)]
+    restock: i32,
     /// Skip the PostgreSQL restart.
     #[arg(long)]
     no_db_restart: bool,
@@ -52,10 +62,82 @@ struct Args {
     /// Also write the summary here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// At least this many checkouts answered with a payment id
+    /// [default: scaled from the duration].
+    #[arg(long)]
+    min_checkouts: Option<u64>,
+    /// At least this many flows paid (webhook answered 200) [default: scaled].
+    #[arg(long)]
+    min_paid: Option<u64>,
+    /// At least this many flows failed (webhook answered 200) [default: scaled].
+    #[arg(long)]
+    min_failed: Option<u64>,
+    /// At least this many flows that never paid [default: scaled].
+    #[arg(long)]
+    min_never_paid: Option<u64>,
+    /// At least this many checkouts answered 409 out_of_stock [default: scaled].
+    #[arg(long)]
+    min_out_of_stock: Option<u64>,
+    /// At least this many webhooks answered 409 checkout_expired (flows that
+    /// pay after their payment window closed) [default: scaled].
+    #[arg(long)]
+    min_expired: Option<u64>,
+    /// At least this many restocks.
+    #[arg(long, default_value_t = 1)]
+    min_restocks: u64,
 }
 
-const INITIAL_STOCK: i64 = 1_000_000;
-const PAYMENT_TIMEOUT_MS: &str = "4000";
+/// Each minimum's default per 60 s of chaos: about a fifth of what a 60 s
+/// debug run with the default flags achieves on a shared 2-core machine
+/// (2,900 to 3,900 checkouts answered with a payment id, 2,000 to 2,700
+/// paid, 590 to 810 failed, 400 to 480 never paid, 2,400 to 4,000 out of
+/// stock across 17 to 23 restocks, 106 checkout_expired), so a healthy run
+/// passes comfortably and an idle one cannot.
+const MIN_PER_MINUTE: Minimums = Minimums {
+    checkouts: 600,
+    paid: 400,
+    failed: 120,
+    never_paid: 90,
+    out_of_stock: 500,
+    expired: 20,
+};
+
+struct Minimums {
+    checkouts: u64,
+    paid: u64,
+    failed: u64,
+    never_paid: u64,
+    out_of_stock: u64,
+    expired: u64,
+}
+
+impl Args {
+    fn minimums(&self) -> Minimums {
+        // Never below 1: a run of 0 s must not pass on minimums of 0.
+        let scaled = |per_minute: u64| (per_minute * self.duration / 60).max(1);
+        Minimums {
+            checkouts: self
+                .min_checkouts
+                .unwrap_or_else(|| scaled(MIN_PER_MINUTE.checkouts)),
+            paid: self.min_paid.unwrap_or_else(|| scaled(MIN_PER_MINUTE.paid)),
+            failed: self
+                .min_failed
+                .unwrap_or_else(|| scaled(MIN_PER_MINUTE.failed)),
+            never_paid: self
+                .min_never_paid
+                .unwrap_or_else(|| scaled(MIN_PER_MINUTE.never_paid)),
+            out_of_stock: self
+                .min_out_of_stock
+                .unwrap_or_else(|| scaled(MIN_PER_MINUTE.out_of_stock)),
+            expired: self
+                .min_expired
+                .unwrap_or_else(|| scaled(MIN_PER_MINUTE.expired)),
+        }
+    }
+}
+
+/// How long a checkout waits for its payment.
+const PAYMENT_TIMEOUT: Duration = Duration::from_millis(4000);
 
 // ---------------------------------------------------------------- PostgreSQL
 
@@ -190,16 +272,10 @@ struct Fleet {
 
 impl Fleet {
     fn binary(&self, name: &str) -> PathBuf {
-        let debug = bin(name);
         if self.release {
-            debug
-                .parent()
-                .and_then(|d| d.parent())
-                .expect("target")
-                .join("release")
-                .join(name)
+            harness::target_dir().join("release").join(name)
         } else {
-            debug
+            bin(name)
         }
     }
 
@@ -208,7 +284,10 @@ impl Fleet {
             ("DATABASE_URL", self.database_url.clone()),
             ("DB_MAX_CONNECTIONS", "12".into()),
             ("CHAOS", "true".into()),
-            ("PAYMENT_TIMEOUT_MS", PAYMENT_TIMEOUT_MS.into()),
+            (
+                "PAYMENT_TIMEOUT_MS",
+                PAYMENT_TIMEOUT.as_millis().to_string(),
+            ),
             ("DISPATCH_INTERVAL_MS", "100".into()),
             ("EVENT_WAIT_MS", "15000".into()),
             ("WORKER_CONCURRENCY", "16".into()),
@@ -274,7 +353,11 @@ struct Records {
     paid: u64,
     failed: u64,
     never_paid: u64,
+    /// Flows that pay only after their payment window closed.
+    paid_late: u64,
     webhook_409: BTreeMap<String, u64>,
+    /// Every webhook answered 409 checkout_expired: (payment id, answered at).
+    expired: Vec<(String, DateTime<Utc>)>,
     retries: u64,
     errors: BTreeMap<String, u64>,
     server_errors: Vec<(DateTime<Utc>, u16, String)>,
@@ -288,11 +371,20 @@ struct Shared {
     http: reqwest::Client,
     bases: Vec<String>,
     records: Mutex<Records>,
+    /// The late payments still to be sent (awaited before the checks).
+    late: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 enum Answer {
     Ok(u16, String),
     Retry,
+}
+
+/// The `error.code` of an API error body.
+fn error_code(body: &str) -> Option<String> {
+    serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| v["error"]["code"].as_str().map(str::to_owned))
 }
 
 impl Shared {
@@ -315,10 +407,7 @@ impl Shared {
                 let status = response.status().as_u16();
                 let body = response.text().await.unwrap_or_default();
                 if status >= 500 {
-                    let code = serde_json::from_str::<Value>(&body)
-                        .ok()
-                        .and_then(|v| v["error"]["code"].as_str().map(str::to_owned))
-                        .unwrap_or_default();
+                    let code = error_code(&body).unwrap_or_default();
                     self.note_error(&format!("{status} {code}"));
                     self.records
                         .lock()
@@ -370,9 +459,49 @@ impl Shared {
                 .push(format!("{what} {from} answered {existing} and then {to}"));
         }
     }
+
+    /// Records a webhook's answer; `first` counts a 200 as a paid or failed
+    /// flow. Returns whether it was a 409.
+    fn record_webhook(
+        &self,
+        payment_id: &str,
+        status: &str,
+        first: bool,
+        code: u16,
+        body: &str,
+    ) -> bool {
+        match code {
+            200 => {
+                self.record_pair(|r| &mut r.payment_to_order, "payment", payment_id, body);
+                if first {
+                    let mut r = self.records.lock().unwrap();
+                    if status == "paid" {
+                        r.paid += 1
+                    } else {
+                        r.failed += 1
+                    }
+                }
+                false
+            }
+            409 => {
+                let answered = Utc::now();
+                let code = error_code(body).unwrap_or_else(|| "409".into());
+                let mut r = self.records.lock().unwrap();
+                if code == "checkout_expired" {
+                    r.expired.push((payment_id.to_owned(), answered));
+                }
+                *r.webhook_409.entry(code).or_default() += 1;
+                true
+            }
+            other => {
+                self.note_error(&format!("webhook {other}"));
+                false
+            }
+        }
+    }
 }
 
-async fn one_flow(shared: &Shared) {
+async fn one_flow(shared: &Arc<Shared>) {
     let deadline = Instant::now() + Duration::from_secs(60);
     let key = {
         let mut r = shared.records.lock().unwrap();
@@ -400,7 +529,7 @@ async fn one_flow(shared: &Shared) {
     };
     match status {
         200 => {}
-        409 => {
+        409 if error_code(&payment_id).as_deref() == Some("out_of_stock") => {
             shared.records.lock().unwrap().out_of_stock += 1;
             return;
         }
@@ -417,8 +546,24 @@ async fn one_flow(shared: &Shared) {
         &["paid"]
     } else if roll < 0.75 {
         &["failed"]
-    } else if roll < 0.9 {
+    } else if roll < 0.87 {
         shared.records.lock().unwrap().never_paid += 1;
+        &[]
+    } else if roll < 0.9 {
+        // Pays after the window closed (its checkout should have timed out
+        // and answer 409 checkout_expired), without holding this client.
+        shared.records.lock().unwrap().paid_late += 1;
+        let late = PAYMENT_TIMEOUT + Duration::from_millis(rand::rng().random_range(500..2000));
+        let (shared2, payment_id) = (shared.clone(), payment_id.clone());
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(late).await;
+            let path = format!("/payment_webhook/{payment_id}/paid");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            if let Some((code, body)) = shared2.post_until_answered(&path, deadline).await {
+                shared2.record_webhook(&payment_id, "paid", false, code, &body);
+            }
+        });
+        shared.late.lock().unwrap().push(task);
         &[]
     } else {
         &["paid", "failed"]
@@ -431,44 +576,101 @@ async fn one_flow(shared: &Shared) {
         )
         .await;
         let mut twice = rand::rng().random_bool(0.15);
-        for answer in answers.into_iter().flatten() {
-            let (code, body) = answer;
-            match code {
-                200 => {
-                    shared.record_pair(|r| &mut r.payment_to_order, "payment", &payment_id, &body);
-                    if i == 0 {
-                        let mut r = shared.records.lock().unwrap();
-                        if *status == "paid" {
-                            r.paid += 1
-                        } else {
-                            r.failed += 1
-                        }
-                    }
-                }
-                409 => {
-                    let code = serde_json::from_str::<Value>(&body)
-                        .ok()
-                        .and_then(|v| v["error"]["code"].as_str().map(str::to_owned))
-                        .unwrap_or_else(|| "409".into());
-                    *shared
-                        .records
-                        .lock()
-                        .unwrap()
-                        .webhook_409
-                        .entry(code)
-                        .or_default() += 1;
-                    twice = false;
-                }
-                other => shared.note_error(&format!("webhook {other}")),
+        for (code, body) in answers.into_iter().flatten() {
+            if shared.record_webhook(&payment_id, status, i == 0, code, &body) {
+                twice = false;
             }
         }
-        if twice && let Some((200, body)) = shared.post_until_answered(&path, deadline).await {
-            shared.record_pair(|r| &mut r.payment_to_order, "payment", &payment_id, &body);
+        if twice && let Some((code, body)) = shared.post_until_answered(&path, deadline).await {
+            shared.record_webhook(&payment_id, status, false, code, &body);
         }
     }
 }
 
+// ------------------------------------------------------------------ restocks
+
+/// Whenever the stock has reached 0, waits about a second (shoppers get
+/// 409 out_of_stock meanwhile), then adds `amount` units. Each restock is
+/// one transaction that also records itself in `chaos_restocks`, so the
+/// stock invariant stays exact when a commit's answer is lost across the
+/// database restart. Runs until `stop`; errors (the database down) retry.
+async fn restocker(pool: PgPool, amount: i32, mut stop: watch::Receiver<bool>) {
+    while !*stop.borrow() {
+        let inventory: Result<i32, _> =
+            sqlx::query_scalar("SELECT inventory FROM products WHERE id = $1")
+                .bind(shared::store::WIDGET_ID)
+                .fetch_one(&pool)
+                .await;
+        let pause = if matches!(inventory, Ok(0)) {
+            Duration::from_millis(rand::rng().random_range(800..1200))
+        } else {
+            Duration::from_millis(100)
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.changed() => break,
+        }
+        if matches!(inventory, Ok(0)) {
+            let _ = restock(&pool, amount).await;
+        }
+    }
+}
+
+async fn restock(pool: &PgPool, amount: i32) -> anyhow::Result<()> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("UPDATE products SET inventory = inventory + $1 WHERE id = $2")
+        .bind(amount)
+        .bind(shared::store::WIDGET_ID)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("INSERT INTO chaos_restocks (amount, at) VALUES ($1, now())")
+        .bind(amount)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
 // ------------------------------------------------------------------ the run
+
+/// A chaos action other than the database restart.
+#[derive(Clone, Copy, Debug)]
+enum Action {
+    WorkerKill,
+    WorkerTerm,
+    CrashEndpoint,
+    ApiKill,
+}
+
+/// Actions are drawn from shuffled decks rather than picked independently,
+/// so every kind comes up within each run of five actions: a 60 s run (an
+/// action every ~3 s) deals several decks.
+const DECK: [Action; 5] = [
+    Action::WorkerKill,
+    Action::WorkerKill,
+    Action::WorkerTerm,
+    Action::CrashEndpoint,
+    Action::ApiKill,
+];
+
+#[derive(Default)]
+struct Deck(Vec<Action>);
+
+impl Deck {
+    fn draw(&mut self) -> Action {
+        if self.0.is_empty() {
+            self.0 = DECK.to_vec();
+            self.0.shuffle(&mut rand::rng());
+        }
+        self.0.pop().expect("a full deck")
+    }
+
+    /// An action that could not be done now goes back into the deck.
+    fn put_back(&mut self, action: Action) {
+        let at = rand::rng().random_range(0..=self.0.len());
+        self.0.insert(at, action);
+    }
+}
 
 #[derive(Default)]
 struct Kills {
@@ -501,10 +703,12 @@ async fn owned_by(pool: &PgPool, pid: u32) -> Option<(String, Vec<String>)> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let minimums = args.minimums();
     println!(
-        "chaos: {} s, {} workers, 2 APIs, an action every ~{} ms, {} clients",
-        args.duration, args.workers, args.kill_every_ms, args.clients
+        "chaos: {} s, {} workers, 2 APIs, an action every ~{} ms, {} clients, stock {} (restocks of {})",
+        args.duration, args.workers, args.kill_every_ms, args.clients, args.stock, args.restock
     );
+    let run_started = Instant::now();
     let pg = Postgres::create()?;
     let admin = PgPoolOptions::new()
         .max_connections(2)
@@ -521,8 +725,13 @@ async fn main() -> anyhow::Result<()> {
         .connect(&database_url)
         .await?;
     shared::db::migrate(&pool).await?;
-    sqlx::query("UPDATE products SET inventory = $1")
-        .bind(INITIAL_STOCK as i32)
+    sqlx::query("UPDATE products SET inventory = $1 WHERE id = $2")
+        .bind(args.stock)
+        .bind(shared::store::WIDGET_ID)
+        .execute(&pool)
+        .await?;
+    // The runner's own record of its restocks (the stock invariant's).
+    sqlx::query("CREATE TABLE chaos_restocks (amount integer NOT NULL, at timestamptz NOT NULL)")
         .execute(&pool)
         .await?;
 
@@ -550,6 +759,7 @@ async fn main() -> anyhow::Result<()> {
             .build()?,
         bases: fleet.bases(),
         records: Mutex::new(Records::default()),
+        late: Mutex::new(Vec::new()),
     });
     let (stop_load, load_stopped) = watch::channel(false);
     let clients: Vec<_> = (0..args.clients)
@@ -563,11 +773,13 @@ async fn main() -> anyhow::Result<()> {
             })
         })
         .collect();
+    let restocks = tokio::spawn(restocker(pool.clone(), args.restock, load_stopped.clone()));
 
     // Chaos.
     let started = Instant::now();
     let total = Duration::from_secs(args.duration);
     let mut kills = Kills::default();
+    let mut deck = Deck::default();
     let mut db_restarted = args.no_db_restart;
     while started.elapsed() < total {
         let pause = rand::rng().random_range(args.kill_every_ms / 2..=args.kill_every_ms * 3 / 2);
@@ -591,37 +803,51 @@ async fn main() -> anyhow::Result<()> {
             kills.db_down = Some((down, Utc::now()));
             continue;
         }
-        let action = rand::rng().random_range(0..100);
-        if action < 40 && !fleet.workers.is_empty() {
-            let index = rand::rng().random_range(0..fleet.workers.len());
-            let pid = fleet.workers[index].pid();
-            let owned = owned_by(&pool, pid).await;
-            let victim = fleet.workers.remove(index);
-            victim.signal("KILL")?;
-            let at = Utc::now();
-            drop(victim);
-            kills.sigkill += 1;
-            if let Some((id, owned)) = owned {
-                kills.victims.push((id, at, owned));
+        let action = deck.draw();
+        match action {
+            Action::WorkerKill | Action::WorkerTerm if fleet.workers.is_empty() => {
+                deck.put_back(action)
             }
-        } else if action < 60 && !fleet.workers.is_empty() {
-            let index = rand::rng().random_range(0..fleet.workers.len());
-            let victim = fleet.workers.remove(index);
-            victim.signal("TERM")?;
-            fleet.draining.push(victim);
-            kills.sigterm += 1;
-        } else if action < 80 {
-            if let Answer::Ok(202, _) = shared.post("/crash_application").await {
-                kills.crash_endpoint += 1;
+            Action::WorkerKill => {
+                let index = rand::rng().random_range(0..fleet.workers.len());
+                let pid = fleet.workers[index].pid();
+                let owned = owned_by(&pool, pid).await;
+                let victim = fleet.workers.remove(index);
+                victim.signal("KILL")?;
+                let at = Utc::now();
+                drop(victim);
+                kills.sigkill += 1;
+                if let Some((id, owned)) = owned {
+                    kills.victims.push((id, at, owned));
+                }
             }
-        } else {
-            let index = rand::rng().random_range(0..fleet.apis.len());
-            if let Some(api) = fleet.apis[index].1.take() {
-                api.signal("KILL")?;
-                drop(api);
-                kills.api_kill += 1;
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                fleet.spawn_api(index).await?;
+            Action::WorkerTerm => {
+                let index = rand::rng().random_range(0..fleet.workers.len());
+                let victim = fleet.workers.remove(index);
+                victim.signal("TERM")?;
+                fleet.draining.push(victim);
+                kills.sigterm += 1;
+            }
+            Action::CrashEndpoint => {
+                // Counts only when a worker was told to crash (202); tried
+                // again later otherwise.
+                if let Answer::Ok(202, _) = shared.post("/crash_application").await {
+                    kills.crash_endpoint += 1;
+                } else {
+                    deck.put_back(action);
+                }
+            }
+            Action::ApiKill => {
+                let index = rand::rng().random_range(0..fleet.apis.len());
+                if let Some(api) = fleet.apis[index].1.take() {
+                    api.signal("KILL")?;
+                    drop(api);
+                    kills.api_kill += 1;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    fleet.spawn_api(index).await?;
+                } else {
+                    deck.put_back(action);
+                }
             }
         }
         fleet.keep(target)?;
@@ -635,6 +861,11 @@ async fn main() -> anyhow::Result<()> {
     let _ = stop_load.send(true);
     for client in clients {
         let _ = tokio::time::timeout(Duration::from_secs(90), client).await;
+    }
+    let _ = restocks.await;
+    let late: Vec<_> = std::mem::take(&mut *shared.late.lock().unwrap());
+    for task in late {
+        let _ = tokio::time::timeout(Duration::from_secs(90), task).await;
     }
     fleet.keep(args.workers)?;
     let quiet_started = Instant::now();
@@ -657,8 +888,20 @@ async fn main() -> anyhow::Result<()> {
     }
     takeovers.sort();
 
-    let checks = invariants(&pool, &shared, &kills).await?;
+    let (restock_count, restock_units): (i64, i64) =
+        sqlx::query_as("SELECT count(*), coalesce(sum(amount), 0)::bigint FROM chaos_restocks")
+            .fetch_one(&pool)
+            .await?;
+    let mut checks = vec![(
+        format!("1 every workflow finished (quiet after {time_to_quiet:.1?}, at most 180 s)"),
+        match &quiet {
+            Ok(_) => vec![],
+            Err(e) => vec![format!("{e:#}")],
+        },
+    )];
+    checks.extend(invariants(&pool, &shared, &kills, args.stock).await?);
     let records = shared.records.lock().unwrap();
+    let work = work_checks(&args, &minimums, &records, &kills, restock_count as u64);
     let pct = |p: f64| -> String {
         if takeovers.is_empty() {
             return "-".into();
@@ -667,13 +910,18 @@ async fn main() -> anyhow::Result<()> {
         format!("{:.0?}", takeovers[i])
     };
     println!(
-        "\nflows: {} ({} checkouts answered, {} out of stock; paid {}, failed {}, never paid {})",
+        "\nflows: {} ({} checkouts answered, {} out of stock; paid {}, failed {}, never paid {}, paid late {})",
         records.flows,
         records.checkouts_ok,
         records.out_of_stock,
         records.paid,
         records.failed,
-        records.never_paid
+        records.never_paid,
+        records.paid_late
+    );
+    println!(
+        "stock: {} at the start, {restock_count} restocks adding {restock_units} units",
+        args.stock
     );
     println!("webhook 409s: {:?}", records.webhook_409);
     println!(
@@ -700,27 +948,35 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or("-".into())
     );
     println!(
-        "time to quiet: {time_to_quiet:.1?}{}",
-        if quiet.is_err() { " (NOT QUIET)" } else { "" }
+        "time to quiet: {time_to_quiet:.1?}{}; whole run {:.1?}",
+        if quiet.is_err() { " (NOT QUIET)" } else { "" },
+        run_started.elapsed()
     );
-    let mut failed = quiet.is_err();
-    for (name, offending) in &checks {
-        let ok = offending.is_empty();
-        failed |= !ok;
-        println!("  [{}] {name}", if ok { "pass" } else { "FAIL" });
-        for row in offending.iter().take(10) {
-            println!("        {row}");
-        }
-    }
+    println!("\nwork done:");
+    let mut failed = print_checks(&work);
+    println!("invariants:");
+    failed |= print_checks(&checks);
     if let Some(path) = &args.json {
+        let listed = |checks: &[Check]| {
+            checks
+                .iter()
+                .map(|(n, o)| json!({"name": n, "pass": o.is_empty(), "offending": o}))
+                .collect::<Vec<_>>()
+        };
         let summary = json!({
-            "flows": records.flows, "paid": records.paid, "failed": records.failed, "never_paid": records.never_paid,
+            "flows": records.flows, "checkouts": records.checkouts_ok, "out_of_stock": records.out_of_stock,
+            "paid": records.paid, "failed": records.failed, "never_paid": records.never_paid,
+            "paid_late": records.paid_late,
+            "webhook_409": records.webhook_409,
+            "stock": { "initial": args.stock, "restocks": restock_count, "restocked_units": restock_units },
             "kills": { "sigkill": kills.sigkill, "sigterm": kills.sigterm, "crash_endpoint": kills.crash_endpoint,
                        "api": kills.api_kill, "db_restart": kills.db_restart },
             "errors": records.errors,
             "takeover_ms": takeovers.iter().map(|d| d.as_millis() as u64).collect::<Vec<_>>(),
             "time_to_quiet_ms": time_to_quiet.as_millis() as u64,
-            "invariants": checks.iter().map(|(n, o)| json!({"name": n, "pass": o.is_empty(), "offending": o})).collect::<Vec<_>>(),
+            "work": listed(&work),
+            "invariants": listed(&checks),
+            "pass": !failed,
         });
         std::fs::write(path, serde_json::to_string_pretty(&summary)?)?;
     }
@@ -746,11 +1002,94 @@ async fn main() -> anyhow::Result<()> {
                 ""
             },
         );
-        println!("chaos: VIOLATIONS FOUND");
+        println!("chaos: CHECKS FAILED");
         std::process::exit(1);
     }
-    println!("chaos: all invariants hold");
+    println!("chaos: the work was done and all invariants hold");
     Ok(())
+}
+
+/// Prints each check as `  [pass] <name>` or `  [FAIL] <name>` with its
+/// offending rows below; returns whether any failed.
+fn print_checks(checks: &[Check]) -> bool {
+    let mut failed = false;
+    for (name, offending) in checks {
+        let ok = offending.is_empty();
+        failed |= !ok;
+        println!("  [{}] {name}", if ok { "pass" } else { "FAIL" });
+        for row in offending.iter().take(10) {
+            println!("        {row}");
+        }
+        if offending.len() > 10 {
+            println!("        ... and {} more", offending.len() - 10);
+        }
+    }
+    failed
+}
+
+/// The checks that the run did its work: enough flows of every kind,
+/// every kind of kill, the database restart exactly once.
+fn work_checks(
+    args: &Args,
+    min: &Minimums,
+    records: &Records,
+    kills: &Kills,
+    restocks: u64,
+) -> Vec<Check> {
+    let at_least = |what: &str, measured: u64, min: u64| -> Check {
+        (
+            format!("{what}: {measured} (at least {min})"),
+            if measured >= min {
+                vec![]
+            } else {
+                vec![format!("measured {measured}, below the minimum {min}")]
+            },
+        )
+    };
+    let restarts = if args.no_db_restart { 0 } else { 1 };
+    vec![
+        at_least(
+            "work: checkouts answered with a payment id",
+            records.checkouts_ok,
+            min.checkouts,
+        ),
+        at_least("work: flows paid", records.paid, min.paid),
+        at_least("work: flows failed", records.failed, min.failed),
+        at_least("work: flows never paid", records.never_paid, min.never_paid),
+        at_least(
+            "work: checkouts answered 409 out_of_stock",
+            records.out_of_stock,
+            min.out_of_stock,
+        ),
+        at_least(
+            "work: webhooks answered 409 checkout_expired",
+            records.expired.len() as u64,
+            min.expired,
+        ),
+        at_least("work: restocks", restocks, args.min_restocks),
+        at_least("kills: worker SIGKILLs", kills.sigkill, 1),
+        at_least("kills: worker SIGTERMs", kills.sigterm, 1),
+        at_least(
+            "kills: crashes through POST /crash_application answered 202",
+            kills.crash_endpoint,
+            1,
+        ),
+        at_least("kills: API SIGKILLs and restarts", kills.api_kill, 1),
+        (
+            format!(
+                "kills: PostgreSQL restarts: {} (exactly {restarts})",
+                kills.db_restart
+            ),
+            if kills.db_restart == restarts {
+                vec![]
+            } else {
+                vec![format!(
+                    "{} restarts, expected {restarts}",
+                    kills.db_restart
+                )]
+            },
+        ),
+    ]
 }
 
 async fn fleet_keep_quiet(pool: &PgPool) -> anyhow::Result<bool> {
@@ -773,21 +1112,36 @@ async fn rows(pool: &PgPool, sql: &'static str) -> anyhow::Result<Vec<String>> {
     Ok(sqlx::query_scalar(sql).fetch_all(pool).await?)
 }
 
-async fn invariants(pool: &PgPool, shared: &Shared, kills: &Kills) -> anyhow::Result<Vec<Check>> {
+async fn count(pool: &PgPool, sql: &'static str) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar(sql).fetch_one(pool).await?)
+}
+
+async fn invariants(
+    pool: &PgPool,
+    shared: &Shared,
+    kills: &Kills,
+    initial_stock: i32,
+) -> anyhow::Result<Vec<Check>> {
     let mut checks = Vec::new();
-    let (stock, live): (i64, i64) = sqlx::query_as(
+    let initial = i64::from(initial_stock);
+    let (stock, live, restocked): (i64, i64, i64) = sqlx::query_as(
         "SELECT (SELECT inventory FROM products WHERE id = 1)::bigint,
-                (SELECT count(*) FROM orders WHERE status <> 'CANCELLED')",
+                (SELECT count(*) FROM orders WHERE status <> 'CANCELLED'),
+                (SELECT coalesce(sum(amount), 0) FROM chaos_restocks)::bigint",
     )
     .fetch_one(pool)
     .await?;
     checks.push((
-        "1 stock conserved: initial = current + orders not cancelled".into(),
-        if stock + live == INITIAL_STOCK {
+        format!(
+            "2 stock conserved: initial {initial} + restocked {restocked} = current {stock} + orders not cancelled {live}"
+        ),
+        if initial + restocked == stock + live {
             vec![]
         } else {
             vec![format!(
-                "initial {INITIAL_STOCK} != stock {stock} + live orders {live}"
+                "{initial} + {restocked} = {} != {}",
+                initial + restocked,
+                stock + live
             )]
         },
     ));
@@ -828,11 +1182,11 @@ async fn invariants(pool: &PgPool, shared: &Shared, kills: &Kills) -> anyhow::Re
         ));
     }
     checks.push((
-        "2 every payment id handed out has exactly one order; no order without a checkout".into(),
+        "3 every payment id handed out has exactly one order; no order without a checkout".into(),
         one_order,
     ));
     checks.push((
-        "3 every order is DISPATCHED or CANCELLED (or waiting for a payment still due)".into(),
+        "4 every order is DISPATCHED or CANCELLED (or waiting for a payment still due)".into(),
         rows(
             pool,
             "SELECT 'order ' || o.id || ' ' || o.status FROM orders o
@@ -846,11 +1200,9 @@ async fn invariants(pool: &PgPool, shared: &Shared, kills: &Kills) -> anyhow::Re
         pool,
         "SELECT 'order ' || o.id || ': progress ' || o.progress_remaining || ', dispatch workflows '
                 || (SELECT count(*) FROM workflows d WHERE d.id = 'dispatch-' || o.id)
-                || ', progress steps ' || (SELECT count(*) FROM workflow_steps s WHERE s.workflow_id = 'dispatch-' || o.id AND s.name = 'update_progress')
          FROM orders o WHERE o.status IN ('PAID', 'DISPATCHED')
            AND (o.progress_remaining <> 0
-                OR (SELECT count(*) FROM workflows d WHERE d.id = 'dispatch-' || o.id AND d.status = 'succeeded') <> 1
-                OR (SELECT count(*) FROM workflow_steps s WHERE s.workflow_id = 'dispatch-' || o.id AND s.name = 'update_progress') <> 10)",
+                OR (SELECT count(*) FROM workflows d WHERE d.id = 'dispatch-' || o.id AND d.status = 'succeeded') <> 1)",
     )
     .await?;
     dispatched.extend(
@@ -863,9 +1215,158 @@ async fn invariants(pool: &PgPool, shared: &Shared, kills: &Kills) -> anyhow::Re
         .await?,
     );
     checks.push((
-        "4 every paid order dispatched exactly once (one dispatch, 10 steps, progress 0)".into(),
+        "5 every paid order dispatched exactly once (one dispatch that succeeded, progress 0)"
+            .into(),
         dispatched,
     ));
+
+    // Each progress step's effect once: its checkpoint's output is the
+    // progress left after it, so the steps read 9, 8, ..., 0 exactly. A
+    // step applied twice skips a number and leaves a trailing null (the
+    // statement's guard makes a step after zero do nothing): the same
+    // count of steps and the same final state.
+    let expected = json!((0..shared::store::DISPATCH_STEPS).rev().collect::<Vec<_>>());
+    let progress: Vec<String> = sqlx::query_scalar(
+        "SELECT 'order ' || o.id || ' (' || o.status || '): progress steps left '
+                || coalesce(p.outputs::text, '[]')
+         FROM orders o
+         LEFT JOIN LATERAL (
+             SELECT jsonb_agg(s.output ORDER BY s.step_seq) AS outputs FROM workflow_steps s
+             WHERE s.workflow_id = 'dispatch-' || o.id AND s.name = 'update_progress') p ON true
+         WHERE o.status IN ('PAID', 'DISPATCHED') AND p.outputs IS DISTINCT FROM $1
+         ORDER BY o.id",
+    )
+    .bind(&expected)
+    .fetch_all(pool)
+    .await?;
+    let paid_orders = count(
+        pool,
+        "SELECT count(*) FROM orders WHERE status IN ('PAID', 'DISPATCHED')",
+    )
+    .await?;
+    checks.push((
+        format!(
+            "6 every progress step applied once: each of {paid_orders} paid orders' update_progress outputs read {expected}"
+        ),
+        progress,
+    ));
+
+    // The other steps whose guard (a PENDING order) would hide a second
+    // application: each outputs true when it acted.
+    let mut guarded = rows(
+        pool,
+        "SELECT 'checkout ' || s.workflow_id || ': ' || s.name || ' (step ' || s.step_seq || ') output '
+                || s.output::text
+         FROM workflow_steps s JOIN workflows w ON w.id = s.workflow_id AND w.kind = 'checkout'
+         WHERE s.name IN ('mark_paid', 'cancel_order') AND s.output <> 'true'::jsonb
+         ORDER BY s.workflow_id",
+    )
+    .await?;
+    guarded.extend(
+        rows(
+            pool,
+            "SELECT 'checkout ' || o.checkout_id || ' (order ' || o.id || '): reserve_inventory outputs '
+                    || coalesce((SELECT string_agg(s.output::text, ', ') FROM workflow_steps s
+                                 WHERE s.workflow_id = o.checkout_id AND s.name = 'reserve_inventory'), 'none')
+             FROM orders o
+             WHERE (SELECT count(*) FILTER (WHERE s.output = 'true'::jsonb) || '/' || count(*) FROM workflow_steps s
+                    WHERE s.workflow_id = o.checkout_id AND s.name = 'reserve_inventory') <> '1/1'
+             ORDER BY o.id",
+        )
+        .await?,
+    );
+    guarded.extend(
+        rows(
+            pool,
+            "SELECT 'checkout ' || e.workflow_id || ' settled ' || e.value::text || ' without its '
+                    || CASE WHEN e.value = '\"paid\"'::jsonb THEN 'mark_paid' ELSE 'cancel_order' END || ' step'
+             FROM workflow_events e
+             WHERE e.key = 'payment_outcome' AND NOT EXISTS (
+                 SELECT 1 FROM workflow_steps s WHERE s.workflow_id = e.workflow_id
+                   AND s.name = CASE WHEN e.value = '\"paid\"'::jsonb THEN 'mark_paid' ELSE 'cancel_order' END)
+             ORDER BY e.workflow_id",
+        )
+        .await?,
+    );
+    let settled = count(
+        pool,
+        "SELECT count(*) FROM workflow_steps WHERE name IN ('mark_paid', 'cancel_order')",
+    )
+    .await?;
+    checks.push((
+        format!(
+            "7 guarded steps acted once: {settled} mark_paid/cancel_order and every order's reserve_inventory output true"
+        ),
+        guarded,
+    ));
+
+    // A payment message consumed by a checkout that then timed out: the
+    // checkout took the payment and forgot it.
+    let lost = rows(
+        pool,
+        "SELECT 'checkout ' || e.workflow_id || ' timed out but consumed payment message ' || m.id
+                || ' (' || m.payload::text || ', created ' || m.created_at || ', consumed ' || m.consumed_at || ')'
+         FROM workflow_events e
+         JOIN workflow_messages m ON m.workflow_id = e.workflow_id AND m.topic = 'payment_status'
+              AND m.consumed_at IS NOT NULL
+         WHERE e.key = 'payment_outcome' AND e.value = '\"timed_out\"'::jsonb
+         ORDER BY e.workflow_id",
+    )
+    .await?;
+    let timed_out = count(
+        pool,
+        "SELECT count(*) FROM workflow_events WHERE key = 'payment_outcome' AND value = '\"timed_out\"'::jsonb",
+    )
+    .await?;
+    checks.push((
+        format!(
+            "8 no payment lost: none of {timed_out} timed-out checkouts consumed a payment message"
+        ),
+        lost,
+    ));
+
+    // Every 409 checkout_expired a client got: the checkout timed out, its
+    // deadline had passed when the 409 was answered, and no payment message
+    // of it had arrived before that deadline.
+    let (expired_ids, expired_at): (Vec<String>, Vec<DateTime<Utc>>) = shared
+        .records
+        .lock()
+        .unwrap()
+        .expired
+        .iter()
+        .cloned()
+        .unzip();
+    let expired = sqlx::query_scalar(
+        "WITH answered AS (
+             SELECT a.id, a.at, (SELECT e.value FROM workflow_events e
+                                 WHERE e.workflow_id = a.id AND e.key = 'payment_outcome') AS outcome,
+                    (SELECT min((s.output #>> '{}')::timestamptz) FROM workflow_steps s
+                     WHERE s.workflow_id = a.id AND s.name = 'recv:payment_status:deadline') AS deadline
+             FROM unnest($1::text[], $2::timestamptz[]) AS a(id, at)),
+         early AS (
+             SELECT a.*, (SELECT count(*) FROM workflow_messages m WHERE m.workflow_id = a.id
+                            AND m.topic = 'payment_status' AND m.created_at < a.deadline) AS messages
+             FROM answered a)
+         SELECT 'payment ' || id || ' answered checkout_expired at ' || at || ': outcome '
+                || coalesce(outcome::text, 'none') || ', deadline ' || coalesce(deadline::text, 'none')
+                || ', payment messages before the deadline ' || messages
+         FROM early
+         WHERE outcome IS DISTINCT FROM '\"timed_out\"'::jsonb OR deadline IS NULL OR deadline > at
+               OR messages > 0
+         ORDER BY at",
+    )
+    .bind(&expired_ids)
+    .bind(&expired_at)
+    .fetch_all(pool)
+    .await?;
+    checks.push((
+        format!(
+            "9 every webhook 409 checkout_expired ({} answered) matches a payment window that closed before the payment arrived",
+            expired_ids.len()
+        ),
+        expired,
+    ));
+
     let mut stuck = rows(
         pool,
         "SELECT 'workflow ' || id || ' ' || status || coalesce(' on ' || owner, '') FROM workflows
@@ -882,11 +1383,11 @@ async fn invariants(pool: &PgPool, shared: &Shared, kills: &Kills) -> anyhow::Re
         .await?,
     );
     checks.push((
-        "5 no workflow left on a dead worker, none failed, no job stuck".into(),
+        "10 no workflow left on a dead worker, none failed, no job stuck".into(),
         stuck,
     ));
     checks.push((
-        "6 clients saw one payment id per key and one order id per payment".into(),
+        "11 clients saw one payment id per key and one order id per payment".into(),
         shared.records.lock().unwrap().inconsistencies.clone(),
     ));
     let grace = chrono::Duration::seconds(15);
@@ -905,7 +1406,7 @@ async fn invariants(pool: &PgPool, shared: &Shared, kills: &Kills) -> anyhow::Re
         .map(|(at, status, code)| format!("{status} {code} at {at}"))
         .collect();
     checks.push((
-        "7 no 5xx except 503/504 while the database was down".into(),
+        "12 no 5xx except 503/504 while the database was down".into(),
         bad_5xx,
     ));
     Ok(checks)

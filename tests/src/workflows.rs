@@ -14,12 +14,66 @@ use sqlx::{PgConnection, PgPool};
 /// The queue of every test workflow.
 pub const QUEUE: &str = "engine";
 
-/// Creates the counters table in a test database.
+/// Creates the tables the test workflows use in a test database: the
+/// counters, the gates of [`Gated`] (with `engine_test_gate()`, which waits
+/// for one) and the attempt log of [`Flaky`].
 pub async fn create_tables(pool: &PgPool) -> anyhow::Result<()> {
     sqlx::query("CREATE TABLE IF NOT EXISTS engine_test_counters (name text PRIMARY KEY, value bigint NOT NULL)")
         .execute(pool)
         .await?;
+    sqlx::query("CREATE TABLE IF NOT EXISTS engine_test_gates (name text PRIMARY KEY)")
+        .execute(pool)
+        .await?;
+    // Each statement of a volatile function sees what committed before it
+    // began: the loop sees the gate's row as soon as the test commits it.
+    sqlx::query(
+        "CREATE OR REPLACE FUNCTION engine_test_gate(gate text) RETURNS boolean
+         LANGUAGE plpgsql VOLATILE AS $$
+         DECLARE
+             deadline timestamptz := clock_timestamp() + interval '300 seconds';
+         BEGIN
+             WHILE NOT EXISTS (SELECT 1 FROM engine_test_gates WHERE name = gate) LOOP
+                 IF clock_timestamp() > deadline THEN
+                     RAISE EXCEPTION 'gate % was never opened', gate;
+                 END IF;
+                 PERFORM pg_sleep(0.01);
+             END LOOP;
+             RETURN true;
+         END $$",
+    )
+    .execute(pool)
+    .await?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS engine_test_attempts (
+             workflow_id text NOT NULL, attempt bigint NOT NULL,
+             at timestamptz NOT NULL DEFAULT clock_timestamp(),
+             PRIMARY KEY (workflow_id, attempt))",
+    )
+    .execute(pool)
+    .await?;
     Ok(())
+}
+
+/// Opens gate `name` of a [`Gated`] workflow (its id): the step waiting at
+/// it goes on, and any later execution passes it.
+pub async fn open_gate(pool: &PgPool, name: &str) -> anyhow::Result<()> {
+    sqlx::query("INSERT INTO engine_test_gates (name) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(name)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// How many steps wait at a gate now (backends running
+/// `engine_test_gate()`), the caller's own query aside.
+pub async fn at_gate(pool: &PgPool) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND pid <> pg_backend_pid() AND state = 'active'
+           AND query LIKE '%engine_test_gate(%'",
+    )
+    .fetch_one(pool)
+    .await?)
 }
 
 /// Adds one to counter `$1`, returning its value as `output`.
@@ -288,6 +342,96 @@ impl Workflow for Ticker {
     }
 }
 
+/// Input of [`Gated`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct GatedInput {
+    /// Ticks to run.
+    pub steps: u32,
+    /// The tick (1-based) that waits at the gate named after the workflow
+    /// ([`open_gate`]) inside its step, after the ticks before it are
+    /// committed. 0: none.
+    pub gate_at: u32,
+    /// Each tick is a one-statement step (`sql_step`), not a `tx_step`.
+    pub one_statement: bool,
+    /// In-process sleep before each tick (none when 0).
+    pub interval_ms: u64,
+}
+
+/// [`Ticker`] with a gate the test controls: `steps` ticks, each bumping
+/// `ticks:<workflow id>` (its output: the counter after it, so a tick's
+/// checkpoint names which tick it was) and setting the event `tick` to its
+/// number, in the same step. Tick `gate_at` waits inside its step until
+/// the test opens the gate: the test knows the workflow is mid-run, in that
+/// step, and cannot finish before it says so (a cancel, a kill or a
+/// SIGTERM lands there, not by timing).
+pub struct Gated;
+
+/// Kind of [`Gated`].
+pub const GATED: WorkflowKind = WorkflowKind {
+    name: "gated",
+    queue: QUEUE,
+};
+
+/// [`BUMP`] once the gate `$2` is open.
+const BUMP_AT_GATE: &str = "INSERT INTO engine_test_counters (name, value)
+     SELECT $1, 1 WHERE engine_test_gate($2)
+     ON CONFLICT (name) DO UPDATE SET value = engine_test_counters.value + 1
+     RETURNING value AS output";
+
+impl Workflow for Gated {
+    type Input = GatedInput;
+    type Output = Value;
+    fn kind(&self) -> WorkflowKind {
+        GATED
+    }
+    async fn run(
+        &self,
+        ctx: &mut WorkflowContext,
+        input: GatedInput,
+    ) -> Result<Value, WorkflowError> {
+        let name = format!("ticks:{}", ctx.workflow_id());
+        let id = ctx.workflow_id().to_owned();
+        for tick in 1..=input.steps {
+            if input.interval_ms > 0 {
+                ctx.sleep(Duration::from_millis(input.interval_ms)).await?;
+            }
+            let gated = tick == input.gate_at;
+            if gated {
+                // The ticks before it commit now, not with the gated one.
+                ctx.commit().await?;
+            }
+            let _: i64 = if input.one_statement {
+                let statement = if gated {
+                    StepStatement::new(BUMP_AT_GATE)
+                        .bind(name.clone())
+                        .bind(id.clone())
+                } else {
+                    bump_statement(&name)
+                };
+                ctx.sql_step("tick", statement.event(TICK_EVENT, tick))
+                    .await?
+            } else {
+                ctx.tx_step("tick", |tx| {
+                    let (id, name) = (id.clone(), name.clone());
+                    Box::pin(async move {
+                        if gated {
+                            sqlx::query("SELECT engine_test_gate($1)")
+                                .bind(&id)
+                                .execute(&mut *tx)
+                                .await?;
+                        }
+                        let value = bump(tx, &name).await?;
+                        set_events_in(tx, &id, &[(TICK_EVENT, &json!(tick))]).await?;
+                        Ok(value)
+                    })
+                })
+                .await?
+            };
+        }
+        Ok(json!(input.steps))
+    }
+}
+
 /// Input of [`Messenger`].
 #[derive(Debug, Serialize, Deserialize)]
 pub struct MessengerInput {
@@ -410,10 +554,15 @@ impl Workflow for Flaky {
 }
 
 /// One attempt of [`Flaky`]'s step: counted on a connection of its own,
-/// then failing as told.
+/// logged with its time in `engine_test_attempts`, then failing as told.
 async fn flaky_attempt(pool: &PgPool, id: &str, input: FlakyInput) -> Result<i64, StepError> {
     let mut conn = pool.acquire().await?;
     let attempt = bump(&mut conn, &format!("attempts:{id}")).await?;
+    sqlx::query("INSERT INTO engine_test_attempts (workflow_id, attempt) VALUES ($1, $2)")
+        .bind(id)
+        .bind(attempt)
+        .execute(&mut *conn)
+        .await?;
     if input.panic {
         panic!("deliberate panic on attempt {attempt}");
     }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use harness::workflows::{Counter, Flaky, Messenger, NoOp, Parent, Ticker};
+use harness::workflows::{Counter, Flaky, Gated, Messenger, NoOp, Parent, Ticker};
 use shared::engine::Runtime;
 
 #[tokio::main]
@@ -25,6 +25,7 @@ async fn main() -> anyhow::Result<()> {
     .register(Counter)
     .register(NoOp)
     .register(Ticker)
+    .register(Gated)
     .register(Messenger)
     .register(Parent)
     .register(Flaky { pool })

@@ -4,9 +4,9 @@
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use engine::EngineError;
 use serde_json::json;
-use shared::db::error_chain;
-use shared::engine::EngineError;
+use store::db::error_chain;
 
 /// An error answered to a client.
 #[derive(Debug)]
@@ -78,7 +78,7 @@ impl ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(error: sqlx::Error) -> Self {
-        if shared::db::is_unavailable(&error) {
+        if engine::is_unavailable(&error) {
             ApiError::unavailable(error_chain(&error))
         } else {
             ApiError::internal(error_chain(&error))

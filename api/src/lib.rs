@@ -14,10 +14,10 @@ use axum::Router;
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use shared::db::DatabaseArgs;
-use shared::engine::{Engine, EventListener};
-use shared::telemetry::LogArgs;
+use engine::{Engine, EventListener};
 use sqlx::PgPool;
+use store::db::DatabaseArgs;
+use store::telemetry::LogArgs;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 
@@ -35,14 +35,14 @@ pub struct Config {
     #[arg(long, env = "API_ADDR", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// How long checkout and webhook requests wait for the workflow's answer.
-    #[arg(long, env = "EVENT_WAIT_MS", default_value_t = 60_000)]
-    pub event_wait_ms: u64,
+    #[arg(long, env = "EVENT_WAIT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub event_wait: Duration,
     /// Fallback re-read of an awaited event, should a notification be lost.
-    #[arg(long, env = "EVENT_POLL_MS", default_value_t = 1_000)]
-    pub event_poll_ms: u64,
+    #[arg(long, env = "EVENT_POLL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub event_poll: Duration,
     /// Whole-request time limit (must exceed the event wait).
-    #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 75_000)]
-    pub request_timeout_ms: u64,
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "75s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
     /// Allow `POST /crash_application` (chaos testing; off by default).
     #[arg(long, env = "CHAOS", default_value_t = false)]
     pub chaos: bool,
@@ -112,13 +112,12 @@ pub async fn run(
         .context("preparing the database")?;
     let events = EventListener::spawn(pool.clone());
     let state = AppState {
-        engine: Engine::new(pool.clone())
-            .with_events(events, Duration::from_millis(config.event_poll_ms)),
+        engine: Engine::new(pool.clone()).with_events(events, config.event_poll),
         pool,
-        event_wait: Duration::from_millis(config.event_wait_ms),
+        event_wait: config.event_wait,
         chaos: config.chaos,
     };
-    let app = router(state, Duration::from_millis(config.request_timeout_ms));
+    let app = router(state, config.request_timeout);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;

@@ -7,11 +7,11 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
+use engine::{Engine, EngineError, Message, SendOutcome, fleet};
 use rust_decimal::prelude::ToPrimitive;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use shared::engine::{Engine, EngineError, Message, SendOutcome, fleet};
-use shared::store::{
+use store::{
     self, CHECKOUT, CheckoutInput, DEFAULT_STOCK, DISPATCH, DISPATCH_STEPS, Order, PaymentStatus,
     Product, dispatch_workflow_id, topics,
 };
@@ -407,7 +407,7 @@ fn crash_requested(headers: &HeaderMap, worker_id: String) -> Response {
 
 async fn crash_application(State(state): State<AppState>, headers: HeaderMap) -> ApiResult {
     require_chaos(&state)?;
-    match fleet::request_crash(&state.pool, None).await? {
+    match store::chaos::request_crash(&state.pool, None).await? {
         Some(worker_id) => Ok(crash_requested(&headers, worker_id)),
         None => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -437,7 +437,7 @@ async fn crash_worker(
             "malformed worker id",
         ));
     }
-    match fleet::request_crash(&state.pool, Some(&id)).await? {
+    match store::chaos::request_crash(&state.pool, Some(&id)).await? {
         Some(worker_id) => Ok(crash_requested(&headers, worker_id)),
         None => Err(ApiError::not_found(
             "unknown_worker",
@@ -461,12 +461,7 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(state): State<AppState>) -> ApiResult<&'static str> {
-    let applied: Option<i64> =
-        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
-            .fetch_one(&state.pool)
-            .await?;
-    let latest = shared::db::MIGRATOR.iter().map(|m| m.version).max();
-    if applied < latest {
+    if !store::db::migrations_applied(&state.pool).await? {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "migrations_pending",

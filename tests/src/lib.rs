@@ -41,13 +41,33 @@ pub struct TestDb {
     pub name: String,
     /// Its URL.
     pub url: String,
-    /// A pool on it for the test's own queries.
+    /// A pool on it for the test's own queries. It sees the engine's tables
+    /// (schema `engine`) without their schema, as an operator's psql with
+    /// `search_path` set would: tests read them as an operator does.
     pub pool: PgPool,
 }
 
+/// Which schema a test database gets.
+enum Schema {
+    /// The engine's and the store's.
+    Store,
+    /// The engine's alone.
+    Engine,
+}
+
 impl TestDb {
-    /// Creates and migrates a fresh database.
+    /// A fresh database with the engine's and the store's schema.
     pub async fn create() -> anyhow::Result<Self> {
+        Self::with_schema(Schema::Store).await
+    }
+
+    /// A fresh database with the engine's schema alone: what the engine's
+    /// own tests need.
+    pub async fn create_for_engine() -> anyhow::Result<Self> {
+        Self::with_schema(Schema::Engine).await
+    }
+
+    async fn with_schema(schema: Schema) -> anyhow::Result<Self> {
         let admin = admin_url();
         let name = format!(
             "widget_t_{}",
@@ -65,11 +85,11 @@ impl TestDb {
             .await?;
         admin_pool.close().await;
         let url = database_url(&admin, &name)?;
-        let pool = PgPoolOptions::new()
-            .max_connections(20)
-            .connect(&url)
-            .await?;
-        shared::db::migrate(&pool).await?;
+        let pool = inspection_pool(&url, 20).await?;
+        match schema {
+            Schema::Store => store::db::migrate(&pool).await?,
+            Schema::Engine => engine::run_migrations(&pool).await?,
+        }
         Ok(Self { name, url, pool })
     }
 
@@ -91,6 +111,16 @@ impl TestDb {
         admin_pool.close().await;
         Ok(())
     }
+}
+
+/// A pool for a test's or a benchmark's own queries on `url`: the engine's
+/// tables are on its `search_path`, so `workflows` reads `engine.workflows`.
+pub async fn inspection_pool(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
+    let options: sqlx::postgres::PgConnectOptions = url.parse()?;
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections)
+        .connect_with(options.options([("search_path", "public,engine")]))
+        .await?)
 }
 
 /// A binary of the workspace's debug build, built from the current sources
@@ -318,10 +348,10 @@ pub fn worker_env(db: &TestDb, extra: &[(&str, &str)]) -> Vec<(&'static str, Str
             "RUST_LOG",
             "info,sqlx=warn,apalis=warn,apalis_core=warn,apalis_postgres=warn".into(),
         ),
-        ("WORKER_POLL_INTERVAL_MS", "100".into()),
-        ("WORKER_REAP_INTERVAL_MS", "100".into()),
+        ("WORKER_POLL_INTERVAL", "100ms".into()),
+        ("WORKER_REAP_INTERVAL", "100ms".into()),
         ("WORKER_CONCURRENCY", "16".into()),
-        ("WORKER_DRAIN_TIMEOUT_MS", "5000".into()),
+        ("WORKER_DRAIN_TIMEOUT", "5000ms".into()),
     ];
     for (key, value) in extra {
         let key: &'static str = Box::leak(key.to_string().into_boxed_str());
@@ -423,7 +453,7 @@ pub async fn progress_outputs(pool: &PgPool, order_id: i64) -> anyhow::Result<Ve
         "SELECT output FROM workflow_steps WHERE workflow_id = $1 AND name = 'update_progress'
          ORDER BY step_seq",
     )
-    .bind(shared::store::dispatch_workflow_id(order_id))
+    .bind(store::dispatch_workflow_id(order_id))
     .fetch_all(pool)
     .await?;
     Ok(outputs.iter().map(serde_json::Value::as_i64).collect())

@@ -3,12 +3,12 @@
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
-use shared::engine::{
+use engine::{
     RetryPolicy, StepError, StepStatement, Workflow, WorkflowContext, WorkflowError, WorkflowKind,
     set_events_in,
 };
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 use sqlx::{PgConnection, PgPool};
 
 /// The queue of every test workflow.

@@ -5,6 +5,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use engine::{
+    Engine, EngineError, EventListener, ExecutionOutcome, Message, QueueConfig, Runtime,
+    RuntimeConfig, SendOutcome, Workflow, WorkflowStatus,
+};
 use harness::workflows::{
     self, COUNTER, FLAKY, FLUSH_PROBE, FlakyInput, FlushProbe, GATED, Gated, GatedInput,
     INSERT_ONCE, InsertOnce, MESSENGER, MessengerInput, NoOp, PARENT, Parent, TICKER, Ticker,
@@ -15,12 +19,8 @@ use harness::{
 };
 use rand::Rng;
 use serde_json::{Value, json};
-use shared::db::DatabaseArgs;
-use shared::engine::{
-    Engine, EngineError, EventListener, ExecutionOutcome, Message, QueueConfig, Runtime,
-    RuntimeConfig, SendOutcome, Workflow, WorkflowStatus,
-};
 use sqlx::PgPool;
+use store::db::DatabaseArgs;
 
 /// The deadline of a wait for what happens within moments when all is
 /// well: generous, so that a loaded 2-core machine does not fail a test by
@@ -28,7 +28,7 @@ use sqlx::PgPool;
 const PATIENCE: Duration = Duration::from_secs(60);
 
 async fn engine_db() -> anyhow::Result<TestDb> {
-    let db = TestDb::create().await?;
+    let db = TestDb::create_for_engine().await?;
     workflows::create_tables(&db.pool).await?;
     Ok(db)
 }
@@ -1162,7 +1162,7 @@ async fn a_first_sleep_keeps_its_wake_up_time_through_a_takeover() -> anyhow::Re
     // on either side. Held in-process (under the hold threshold), as the
     // dispatch's sleep is.
     let sleep = Duration::from_secs(8);
-    let hold = [("WORKER_HOLD_THRESHOLD_MS", "20000")];
+    let hold = [("WORKER_HOLD_THRESHOLD", "20000ms")];
     let mut workers = vec![
         spawn_worker(&db, "first-sleep", &hold)?,
         spawn_worker(&db, "first-sleep", &hold)?,
@@ -1297,7 +1297,7 @@ async fn notified_jobs_run_at_once_and_a_full_queue_falls_back_to_apalis() -> an
     // notification, taken directly or through apalis' fetch.
     let poll_off = [
         ("WORKER_CONCURRENCY", "2"),
-        ("WORKER_POLL_INTERVAL_MS", "600000"),
+        ("WORKER_POLL_INTERVAL", "600000ms"),
     ];
     let _a = spawn_worker(&db, "notified-a", &poll_off)?;
     let _b = spawn_worker(&db, "notified-b", &poll_off)?;
@@ -1610,7 +1610,7 @@ async fn sigterm_drains_and_hands_work_to_another_worker_at_once() -> anyhow::Re
     let engine = Engine::new(db.pool.clone());
     // A drain timeout far beyond the waits below: a worker that exits and
     // hands over within them did not sit out its drain timeout.
-    let env = [("WORKER_DRAIN_TIMEOUT_MS", "600000")];
+    let env = [("WORKER_DRAIN_TIMEOUT", "600000ms")];
     let mut workers = vec![
         spawn_worker(&db, "drain", &env)?,
         spawn_worker(&db, "drain", &env)?,
@@ -1761,7 +1761,7 @@ async fn finished_jobs_are_pruned() -> anyhow::Result<()> {
             .start(COUNTER, &format!("prune-{i}"), &json!({}))
             .await?;
     }
-    let _worker = spawn_worker(&db, "prune", &[("WORKER_PRUNE_AFTER_MS", "1000")])?;
+    let _worker = spawn_worker(&db, "prune", &[("WORKER_PRUNE_AFTER", "1000ms")])?;
     wait_until("all done", Duration::from_secs(120), || async {
         Ok(count(
             &db.pool,

@@ -80,13 +80,13 @@ async fn crash_at(point: &str, payment: Payment) -> anyhow::Result<()> {
     let db = TestDb::create().await?;
     let pool = &db.pool;
     let payment_timeout = if payment == Payment::Never {
-        "1500"
+        "1500ms"
     } else {
-        "120000"
+        "2m"
     };
     let env = [
-        ("DISPATCH_INTERVAL_MS", "50"),
-        ("PAYMENT_TIMEOUT_MS", payment_timeout),
+        ("DISPATCH_INTERVAL", "50ms"),
+        ("PAYMENT_TIMEOUT", payment_timeout),
     ];
     let api = Api::start(&db, &env).await?;
     if payment == Payment::OutOfStock {
@@ -299,7 +299,7 @@ async fn assert_boundary(
             checkout_id,
         )
         .await?;
-        shared::store::dispatch_workflow_id(order_id)
+        store::dispatch_workflow_id(order_id)
     } else {
         checkout_id.to_owned()
     };

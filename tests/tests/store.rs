@@ -17,7 +17,7 @@ struct Stack {
 
 async fn stack(extra: &[(&str, &str)]) -> anyhow::Result<Stack> {
     let db = TestDb::create().await?;
-    let mut env = vec![("DISPATCH_INTERVAL_MS", "50"), ("CHAOS", "true")];
+    let mut env = vec![("DISPATCH_INTERVAL", "50ms"), ("CHAOS", "true")];
     env.extend_from_slice(extra);
     let api = Api::start(&db, &env).await?;
     let workers = vec![
@@ -94,7 +94,7 @@ fn key() -> String {
 /// DISPATCHED a step early, before that, so its status is no sign that
 /// every step has run.
 async fn wait_dispatch_succeeded(pool: &PgPool, order_id: i64) -> anyhow::Result<()> {
-    let id = shared::store::dispatch_workflow_id(order_id);
+    let id = store::dispatch_workflow_id(order_id);
     let took = wait_until(
         &format!("workflow {id} succeeded"),
         Duration::from_secs(90),
@@ -258,7 +258,7 @@ async fn failed_payment_cancels_and_returns_the_unit() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn payment_timeout_cancels_and_a_late_webhook_gets_409() -> anyhow::Result<()> {
-    let s = stack(&[("PAYMENT_TIMEOUT_MS", "1500")]).await?;
+    let s = stack(&[("PAYMENT_TIMEOUT", "1500ms")]).await?;
     let key = key();
     let (status, payment_id) = s.api.post(&format!("/checkout/{key}")).await?;
     assert_eq!(status, 200);
@@ -423,7 +423,7 @@ async fn running_dispatch_owner(pool: &PgPool, id: &str) -> anyhow::Result<Optio
 #[tokio::test]
 async fn sigkill_of_the_dispatch_owner_hands_its_next_step_to_another_worker() -> anyhow::Result<()>
 {
-    let env = [("DISPATCH_INTERVAL_MS", "400")];
+    let env = [("DISPATCH_INTERVAL", "400ms")];
     let mut s = stack(&env).await?;
     let key = key();
     let (status, payment_id) = s.api.post(&format!("/checkout/{key}")).await?;
@@ -445,7 +445,7 @@ async fn sigkill_of_the_dispatch_owner_hands_its_next_step_to_another_worker() -
     s.workers.push(spawn_store_worker(
         &s.db,
         "worker-c",
-        &[("DISPATCH_INTERVAL_MS", "400"), ("CHAOS", "true")],
+        &[("DISPATCH_INTERVAL", "400ms"), ("CHAOS", "true")],
     )?);
     wait_workers(&s.db.pool, 2).await?;
 
@@ -468,7 +468,7 @@ async fn sigkill_of_the_dispatch_owner_hands_its_next_step_to_another_worker() -
     );
 
     // Kill the dispatch's owner while it runs, after its first progress step.
-    let dispatch_id = shared::store::dispatch_workflow_id(order_id);
+    let dispatch_id = store::dispatch_workflow_id(order_id);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let (owner, owner_pid) = loop {
         if let Some(found) = running_dispatch_owner(&s.db.pool, &dispatch_id).await? {
@@ -895,7 +895,7 @@ async fn first_dispatch_worker(api: &Api, order_id: &str) -> anyhow::Result<Opti
 
 #[tokio::test]
 async fn timeline_shows_the_takeover_after_the_dispatching_worker_crashes() -> anyhow::Result<()> {
-    let mut s = stack(&[("DISPATCH_INTERVAL_MS", "300")]).await?;
+    let mut s = stack(&[("DISPATCH_INTERVAL", "300ms")]).await?;
     let (_, payment_id) = s.api.post(&format!("/checkout/{}", key())).await?;
     let (status, order_id) = s
         .api

@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
+use engine::{Workflow, WorkflowContext, WorkflowError, WorkflowKind, set_events_in};
 use serde_json::{Value, json};
-use shared::engine::{Workflow, WorkflowContext, WorkflowError, WorkflowKind, set_events_in};
-use shared::store::{
+use store::{
     self, CHECKOUT, CheckoutInput, DISPATCH, DISPATCH_STEPS, DispatchInput, PaymentStatus,
     dispatch_workflow_id, topics,
 };

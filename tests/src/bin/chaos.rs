@@ -285,13 +285,13 @@ impl Fleet {
             ("DB_MAX_CONNECTIONS", "12".into()),
             ("CHAOS", "true".into()),
             (
-                "PAYMENT_TIMEOUT_MS",
-                PAYMENT_TIMEOUT.as_millis().to_string(),
+                "PAYMENT_TIMEOUT",
+                format!("{}ms", PAYMENT_TIMEOUT.as_millis()),
             ),
-            ("DISPATCH_INTERVAL_MS", "100".into()),
-            ("EVENT_WAIT_MS", "15000".into()),
+            ("DISPATCH_INTERVAL", "100ms".into()),
+            ("EVENT_WAIT", "15000ms".into()),
             ("WORKER_CONCURRENCY", "16".into()),
-            ("WORKER_DRAIN_TIMEOUT_MS", "5000".into()),
+            ("WORKER_DRAIN_TIMEOUT", "5000ms".into()),
             ("RUST_LOG", "warn,shared=info".into()),
         ]
     }
@@ -598,7 +598,7 @@ async fn restocker(pool: PgPool, amount: i32, mut stop: watch::Receiver<bool>) {
     while !*stop.borrow() {
         let inventory: Result<i32, _> =
             sqlx::query_scalar("SELECT inventory FROM products WHERE id = $1")
-                .bind(shared::store::WIDGET_ID)
+                .bind(store::WIDGET_ID)
                 .fetch_one(&pool)
                 .await;
         let pause = if matches!(inventory, Ok(0)) {
@@ -620,7 +620,7 @@ async fn restock(pool: &PgPool, amount: i32) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
     sqlx::query("UPDATE products SET inventory = inventory + $1 WHERE id = $2")
         .bind(amount)
-        .bind(shared::store::WIDGET_ID)
+        .bind(store::WIDGET_ID)
         .execute(&mut *tx)
         .await?;
     sqlx::query("INSERT INTO chaos_restocks (amount, at) VALUES ($1, now())")
@@ -719,15 +719,11 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     admin.close().await;
     let database_url = pg.url("widget_chaos");
-    let pool = PgPoolOptions::new()
-        .max_connections(4)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect(&database_url)
-        .await?;
-    shared::db::migrate(&pool).await?;
+    let pool = harness::inspection_pool(&database_url, 4).await?;
+    store::db::migrate(&pool).await?;
     sqlx::query("UPDATE products SET inventory = $1 WHERE id = $2")
         .bind(args.stock)
-        .bind(shared::store::WIDGET_ID)
+        .bind(store::WIDGET_ID)
         .execute(&pool)
         .await?;
     // The runner's own record of its restocks (the stock invariant's).
@@ -1225,7 +1221,7 @@ async fn invariants(
     // step applied twice skips a number and leaves a trailing null (the
     // statement's guard makes a step after zero do nothing): the same
     // count of steps and the same final state.
-    let expected = json!((0..shared::store::DISPATCH_STEPS).rev().collect::<Vec<_>>());
+    let expected = json!((0..store::DISPATCH_STEPS).rev().collect::<Vec<_>>());
     let progress: Vec<String> = sqlx::query_scalar(
         "SELECT 'order ' || o.id || ' (' || o.status || '): progress steps left '
                 || coalesce(p.outputs::text, '[]')

@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
+use engine::Engine;
 use harness::workflows::{self, NOOP, TICKER, TickerInput};
 use harness::{Proc, TestDb, wait_step_elsewhere, wait_until, worker_env};
 use rand::Rng;
 use serde_json::json;
-use shared::engine::Engine;
 use sqlx::PgPool;
 
 #[derive(Parser)]
@@ -45,7 +45,7 @@ fn spawn(db: &TestDb, concurrency: &str) -> anyhow::Result<Proc> {
         &[
             ("WORKER_QUEUES", "engine"),
             ("WORKER_CONCURRENCY", concurrency),
-            ("WORKER_PRUNE_AFTER_MS", "10000"),
+            ("WORKER_PRUNE_AFTER", "10000ms"),
             ("RUST_LOG", "warn"),
         ],
     );
@@ -167,7 +167,7 @@ async fn main() -> anyhow::Result<()> {
             .join(" ")
     );
     println!(
-        "apalis.jobs rows at the end: {jobs_left} (finished jobs are pruned after WORKER_PRUNE_AFTER_MS)"
+        "apalis.jobs rows at the end: {jobs_left} (finished jobs are pruned after WORKER_PRUNE_AFTER)"
     );
     // Let apalis' batched acknowledgements land before counting commits.
     tokio::time::sleep(Duration::from_secs(2)).await;

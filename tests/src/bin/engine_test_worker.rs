@@ -1,20 +1,17 @@
 //! A worker process running the engine's test workflows (queue `engine`),
-//! configured exactly like `widget-worker`.
-
-use std::time::Duration;
+//! configured exactly like `widget-worker`, on a database with the engine's
+//! schema alone.
 
 use clap::Parser;
+use engine::Runtime;
 use harness::workflows::{Counter, Flaky, Gated, Messenger, NoOp, Parent, Ticker};
-use shared::engine::Runtime;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = worker::Config::parse();
-    shared::telemetry::init(&config.log);
-    let pool = config
-        .database
-        .migrated_pool("engine-test-worker", Duration::from_secs(30))
-        .await?;
+    store::telemetry::init(&config.log);
+    let pool = config.database.pool("engine-test-worker")?;
+    engine::run_migrations(&pool).await?;
     Runtime::new(
         pool.clone(),
         config
@@ -29,6 +26,6 @@ async fn main() -> anyhow::Result<()> {
     .register(Messenger)
     .register(Parent)
     .register(Flaky { pool })
-    .run(shared::shutdown::signal())
+    .run(store::shutdown::signal())
     .await
 }

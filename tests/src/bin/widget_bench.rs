@@ -37,7 +37,7 @@ struct Args {
     #[arg(long, default_value_t = 10_000)]
     parked: usize,
     /// Pool size of the API and of each worker (DB_MAX_CONNECTIONS).
-    #[arg(long, default_value_t = shared::db::DEFAULT_MAX_CONNECTIONS)]
+    #[arg(long, default_value_t = store::db::DEFAULT_MAX_CONNECTIONS)]
     db_max_connections: u32,
     /// Where to write latest.json, latest.md and throughput.svg.
     #[arg(long, default_value = "docs/benchmarks")]
@@ -305,8 +305,8 @@ fn env(db: &TestDb, pool_size: u32) -> Vec<(&'static str, String)> {
         ("DATABASE_URL", db.url.clone()),
         ("DB_MAX_CONNECTIONS", pool_size.to_string()),
         ("WORKER_CONCURRENCY", "64".into()),
-        ("DISPATCH_INTERVAL_MS", "1000".into()),
-        ("PAYMENT_TIMEOUT_MS", "600000".into()),
+        ("DISPATCH_INTERVAL", "1000ms".into()),
+        ("PAYMENT_TIMEOUT", "600000ms".into()),
         ("RUST_LOG", "warn".into()),
     ]
 }

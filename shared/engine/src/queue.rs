@@ -1,6 +1,13 @@
-//! The engine's use of apalis: one job type, written by the engine's own
-//! statements, fetched and run by apalis' workers.
+//! Everything the engine does with apalis-postgres' queue, and the only
+//! Rust code that names the `apalis` schema: the job type, notifications
+//! of due jobs, the claim that takes a job with its workflow, releasing the
+//! jobs of a dead or leaving worker, and the janitor that prunes finished
+//! jobs. The engine's SQL functions that insert jobs, and its replacement
+//! of `apalis.get_jobs`, are in the engine's migration; a test
+//! (`tests/tests/queue_contract.rs`) fails if an apalis-postgres upgrade
+//! changes what they rely on.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -34,7 +41,7 @@ pub const JOB_MAX_ATTEMPTS: i32 = 1000;
 pub const JOB_INSERT_CHANNEL: &str = "apalis::job::insert";
 
 // Jobs are written by the SQL function `workflow_enqueue(queue, workflow_id,
-// job_id, run_at, priority, max_attempts)` (migration 20261125000003), called
+// job_id, run_at, priority, max_attempts)` (the engine's migration), called
 // inside the statement that needs the job: a workflow's start and its park
 // each write their job in one statement with the rest, a round trip fewer.
 
@@ -48,7 +55,7 @@ pub(crate) async fn enqueue_takeovers(
 ) -> Result<(), sqlx::Error> {
     let job_ids: Vec<String> = workflow_ids.iter().map(|_| new_job_id()).collect();
     sqlx::query(
-        "SELECT workflow_enqueue($1, w.id, w.job_id, NULL, $4, $5)
+        "SELECT engine.workflow_enqueue($1, w.id, w.job_id, NULL, $4, $5)
          FROM unnest($2::text[], $3::text[]) AS w(id, job_id)",
     )
     .bind(queue)
@@ -173,7 +180,7 @@ pub(crate) struct JobWakeups {
 }
 
 /// How long apalis' fetch leaves a job due now to the worker its
-/// notification chose (migration 20261125000004 has the same figure).
+/// notification chose (the engine's `apalis.get_jobs` has the same figure).
 const NOTIFIED_JOB_GRACE: Duration = Duration::from_millis(100);
 
 /// When the queue is read again after an ask: once the job asked for is
@@ -231,3 +238,153 @@ impl PollStrategy for JobWakeups {
         }
     }
 }
+
+/// Puts jobs held by the given worker processes back to Pending and wakes
+/// idle workers (apalis' insert trigger does not fire for an update).
+/// With `only_queue`, just that queue's jobs, except those of the apalis
+/// worker name `except` (a restarted queue worker releasing its earlier
+/// incarnations' jobs). Returns the workflow ids of the released jobs.
+pub(crate) async fn release_jobs(
+    conn: &mut PgConnection,
+    worker_ids: &[String],
+    only_queue: Option<(&str, &str)>,
+) -> Result<HashSet<String>, sqlx::Error> {
+    let (queue, except) = only_queue.unzip();
+    // A job's payload is the JSON of a `WorkflowJob`.
+    let moved: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "UPDATE apalis.jobs SET status = 'Pending', lock_by = NULL, lock_at = NULL, done_at = NULL
+         WHERE status IN ('Queued', 'Running')
+           AND split_part(lock_by, '/', 1) = ANY($1)
+           AND ($2::text IS NULL OR job_type = $2)
+           AND ($3::text IS NULL OR lock_by <> $3)
+         RETURNING id, job_type, convert_from(job, 'UTF8')::json ->> 'workflow_id'",
+    )
+    .bind(worker_ids)
+    .bind(queue)
+    .bind(except)
+    .fetch_all(&mut *conn)
+    .await?;
+    if !moved.is_empty() {
+        let (ids, job_types): (Vec<&str>, Vec<&str>) = moved
+            .iter()
+            .map(|(id, job_type, _)| (id.as_str(), job_type.as_str()))
+            .unzip();
+        sqlx::query(
+            "SELECT pg_notify($1, json_build_object('job_type', j.job_type, 'id', j.id)::text)
+             FROM unnest($2::text[], $3::text[]) AS j(id, job_type)",
+        )
+        .bind(JOB_INSERT_CHANNEL)
+        .bind(&ids)
+        .bind(&job_types)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(moved
+        .into_iter()
+        .filter_map(|(_, _, workflow)| workflow)
+        .collect())
+}
+
+/// Removes the apalis worker rows of these processes. Finished jobs still
+/// reference their worker (a foreign key), so rows in use stay until the
+/// janitor has pruned those jobs.
+pub(crate) async fn forget_apalis_workers(
+    conn: &mut PgConnection,
+    worker_ids: &[String],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "DELETE FROM apalis.workers w WHERE split_part(w.id, '/', 1) = ANY($1)
+         AND NOT EXISTS (SELECT 1 FROM apalis.jobs j WHERE j.lock_by = w.id)",
+    )
+    .bind(worker_ids)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Advisory lock key of the queue janitor's VACUUM (one worker at a time).
+const VACUUM_LOCK_KEY: i64 = 0x454E_4749_4E45_5641; // "ENGINEVA"
+
+/// Deletes finished jobs older than `older_than` (apalis.jobs stays small,
+/// so claiming stays fast however many jobs have run), then the apalis
+/// worker rows of processes that left and hold no job any more, then
+/// vacuums the queue table when it deleted anything. The explicit VACUUM
+/// matters: a server may run with autovacuum off (this machine's does), and
+/// each job leaves several dead row versions behind.
+pub(crate) async fn prune_jobs(pool: &PgPool, older_than: Duration) -> Result<u64, sqlx::Error> {
+    let pruned = prune_finished_jobs(pool, older_than).await?;
+    sqlx::query(
+        "DELETE FROM apalis.workers w
+         WHERE NOT EXISTS (SELECT 1 FROM engine.workers k WHERE k.id = split_part(w.id, '/', 1))
+           AND NOT EXISTS (SELECT 1 FROM apalis.jobs j WHERE j.lock_by = w.id)",
+    )
+    .execute(pool)
+    .await?;
+    if pruned > 0 {
+        vacuum_queue(pool).await?;
+    }
+    Ok(pruned)
+}
+
+async fn vacuum_queue(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(VACUUM_LOCK_KEY)
+        .fetch_one(&mut *conn)
+        .await?;
+    if !locked {
+        return Ok(());
+    }
+    let vacuumed = sqlx::query("VACUUM (ANALYZE) apalis.jobs")
+        .execute(&mut *conn)
+        .await;
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(VACUUM_LOCK_KEY)
+        .execute(&mut *conn)
+        .await?;
+    vacuumed.map(|_| ())
+}
+
+async fn prune_finished_jobs(pool: &PgPool, older_than: Duration) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "DELETE FROM apalis.jobs
+         WHERE (status IN ('Done', 'Killed') OR (status = 'Failed' AND attempts >= max_attempts))
+           AND done_at < now() - make_interval(secs => $1)",
+    )
+    .bind(older_than.as_secs_f64())
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
+/// Claims a workflow in one statement, its own transaction: locks its row,
+/// marks it running (owner `$2`) unless it has finished, and returns what
+/// the execution needs, its checkpoints included. The workflow is `$1`, or
+/// the one of the job `$3`; with `$3`, the statement also takes that job
+/// (marks it done) if it is due and no other worker holds it. It commits
+/// without waiting for its WAL flush (see `Runtime::claim`).
+pub(crate) const CLAIM: &str = "WITH job AS (
+                 UPDATE apalis.jobs j SET status = 'Done', attempts = j.attempts + 1,
+                     lock_at = now(), done_at = now()
+                 WHERE j.id = (SELECT id FROM apalis.jobs
+                               WHERE id = $3 AND status = 'Pending' AND run_at <= now()
+                               FOR UPDATE SKIP LOCKED)
+                 RETURNING convert_from(j.job, 'UTF8')::json ->> 'workflow_id' AS workflow_id),
+             previous AS (
+                 SELECT id, status, owner FROM engine.workflows
+                 WHERE id = coalesce($1, (SELECT workflow_id FROM job))
+                 FOR UPDATE)
+             UPDATE engine.workflows w SET status = 'running', owner = $2, executions = w.executions + 1,
+                 wait_topic = NULL, wait_until = NULL, updated_at = now()
+             FROM previous
+             WHERE w.id = previous.id AND previous.status NOT IN ('succeeded', 'failed', 'cancelled')
+             RETURNING w.id AS workflow_id, w.kind, w.queue, w.input,
+                 previous.status AS previous_status, previous.owner AS previous_owner,
+                 w.cancel_requested, w.executions,
+                 (SELECT coalesce(json_agg(json_build_object(
+                          'step_seq', s.step_seq, 'name', s.name, 'output', s.output,
+                          'finished_at', s.finished_at)
+                          ORDER BY s.step_seq), '[]')
+                  FROM engine.workflow_steps s WHERE s.workflow_id = w.id) AS checkpoints,
+                 w.created_at,
+                 set_config('synchronous_commit', 'off', true) AS commit_mode";

@@ -1,5 +1,6 @@
 //! What a workflow function sees: the replaying, checkpointing context.
 
+use crate::sql;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -24,7 +25,7 @@ use super::events::{EVENTS_CHANNEL, EventListener};
 use super::queue::{JOB_MAX_ATTEMPTS, new_job_id};
 use super::runtime::StartHere;
 use super::{RetryPolicy, StepError, WorkflowError, WorkflowKind};
-use crate::db::is_unavailable;
+use crate::error::is_unavailable;
 
 /// A checkpoint loaded at the start of an execution.
 #[derive(Debug, serde::Deserialize)]
@@ -599,30 +600,21 @@ impl WorkflowContext {
         // Events and a start ride in the same statement, as more columns.
         let mut also = String::new();
         if !events.is_empty() {
-            also += &format!(", workflow_set_events({id}, {})", placeholders(4));
+            also += &sql::step_events(&id, &placeholders(4));
         }
         if statement.start.is_some() {
-            also += &format!(
-                ", workflow_start({}) AS started, now() AS started_at",
-                placeholders(7)
-            );
+            also += &sql::step_start(&placeholders(7));
         }
         // After the checkpoint, which refuses a finished workflow.
         if finish.is_some() {
-            also += &format!(
-                ", workflow_finish({id}, 'succeeded', {}, NULL, 0)",
-                placeholders(1)
-            );
+            also += &sql::step_finish(&id, &placeholders(1));
         }
         let may_skip_flush = statement.unflushed
             && events.is_empty()
             && statement.start.is_none()
             && finish.is_none();
         if may_skip_flush {
-            also += &format!(
-                ", CASE WHEN {} THEN set_config('synchronous_commit', 'off', true) END",
-                placeholders(1)
-            );
+            also += &sql::skip_flush_if(&placeholders(1));
         }
         let start_job = new_job_id();
         // A workflow the step starts runs here, claimed by its start, when
@@ -634,21 +626,15 @@ impl WorkflowContext {
         };
         // A for_each statement's `input`: this step's row.
         let input = if statement.for_each {
-            format!(
-                "input AS (SELECT {id}::text AS workflow_id, {}::jsonb AS arg),",
-                placeholders(1)
-            )
+            sql::one_step_input(&id, &placeholders(1))
         } else {
             String::new()
         };
-        let sql = format!(
-            "WITH {input} effect AS ({}),
-                  outcome AS (SELECT (SELECT to_jsonb(output) FROM effect) AS output)
-             SELECT outcome.output, workflow_checkpoint({id}, {seqs}, {names},
-                 array_append({outputs}::jsonb[], coalesce(outcome.output, 'null'::jsonb)),
-                 {worker}, {starts}, false){also}
-             FROM outcome",
-            statement.sql
+        let sql = sql::step_with_checkpoint(
+            &input,
+            statement.sql,
+            [&id, &seqs, &names, &outputs, &worker, &starts],
+            &also,
         );
         let mut attempt = 0;
         loop {
@@ -824,26 +810,22 @@ impl WorkflowContext {
         // A database crash before that drops the consumption with its
         // checkpoint, and the replay consumes the same message again. A
         // park's commit is flushed: it ends the execution.
-        let query = sqlx::query_as::<_, (bool, Option<Value>, Option<String>)>(
-            "SELECT done, message,
-                 CASE WHEN done AND $15 THEN set_config('synchronous_commit', 'off', true) END
-             FROM workflow_recv($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-        )
-        .bind(&self.workflow_id)
-        .bind(topic)
-        .bind(deadline)
-        .bind(&rows.seqs)
-        .bind(&rows.names)
-        .bind(&rows.outputs)
-        .bind(&rows.starts)
-        .bind(seq)
-        .bind(&name)
-        .bind(started)
-        .bind(&*self.worker_id)
-        .bind(self.kind.queue)
-        .bind(new_job_id())
-        .bind(JOB_MAX_ATTEMPTS)
-        .bind(self.open.is_none());
+        let query = sqlx::query_as::<_, (bool, Option<Value>, Option<String>)>(sql::RECV)
+            .bind(&self.workflow_id)
+            .bind(topic)
+            .bind(deadline)
+            .bind(&rows.seqs)
+            .bind(&rows.names)
+            .bind(&rows.outputs)
+            .bind(&rows.starts)
+            .bind(seq)
+            .bind(&name)
+            .bind(started)
+            .bind(&*self.worker_id)
+            .bind(self.kind.queue)
+            .bind(new_job_id())
+            .bind(JOB_MAX_ATTEMPTS)
+            .bind(self.open.is_none());
         let received = match self.open.as_mut() {
             Some(tx) => query.fetch_one(&mut **tx).await,
             None => query.fetch_one(&self.pool).await,
@@ -1110,7 +1092,7 @@ impl WorkflowContext {
     ) -> Result<(), WorkflowError> {
         let mut rows = CheckpointRows::step(seq, name, started);
         rows.outputs.push(output.clone());
-        let written = sqlx::query("SELECT workflow_checkpoint($1, $2, $3, $4, $5, $6, false)")
+        let written = sqlx::query(sql::CHECKPOINT)
             .bind(&self.workflow_id)
             .bind(&rows.seqs)
             .bind(&rows.names)
@@ -1133,18 +1115,14 @@ impl WorkflowContext {
     /// Parks a sleeping workflow until `until`, with the job that wakes it
     /// then: one statement. (A recv parks inside `workflow_recv()`.)
     async fn park(&self, tx: &mut PgConnection, until: DateTime<Utc>) -> Result<(), WorkflowError> {
-        sqlx::query(
-            "UPDATE workflows SET status = 'waiting', owner = NULL, wait_topic = NULL, wait_until = $3,
-             wait_job = workflow_enqueue($1, $2, $4, $3, 0, $5), updated_at = now()
-             WHERE id = $2",
-        )
-        .bind(self.kind.queue)
-        .bind(&self.workflow_id)
-        .bind(until)
-        .bind(new_job_id())
-        .bind(JOB_MAX_ATTEMPTS)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(sql::PARK_SLEEP)
+            .bind(self.kind.queue)
+            .bind(&self.workflow_id)
+            .bind(until)
+            .bind(new_job_id())
+            .bind(JOB_MAX_ATTEMPTS)
+            .execute(&mut *tx)
+            .await?;
         Ok(())
     }
 
@@ -1175,16 +1153,12 @@ impl WorkflowContext {
     /// Why this execution must stop at step `seq`, as a refused checkpoint
     /// would say, or `None` (also when the database cannot tell now).
     async fn fenced_off(&self, seq: i32, name: &str) -> Option<WorkflowError> {
-        let row: Option<(bool, bool, String)> = sqlx::query_as(
-            "SELECT EXISTS (SELECT 1 FROM workflow_steps WHERE workflow_id = $1 AND step_seq = $2),
-                 cancel_requested, status
-             FROM workflows WHERE id = $1",
-        )
-        .bind(&self.workflow_id)
-        .bind(seq)
-        .fetch_optional(&self.pool)
-        .await
-        .ok()?;
+        let row: Option<(bool, bool, String)> = sqlx::query_as(sql::STEP_FENCED_OFF)
+            .bind(&self.workflow_id)
+            .bind(seq)
+            .fetch_optional(&self.pool)
+            .await
+            .ok()?;
         let Some((written, cancel_requested, status)) = row else {
             return Some(WorkflowError::fatal("workflow row disappeared"));
         };
@@ -1328,7 +1302,7 @@ pub async fn set_events_in(
         .bind(&mut arguments)
         .map_err(sqlx::Error::Encode)?;
     // The notifications go out with the rows' commit.
-    sqlx::query_with("SELECT workflow_set_events($1, $2, $3, $4, $5)", arguments)
+    sqlx::query_with(sql::SET_EVENTS, arguments)
         .execute(&mut *tx)
         .await?;
     Ok(())

@@ -1,4 +1,6 @@
--- The widget store: one product, its orders.
+-- The widget store: one product, its orders, and the function that gives a
+-- cancelled order's unit back. The workflow engine keeps its own schema
+-- (shared/engine/migrations).
 
 CREATE TABLE products (
     id          integer PRIMARY KEY,
@@ -24,3 +26,17 @@ CREATE TABLE orders (
 );
 
 CREATE INDEX orders_created_idx ON orders (created_at DESC, id DESC);
+
+-- A cancelled order gives its unit back in the same statement that cancels
+-- it (store::cancel_order), so that the product row, every checkout's lock,
+-- is held only while that statement runs: an order's status and the stock
+-- change together without a transaction of several round trips.
+CREATE FUNCTION return_unit(p_product_id integer) RETURNS boolean
+LANGUAGE plpgsql
+VOLATILE
+AS $$
+BEGIN
+    UPDATE products SET inventory = inventory + 1 WHERE id = p_product_id;
+    RETURN FOUND;
+END;
+$$;

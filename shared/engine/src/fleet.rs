@@ -5,7 +5,8 @@
 //! their next reap, without waiting for a heartbeat to go stale. Staleness
 //! of `last_seen` remains the fallback for a hung or cut-off process.
 
-use std::collections::{HashMap, HashSet};
+use crate::sql;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -16,10 +17,7 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::{oneshot, watch};
 
-use super::queue::{JOB_INSERT_CHANNEL, enqueue_takeovers};
-
-/// Channel on which a worker is asked to crash (chaos testing only).
-pub const CONTROL_CHANNEL: &str = "widget_worker_control";
+use super::queue::{self, enqueue_takeovers};
 
 /// A live worker process as the registry shows it.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -44,44 +42,7 @@ pub struct WorkerInfo {
 
 /// The live workers, oldest first.
 pub async fn list_workers(pool: &PgPool) -> Result<Vec<WorkerInfo>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT id, host, pid, queues, started_at, last_seen, in_flight, draining
-         FROM workers ORDER BY started_at, id",
-    )
-    .fetch_all(pool)
-    .await
-}
-
-/// Asks a worker (a random live one when `worker_id` is `None`) to abort on
-/// the spot. Returns the worker asked, or `None` when no worker is live.
-/// Workers obey only when started with remote crash allowed.
-pub async fn request_crash(
-    pool: &PgPool,
-    worker_id: Option<&str>,
-) -> Result<Option<String>, sqlx::Error> {
-    let target: Option<String> = match worker_id {
-        Some(id) => {
-            sqlx::query_scalar("SELECT id FROM workers WHERE id = $1 AND NOT draining")
-                .bind(id)
-                .fetch_optional(pool)
-                .await?
-        }
-        None => {
-            sqlx::query_scalar(
-                "SELECT id FROM workers WHERE NOT draining ORDER BY random() LIMIT 1",
-            )
-            .fetch_optional(pool)
-            .await?
-        }
-    };
-    if let Some(id) = &target {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(CONTROL_CHANNEL)
-            .bind(format!("crash:{id}"))
-            .execute(pool)
-            .await?;
-    }
-    Ok(target)
+    sqlx::query_as(sql::LIST_WORKERS).fetch_all(pool).await
 }
 
 /// What a worker registers.
@@ -136,14 +97,12 @@ pub(crate) async fn hold_membership(
                 }
             }
             let is_draining = *draining.borrow();
-            let beat = sqlx::query(
-                "UPDATE workers SET last_seen = now(), in_flight = $2, draining = $3 WHERE id = $1",
-            )
-            .bind(&*me.worker_id)
-            .bind(in_flight.load(Ordering::Relaxed) as i32)
-            .bind(is_draining)
-            .execute(&mut conn)
-            .await;
+            let beat = sqlx::query(sql::HEARTBEAT)
+                .bind(&*me.worker_id)
+                .bind(in_flight.load(Ordering::Relaxed) as i32)
+                .bind(is_draining)
+                .execute(&mut conn)
+                .await;
             match beat {
                 Ok(done) if done.rows_affected() == 1 => {}
                 Ok(_) => {
@@ -176,17 +135,14 @@ async fn join(options: &PgConnectOptions, me: &Registration) -> Result<PgConnect
 }
 
 async fn upsert(conn: &mut PgConnection, me: &Registration) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO workers (id, host, pid, queues, lock_key) VALUES ($1, $2, $3, $4, $5)
-         ON CONFLICT (id) DO UPDATE SET last_seen = now()",
-    )
-    .bind(&*me.worker_id)
-    .bind(&me.host)
-    .bind(std::process::id() as i32)
-    .bind(&me.queues)
-    .bind(me.lock_key)
-    .execute(&mut *conn)
-    .await?;
+    sqlx::query(sql::REGISTER_WORKER)
+        .bind(&*me.worker_id)
+        .bind(&me.host)
+        .bind(std::process::id() as i32)
+        .bind(&me.queues)
+        .bind(me.lock_key)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
@@ -210,15 +166,11 @@ pub(crate) async fn reap(
     let mut tx = pool.begin().await?;
     // A transaction-level try-lock on a dead worker's key succeeds (and
     // keeps concurrent reapers off it until we commit); on a live one it fails.
-    let others: Vec<(String, Vec<String>, bool, bool)> = sqlx::query_as(
-        "SELECT id, queues, draining,
-             last_seen < now() - make_interval(secs => $2) OR pg_try_advisory_xact_lock(lock_key)
-         FROM workers WHERE id <> $1",
-    )
-    .bind(me)
-    .bind(stale_after.as_secs_f64())
-    .fetch_all(&mut *tx)
-    .await?;
+    let others: Vec<(String, Vec<String>, bool, bool)> = sqlx::query_as(sql::PEERS)
+        .bind(me)
+        .bind(stale_after.as_secs_f64())
+        .fetch_all(&mut *tx)
+        .await?;
     let mut reaped = Reaped::default();
     for (id, queues, draining, dead) in others {
         if dead {
@@ -232,8 +184,8 @@ pub(crate) async fn reap(
         return Ok(reaped);
     }
     let moved = release_work(&mut tx, dead).await?;
-    forget_apalis_workers(&mut tx, dead).await?;
-    sqlx::query("DELETE FROM workers WHERE id = ANY($1)")
+    queue::forget_apalis_workers(&mut tx, dead).await?;
+    sqlx::query(sql::FORGET_WORKERS)
         .bind(dead)
         .execute(&mut *tx)
         .await?;
@@ -248,21 +200,17 @@ pub(crate) async fn reap(
 /// sleeps in-process). Each such workflow gets one job, with a wake-up.
 /// Returns how many workflows go back to the queue.
 async fn release_work(conn: &mut PgConnection, worker_ids: &[String]) -> Result<u64, sqlx::Error> {
-    let released = release_jobs(conn, worker_ids, None).await?;
-    let owned: Vec<(String, String)> = sqlx::query_as(
-        "UPDATE workflows SET status = 'enqueued', owner = NULL, updated_at = now()
-         WHERE owner = ANY($1) AND status = 'running'
-         RETURNING id, queue",
-    )
-    .bind(worker_ids)
-    .fetch_all(&mut *conn)
-    .await?;
+    let released = queue::release_jobs(conn, worker_ids, None).await?;
+    let owned: Vec<(String, String)> = sqlx::query_as(sql::DISOWN_RUNNING)
+        .bind(worker_ids)
+        .fetch_all(&mut *conn)
+        .await?;
     let without_job = owned
         .iter()
         .filter(|(workflow_id, _)| !released.contains(workflow_id));
     let moved = released.len() as u64 + requeue(conn, without_job).await?;
     // Not running (parked, finished): nothing to hand back, only the owner.
-    sqlx::query("UPDATE workflows SET owner = NULL WHERE owner = ANY($1)")
+    sqlx::query(sql::DISOWN)
         .bind(worker_ids)
         .execute(&mut *conn)
         .await?;
@@ -287,52 +235,6 @@ async fn requeue<'a>(
     Ok(moved)
 }
 
-/// Puts jobs held by the given worker processes back to Pending and wakes
-/// idle workers (apalis' insert trigger does not fire for an update).
-/// With `only_queue`, just that queue's jobs, except those of the apalis
-/// worker name `except` (a restarted queue worker releasing its earlier
-/// incarnations' jobs). Returns the workflow ids of the released jobs.
-pub(crate) async fn release_jobs(
-    conn: &mut PgConnection,
-    worker_ids: &[String],
-    only_queue: Option<(&str, &str)>,
-) -> Result<HashSet<String>, sqlx::Error> {
-    let (queue, except) = only_queue.unzip();
-    // A job's payload is the JSON of a `WorkflowJob`.
-    let moved: Vec<(String, String, Option<String>)> = sqlx::query_as(
-        "UPDATE apalis.jobs SET status = 'Pending', lock_by = NULL, lock_at = NULL, done_at = NULL
-         WHERE status IN ('Queued', 'Running')
-           AND split_part(lock_by, '/', 1) = ANY($1)
-           AND ($2::text IS NULL OR job_type = $2)
-           AND ($3::text IS NULL OR lock_by <> $3)
-         RETURNING id, job_type, convert_from(job, 'UTF8')::json ->> 'workflow_id'",
-    )
-    .bind(worker_ids)
-    .bind(queue)
-    .bind(except)
-    .fetch_all(&mut *conn)
-    .await?;
-    if !moved.is_empty() {
-        let (ids, job_types): (Vec<&str>, Vec<&str>) = moved
-            .iter()
-            .map(|(id, job_type, _)| (id.as_str(), job_type.as_str()))
-            .unzip();
-        sqlx::query(
-            "SELECT pg_notify($1, json_build_object('job_type', j.job_type, 'id', j.id)::text)
-             FROM unnest($2::text[], $3::text[]) AS j(id, job_type)",
-        )
-        .bind(JOB_INSERT_CHANNEL)
-        .bind(&ids)
-        .bind(&job_types)
-        .execute(&mut *conn)
-        .await?;
-    }
-    Ok(moved
-        .into_iter()
-        .filter_map(|(_, _, workflow)| workflow)
-        .collect())
-}
-
 /// Hands back to the queue the running workflows this live process owns
 /// but does not execute. A claim, or a start claimed by a step's statement
 /// ([`StepStatement::start`](super::StepStatement::start)), whose commit
@@ -348,15 +250,11 @@ pub(crate) async fn release_lost(
     executing: impl Fn(&str) -> bool,
     older_than: Duration,
 ) -> Result<Vec<String>, sqlx::Error> {
-    let owned: Vec<String> = sqlx::query_scalar(
-        "SELECT id FROM workflows
-         WHERE owner = $1 AND status = 'running'
-           AND updated_at < now() - make_interval(secs => $2)",
-    )
-    .bind(me)
-    .bind(older_than.as_secs_f64())
-    .fetch_all(pool)
-    .await?;
+    let owned: Vec<String> = sqlx::query_scalar(sql::OWNED_RUNNING)
+        .bind(me)
+        .bind(older_than.as_secs_f64())
+        .fetch_all(pool)
+        .await?;
     let lost: Vec<String> = owned.into_iter().filter(|id| !executing(id)).collect();
     if lost.is_empty() {
         return Ok(lost);
@@ -364,17 +262,12 @@ pub(crate) async fn release_lost(
     let mut tx = pool.begin().await?;
     // The same conditions again: an execution that began since claimed
     // the row anew (a later updated_at) or ended (no longer running).
-    let released: Vec<(String, String)> = sqlx::query_as(
-        "UPDATE workflows SET status = 'enqueued', owner = NULL, updated_at = now()
-         WHERE id = ANY($1) AND owner = $2 AND status = 'running'
-           AND updated_at < now() - make_interval(secs => $3)
-         RETURNING id, queue",
-    )
-    .bind(&lost)
-    .bind(me)
-    .bind(older_than.as_secs_f64())
-    .fetch_all(&mut *tx)
-    .await?;
+    let released: Vec<(String, String)> = sqlx::query_as(sql::HAND_BACK_LOST)
+        .bind(&lost)
+        .bind(me)
+        .bind(older_than.as_secs_f64())
+        .fetch_all(&mut *tx)
+        .await?;
     requeue(&mut tx, released.iter()).await?;
     tx.commit().await?;
     Ok(released.into_iter().map(|(id, _)| id).collect())
@@ -386,83 +279,11 @@ pub(crate) async fn leave(pool: &PgPool, me: &str) -> Result<u64, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let ids = [me.to_owned()];
     let moved = release_work(&mut tx, &ids).await?;
-    forget_apalis_workers(&mut tx, &ids).await?;
-    sqlx::query("DELETE FROM workers WHERE id = $1")
+    queue::forget_apalis_workers(&mut tx, &ids).await?;
+    sqlx::query(sql::DELETE_WORKER)
         .bind(me)
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
     Ok(moved)
-}
-
-/// Removes the apalis worker rows of these processes. Finished jobs still
-/// reference their worker (a foreign key), so rows in use stay until the
-/// janitor has pruned those jobs.
-async fn forget_apalis_workers(
-    conn: &mut PgConnection,
-    worker_ids: &[String],
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "DELETE FROM apalis.workers w WHERE split_part(w.id, '/', 1) = ANY($1)
-         AND NOT EXISTS (SELECT 1 FROM apalis.jobs j WHERE j.lock_by = w.id)",
-    )
-    .bind(worker_ids)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
-/// Advisory lock key of the queue janitor's VACUUM (one worker at a time).
-const VACUUM_LOCK_KEY: i64 = 0x5749_4447_4554_5641; // "WIDGETVA"
-
-/// Deletes finished jobs older than `older_than` (apalis.jobs stays small,
-/// so claiming stays fast however many jobs have run), then the apalis
-/// worker rows of processes that left and hold no job any more, then
-/// vacuums the queue table when it deleted anything. The explicit VACUUM
-/// matters: a server may run with autovacuum off (this machine's does), and
-/// each job leaves several dead row versions behind.
-pub(crate) async fn prune_jobs(pool: &PgPool, older_than: Duration) -> Result<u64, sqlx::Error> {
-    let pruned = prune_finished_jobs(pool, older_than).await?;
-    sqlx::query(
-        "DELETE FROM apalis.workers w
-         WHERE NOT EXISTS (SELECT 1 FROM workers k WHERE k.id = split_part(w.id, '/', 1))
-           AND NOT EXISTS (SELECT 1 FROM apalis.jobs j WHERE j.lock_by = w.id)",
-    )
-    .execute(pool)
-    .await?;
-    if pruned > 0 {
-        vacuum_queue(pool).await?;
-    }
-    Ok(pruned)
-}
-
-async fn vacuum_queue(pool: &PgPool) -> Result<(), sqlx::Error> {
-    let mut conn = pool.acquire().await?;
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(VACUUM_LOCK_KEY)
-        .fetch_one(&mut *conn)
-        .await?;
-    if !locked {
-        return Ok(());
-    }
-    let vacuumed = sqlx::query("VACUUM (ANALYZE) apalis.jobs")
-        .execute(&mut *conn)
-        .await;
-    sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(VACUUM_LOCK_KEY)
-        .execute(&mut *conn)
-        .await?;
-    vacuumed.map(|_| ())
-}
-
-async fn prune_finished_jobs(pool: &PgPool, older_than: Duration) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query(
-        "DELETE FROM apalis.jobs
-         WHERE (status IN ('Done', 'Killed') OR (status = 'Failed' AND attempts >= max_attempts))
-           AND done_at < now() - make_interval(secs => $1)",
-    )
-    .bind(older_than.as_secs_f64())
-    .execute(pool)
-    .await?
-    .rows_affected())
 }

@@ -1,12 +1,21 @@
-//! The widget store's domain: its workflow kinds, their inputs, and every
-//! SQL statement on `products` and `orders` (the repository).
+//! Widget Store's shared library: the store's domain (its workflow kinds,
+//! their inputs, and every SQL statement on `products` and `orders`: the
+//! repository), the pool and migrations, logging, and the demo's crash
+//! requests. The durable workflow engine is a crate of its own (`engine`).
+
+#![warn(missing_docs)]
+
+pub mod chaos;
+pub mod db;
+pub mod shutdown;
+pub mod telemetry;
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
-use crate::engine::{StepStatement, WorkflowKind};
+use engine::{StepStatement, WorkflowKind};
 
 /// The checkout workflow: reserve, create the order, wait for payment.
 pub const CHECKOUT: WorkflowKind = WorkflowKind {
@@ -207,15 +216,14 @@ pub async fn restock(pool: &PgPool, inventory: i32) -> Result<Product, sqlx::Err
 
 /// The step that takes one unit if there is one: its output is `true`, or
 /// null when out of stock. A step statement
-/// ([`WorkflowContext::sql_step`](crate::engine::WorkflowContext::sql_step)):
+/// ([`WorkflowContext::sql_step`](engine::WorkflowContext::sql_step)):
 /// the product row is every checkout's lock, and this way it is held only
 /// while the statement runs, not for round trips to the worker.
 ///
 /// A reservation commits without waiting for its WAL flush
 /// ([`StepStatement::unflushed`]). The flush was part of the row lock's
-/// hold: in four pairs of runs alternated with and without, the checkout
-/// p99 at 32 clients was 191–212 ms against 216–284 ms (flows/s within the
-/// noise). Nothing is lost by it: a database crash can drop the
+/// hold, and the checkout's tail latency under load with it
+/// (docs/benchmarks/profile.md). Nothing is lost by it: a database crash can drop the
 /// reservation only together with its checkpoint (one statement), before
 /// anything outside saw it (the payment id, or "out of stock", goes out
 /// with the checkout's next commit, which is flushed and carries this
@@ -231,7 +239,7 @@ pub fn reserve_inventory(product_id: i32) -> StepStatement {
 
 /// The step that creates the PENDING order of a checkout: its output is
 /// the order's id. A step statement
-/// ([`WorkflowContext::sql_step`](crate::engine::WorkflowContext::sql_step)),
+/// ([`WorkflowContext::sql_step`](engine::WorkflowContext::sql_step)),
 /// so the checkout can publish the payment id with it, in the same round
 /// trip.
 pub fn create_order(product_id: i32, checkout_id: &str) -> StepStatement {

@@ -1,6 +1,7 @@
 //! The worker side: runs workflows from apalis queues, keeps the process in
 //! the fleet registry, reaps dead workers and drains on shutdown.
 
+use crate::sql;
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -19,15 +20,16 @@ use futures::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use sqlx::postgres::{PgConnectOptions, PgListener};
+use sqlx::postgres::PgConnectOptions;
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tracing::Instrument;
 
 use super::batch::StepBatches;
+use super::config::{QueueConfig, RuntimeConfig};
 use super::context::{Checkpoint, WorkflowContext, panic_message};
 use super::crash_point::CrashCounter;
-use super::fleet::{self, CONTROL_CHANNEL, Registration};
+use super::fleet::{self, Registration};
 use super::queue::{self, FetchWake, JOB_MAX_ATTEMPTS, JobWakeups, WorkflowJob, new_job_id};
 use super::{RetryPolicy, WorkflowError, WorkflowKind};
 
@@ -84,64 +86,6 @@ impl<W: Workflow> ErasedWorkflow for W {
             Ok(serde_json::to_value(output)?)
         }
         .boxed()
-    }
-}
-
-/// One queue a worker consumes.
-#[derive(Debug, Clone)]
-pub struct QueueConfig {
-    /// The queue name (a workflow kind's `queue`).
-    pub name: String,
-    /// Workflows of this queue executing at once in this process. Also the
-    /// fetch batch size: a larger batch would hold jobs a sibling could run.
-    pub concurrency: usize,
-}
-
-/// Settings of a worker process's runtime.
-#[derive(Debug, Clone)]
-pub struct RuntimeConfig {
-    /// Queues to consume.
-    pub queues: Vec<QueueConfig>,
-    /// Registry heartbeat period.
-    pub heartbeat: Duration,
-    /// How often to look for dead workers (bounds takeover time).
-    pub reap_interval: Duration,
-    /// A worker whose heartbeat is older than this is presumed hung and reaped
-    /// even though its connection lives.
-    pub stale_after: Duration,
-    /// Fallback poll of the queue, for scheduled jobs (no NOTIFY for them).
-    pub poll_interval: Duration,
-    /// Sleeps up to this long wait in-process instead of parking.
-    pub hold_threshold: Duration,
-    /// On SIGTERM, how long running steps get to finish.
-    pub drain_timeout: Duration,
-    /// Finished jobs older than this are deleted.
-    pub prune_after: Duration,
-    /// Obey `POST /crash_application` (chaos testing).
-    pub allow_remote_crash: bool,
-    /// A workflow started this many times without finishing is failed (a
-    /// crash loop is a dead letter, not an infinite loop).
-    pub max_executions: i32,
-    /// Tests only: die with SIGKILL at this step boundary
-    /// ([`CrashPoint`](super::CrashPoint)). Ignored by release builds.
-    pub crash_at: Option<super::CrashPoint>,
-}
-
-impl Default for RuntimeConfig {
-    fn default() -> Self {
-        Self {
-            queues: Vec::new(),
-            heartbeat: Duration::from_secs(1),
-            reap_interval: Duration::from_millis(200),
-            stale_after: Duration::from_secs(30),
-            poll_interval: Duration::from_millis(200),
-            hold_threshold: Duration::from_secs(5),
-            drain_timeout: Duration::from_secs(10),
-            prune_after: Duration::from_secs(300),
-            allow_remote_crash: false,
-            max_executions: 100,
-            crash_at: None,
-        }
     }
 }
 
@@ -405,7 +349,6 @@ impl Runtime {
         let background = [
             tokio::spawn(reap_loop(inner.clone(), stop_rx.clone())),
             tokio::spawn(prune_loop(inner.clone(), stop_rx.clone())),
-            tokio::spawn(control_loop(inner.clone(), stop_rx.clone())),
             tokio::spawn(job_notice_loop(inner.clone())),
         ];
         let queues: Vec<_> = inner
@@ -616,38 +559,12 @@ impl Runtime {
         workflow_id: Option<&str>,
         job_id: Option<&str>,
     ) -> Result<Option<Claim>, sqlx::Error> {
-        sqlx::query_as(
-            "WITH job AS (
-                 UPDATE apalis.jobs j SET status = 'Done', attempts = j.attempts + 1,
-                     lock_at = now(), done_at = now()
-                 WHERE j.id = (SELECT id FROM apalis.jobs
-                               WHERE id = $3 AND status = 'Pending' AND run_at <= now()
-                               FOR UPDATE SKIP LOCKED)
-                 RETURNING convert_from(j.job, 'UTF8')::json ->> 'workflow_id' AS workflow_id),
-             previous AS (
-                 SELECT id, status, owner FROM workflows
-                 WHERE id = coalesce($1, (SELECT workflow_id FROM job))
-                 FOR UPDATE)
-             UPDATE workflows w SET status = 'running', owner = $2, executions = w.executions + 1,
-                 wait_topic = NULL, wait_until = NULL, updated_at = now()
-             FROM previous
-             WHERE w.id = previous.id AND previous.status NOT IN ('succeeded', 'failed', 'cancelled')
-             RETURNING w.id AS workflow_id, w.kind, w.queue, w.input,
-                 previous.status AS previous_status, previous.owner AS previous_owner,
-                 w.cancel_requested, w.executions,
-                 (SELECT coalesce(json_agg(json_build_object(
-                          'step_seq', s.step_seq, 'name', s.name, 'output', s.output,
-                          'finished_at', s.finished_at)
-                          ORDER BY s.step_seq), '[]')
-                  FROM workflow_steps s WHERE s.workflow_id = w.id) AS checkpoints,
-                 w.created_at,
-                 set_config('synchronous_commit', 'off', true) AS commit_mode",
-        )
-        .bind(workflow_id)
-        .bind(&*self.inner.worker_id)
-        .bind(job_id)
-        .fetch_optional(&self.inner.pool)
-        .await
+        sqlx::query_as(queue::CLAIM)
+            .bind(workflow_id)
+            .bind(&*self.inner.worker_id)
+            .bind(job_id)
+            .fetch_optional(&self.inner.pool)
+            .await
     }
 
     /// One execution: claim, run, settle. `None` asks for a replay without
@@ -810,18 +727,13 @@ impl Runtime {
                     None => inner.pool.begin().await?,
                 };
                 // The hand-back and its job: one statement.
-                sqlx::query(
-                    "WITH handed AS (
-                         UPDATE workflows SET status = 'enqueued', owner = NULL, updated_at = now()
-                         WHERE id = $2 AND status = 'running')
-                     SELECT workflow_enqueue($1, $2, $3, NULL, 0, $4)",
-                )
-                .bind(queue)
-                .bind(workflow_id)
-                .bind(new_job_id())
-                .bind(JOB_MAX_ATTEMPTS)
-                .execute(&mut *tx)
-                .await?;
+                sqlx::query(sql::HAND_BACK)
+                    .bind(queue)
+                    .bind(workflow_id)
+                    .bind(new_job_id())
+                    .bind(JOB_MAX_ATTEMPTS)
+                    .execute(&mut *tx)
+                    .await?;
                 tx.commit().await?;
                 tracing::info!("handed back to the queue (worker draining)");
                 ExecutionOutcome::HandedBack
@@ -869,7 +781,7 @@ impl Runtime {
         error: Option<&str>,
         attempts: i32,
     ) -> Result<(), sqlx::Error> {
-        let finish = sqlx::query("SELECT workflow_finish($1, $2, $3, $4, $5)")
+        let finish = sqlx::query(sql::FINISH)
             .bind(workflow_id)
             .bind(status)
             .bind(output)
@@ -934,7 +846,7 @@ struct FetchedJobs {
 /// this worker is the one chosen for it and the queue has a free slot: the
 /// notification names the job, so one statement takes it and claims its
 /// workflow, without apalis' fetch (its own transaction, and the dispatch
-/// to a handler: about 4 ms of a 1-client checkout). A queue without a
+/// to a handler, a large part of a 1-client checkout). A queue without a
 /// free slot asks apalis to fetch instead, and its handler waits for a
 /// slot. Jobs nobody takes from their notification (the chosen worker has
 /// just died) are fetched at the next poll.
@@ -987,7 +899,7 @@ async fn run_queue(inner: Arc<Inner>, queue: QueueConfig) {
             // Jobs claimed by our earlier incarnation but never acked.
             let released = async {
                 let mut conn = inner.pool.acquire().await?;
-                fleet::release_jobs(
+                queue::release_jobs(
                     &mut conn,
                     &[inner.worker_id.to_string()],
                     Some((&queue.name, &name)),
@@ -1124,44 +1036,10 @@ async fn prune_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
             _ = tokio::time::sleep(period) => {}
             _ = super::until_true(&mut stop) => return,
         }
-        match fleet::prune_jobs(&inner.pool, inner.config.prune_after).await {
+        match queue::prune_jobs(&inner.pool, inner.config.prune_after).await {
             Ok(0) => {}
             Ok(pruned) => tracing::debug!(pruned, "pruned finished jobs"),
             Err(e) => tracing::debug!(error = %e, "prune failed"),
-        }
-    }
-}
-
-/// Obeys crash requests addressed to this worker (chaos testing only).
-async fn control_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
-    if !inner.config.allow_remote_crash {
-        return;
-    }
-    let target = format!("crash:{}", inner.worker_id);
-    loop {
-        let mut listener = match PgListener::connect_with(&inner.pool).await {
-            Ok(listener) => listener,
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
-        };
-        if listener.listen(CONTROL_CHANNEL).await.is_err() {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            continue;
-        }
-        loop {
-            tokio::select! {
-                received = listener.try_recv() => match received {
-                    Ok(Some(note)) if note.payload() == target => {
-                        tracing::error!(worker_id = %inner.worker_id, "crash requested: aborting now");
-                        std::process::abort();
-                    }
-                    Ok(_) => {}
-                    Err(_) => break,
-                },
-                _ = super::until_true(&mut stop) => return,
-            }
         }
     }
 }

@@ -18,7 +18,8 @@ use serde_json::Value;
 use sqlx::{AssertSqlSafe, PgPool, Row};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::db::is_unavailable;
+use crate::error::is_unavailable;
+use crate::sql;
 
 /// How long a lane waits for more steps after the first of a batch: about
 /// a dozen dispatch steps a batch at a few hundred flows a second, for
@@ -99,7 +100,7 @@ impl StepBatches {
 /// A lane: takes the first step that comes, then whatever comes within
 /// [`GATHER`], and runs them as one batch while it gathers the next.
 async fn gather(inner: Arc<Inner>, sql: &'static str, mut steps: mpsc::UnboundedReceiver<Waiting>) {
-    let statement = Arc::new(batch_sql(sql));
+    let statement = Arc::new(sql::batch_statement(sql));
     while let Some(first) = steps.recv().await {
         let mut batch = vec![first];
         let until = tokio::time::Instant::now() + GATHER;
@@ -111,32 +112,6 @@ async fn gather(inner: Arc<Inner>, sql: &'static str, mut steps: mpsc::Unbounded
         }
         tokio::spawn(run_batch(inner.clone(), statement.clone(), batch));
     }
-}
-
-/// The statement of a batch: the step statement over `input`, one row per
-/// step, and their checkpoints, written only for a workflow neither
-/// cancelled nor finished and a step no other execution wrote (what
-/// `workflow_checkpoint()` refuses, raising, for a step alone). It returns
-/// the checkpoints written; fewer than the steps, and the batch is rolled
-/// back.
-fn batch_sql(sql: &str) -> String {
-    format!(
-        "WITH input AS (
-             SELECT * FROM unnest($1::text[], $2::jsonb[], $3::integer[], $4::text[], $5::timestamptz[])
-                 AS i(workflow_id, arg, step_seq, name, started_at)),
-         effect AS ({sql}),
-         checkpoint AS (
-             INSERT INTO workflow_steps
-                 (workflow_id, step_seq, name, output, worker_id, started_at, finished_at)
-             SELECT i.workflow_id, i.step_seq, i.name,
-                 coalesce((SELECT to_jsonb(e.output) FROM effect e WHERE e.workflow_id = i.workflow_id), 'null'::jsonb),
-                 $6, i.started_at, clock_timestamp()
-             FROM input i JOIN workflows w ON w.id = i.workflow_id
-             WHERE NOT w.cancel_requested AND w.status NOT IN ('succeeded', 'failed', 'cancelled')
-             ON CONFLICT DO NOTHING
-             RETURNING workflow_id, output)
-         SELECT workflow_id, output FROM checkpoint"
-    )
 }
 
 async fn run_batch(inner: Arc<Inner>, statement: Arc<String>, steps: Vec<Waiting>) {
@@ -196,8 +171,8 @@ async fn commit_batch(
     // Planned for these arguments every time: a plan cached for the
     // connection is made for ten rows of `input` against the tables as
     // they were, and with no ANALYZE since (autovacuum off) it stays a hash
-    // join over a whole table as that table grows (6.6 ms a batch against
-    // 1 ms, measured with pg_stat_statements at 32 clients). A row lock
+    // join over a whole table as that table grows (several times slower:
+    // docs/benchmarks/profile.md). A row lock
     // held elsewhere (a duplicate execution's, a frozen worker's) would
     // hold up every step of the batch: after a while, they run alone.
     let mut tx = inner

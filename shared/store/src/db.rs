@@ -8,15 +8,18 @@ use sqlx::PgPool;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-/// The store's and the engine's migrations (`migrations/` at the workspace root).
-pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
+/// The store's migrations (`migrations/` at the workspace root); the
+/// engine's come with the engine ([`engine::run_migrations`]).
+pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
 
 /// Default pool size of each process. Small on purpose: on a 2-core
-/// machine PostgreSQL did more work with fewer busy backends (widget-bench
-/// at 32 clients, API and two workers: 216 flows/s with 8 each against 197
-/// with 16 and 196 with 4, docs/benchmarks/profile.md). Raise it with the
-/// database's cores, not with the number of workers.
+/// machine PostgreSQL did more work with fewer busy backends
+/// (docs/benchmarks/profile.md). Raise it with the database's cores, not
+/// with the number of workers.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 8;
+
+/// How long a request waits for a pooled connection by default.
+const DEFAULT_ACQUIRE_TIMEOUT: &str = "3s";
 
 /// Connection settings shared by every binary (flatten it into a clap struct).
 #[derive(Debug, Clone, clap::Args)]
@@ -39,11 +42,12 @@ pub struct DatabaseArgs {
     /// How long a request waits for a pooled connection before failing with
     /// "database unavailable".
     #[arg(
-        long = "db-acquire-timeout-ms",
-        env = "DB_ACQUIRE_TIMEOUT_MS",
-        default_value_t = 3000
+        long = "db-acquire-timeout",
+        env = "DB_ACQUIRE_TIMEOUT",
+        default_value = DEFAULT_ACQUIRE_TIMEOUT,
+        value_parser = humantime::parse_duration
     )]
-    pub acquire_timeout_ms: u64,
+    pub acquire_timeout: Duration,
 }
 
 impl DatabaseArgs {
@@ -52,7 +56,8 @@ impl DatabaseArgs {
         Self {
             url: url.into(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
-            acquire_timeout_ms: 3000,
+            acquire_timeout: humantime::parse_duration(DEFAULT_ACQUIRE_TIMEOUT)
+                .expect("a valid default"),
         }
     }
 
@@ -82,7 +87,7 @@ impl DatabaseArgs {
         Ok(PgPoolOptions::new()
             .max_connections(self.max_connections)
             .min_connections(0)
-            .acquire_timeout(Duration::from_millis(self.acquire_timeout_ms))
+            .acquire_timeout(self.acquire_timeout)
             .idle_timeout(Duration::from_secs(60))
             // sqlx pings every idle connection it hands out: a round trip
             // per acquire, about 30 per paid order under load. Ping only one
@@ -109,22 +114,26 @@ pub enum MigrateError {
     /// The connection settings do not parse.
     #[error("bad database settings")]
     Settings(#[source] sqlx::Error),
-    /// apalis-postgres' own migrations failed.
-    #[error("queue schema migration failed")]
-    Queue(#[source] apalis_postgres::Error),
+    /// The engine's migrations (apalis' queue included) failed.
+    #[error(transparent)]
+    Engine(#[from] engine::MigrateError),
     /// The store's migrations failed.
-    #[error("schema migration failed")]
+    #[error("store schema migration failed")]
     Store(#[source] sqlx::migrate::MigrateError),
 }
 
-/// Applies apalis' queue schema, then ours (ours tunes `apalis.jobs`, so the
-/// order matters). Safe to run from many processes at once: both take
-/// sqlx's migration lock.
+/// Applies the engine's schema, then the store's. Safe to run from many
+/// processes at once: each takes sqlx's migration lock.
 pub async fn migrate(pool: &PgPool) -> Result<(), MigrateError> {
-    apalis_postgres::PostgresStorage::setup(pool)
-        .await
-        .map_err(MigrateError::Queue)?;
+    engine::run_migrations(pool).await?;
     MIGRATOR.run(pool).await.map_err(MigrateError::Store)
+}
+
+/// Whether the engine's and the store's migrations are all applied (the
+/// API's readiness).
+pub async fn migrations_applied(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    Ok(engine::migrations_applied(pool).await?
+        && engine::migrator_applied(pool, &MIGRATOR, "_sqlx_migrations").await?)
 }
 
 /// Runs [`migrate`] until it succeeds, so a process started before its
@@ -142,30 +151,6 @@ async fn migrate_with_retry(pool: &PgPool, give_up_after: Duration) -> Result<()
             }
             Err(e) => return Err(e),
         }
-    }
-}
-
-/// True when the error says the database could not be reached (as opposed to
-/// a query the database refused): callers answer 503 or retry later.
-pub fn is_unavailable(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed
-        | sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            // 08xxx connection exceptions; 57P0x shutdown or not yet
-            // accepting; 53300 too many connections; 55000 database not
-            // accepting connections; 3D000 database missing; 28xxx login
-            // refused. None of them is the client's fault.
-            code.starts_with("08")
-                || code.starts_with("57P0")
-                || code.starts_with("28")
-                || matches!(code.as_ref(), "53300" | "55000" | "3D000")
-        }),
-        _ => false,
     }
 }
 

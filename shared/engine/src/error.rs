@@ -2,8 +2,6 @@
 //! what a step reports ([`StepError`]) and what stops a workflow function
 //! ([`WorkflowError`]).
 
-use crate::db::is_unavailable;
-
 /// Errors of the engine's client calls (start, send, cancel, resume, events).
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -192,4 +190,28 @@ impl From<serde_json::Error> for WorkflowError {
 fn is_concurrency_conflict(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db)
         if db.code().is_some_and(|code| matches!(code.as_ref(), "40P01" | "40001")))
+}
+
+/// True when the error says the database could not be reached (as opposed to
+/// a query the database refused): callers answer 503 or retry later.
+pub fn is_unavailable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08xxx connection exceptions; 57P0x shutdown or not yet
+            // accepting; 53300 too many connections; 55000 database not
+            // accepting connections; 3D000 database missing; 28xxx login
+            // refused. None of them is the client's fault.
+            code.starts_with("08")
+                || code.starts_with("57P0")
+                || code.starts_with("28")
+                || matches!(code.as_ref(), "53300" | "55000" | "3D000")
+        }),
+        _ => false,
+    }
 }

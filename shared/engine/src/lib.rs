@@ -29,6 +29,7 @@
 
 mod batch;
 mod client;
+mod config;
 mod context;
 mod crash_point;
 mod error;
@@ -36,6 +37,8 @@ mod events;
 pub mod fleet;
 mod queue;
 mod runtime;
+mod schema;
+mod sql;
 
 use std::time::Duration;
 
@@ -43,13 +46,15 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 pub use client::{Engine, EventSubscription, Message, SendOutcome};
+pub use config::{QueueConfig, RuntimeConfig};
 pub use context::set_events_in;
 pub use context::{StepStatement, WorkflowContext};
 pub use crash_point::{CrashPoint, CrashWhen};
-pub use error::{EngineError, StepError, WorkflowError};
+pub use error::{EngineError, StepError, WorkflowError, is_unavailable};
 pub use events::EventListener;
 pub use queue::{JOB_INSERT_CHANNEL, WorkflowJob};
-pub use runtime::{ExecutionOutcome, QueueConfig, Runtime, RuntimeConfig, Workflow};
+pub use runtime::{ExecutionOutcome, Runtime, Workflow};
+pub use schema::{MigrateError, migrations_applied, migrator_applied, run_migrations};
 
 /// A kind of workflow and the queue its jobs go to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

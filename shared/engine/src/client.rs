@@ -1,5 +1,6 @@
 //! The engine's client side: what the API (or anyone) calls.
 
+use crate::sql;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -113,8 +114,8 @@ impl Engine {
 
     /// Delivers a message: stored and, if the workflow is parked, its
     /// wake-up job made due now (or a resume job enqueued), atomically: one
-    /// statement, the SQL function `workflow_send` (migration
-    /// 20261125000003). It is on disk when this returns.
+    /// statement, the SQL function `engine.workflow_send` (the engine's
+    /// migration). It is on disk when this returns.
     pub async fn send(&self, message: Message<'_>) -> Result<SendOutcome, EngineError> {
         self.send_with(message, Flush::Wait).await
     }
@@ -135,20 +136,17 @@ impl Engine {
         message: Message<'_>,
         flush: Flush,
     ) -> Result<SendOutcome, EngineError> {
-        let (outcome, status, kept): (String, Option<String>, Option<Value>) = sqlx::query_as(
-            "SELECT outcome, status, kept,
-                 CASE WHEN $7 THEN set_config('synchronous_commit', 'off', true) END
-             FROM workflow_send($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(message.workflow_id)
-        .bind(message.topic)
-        .bind(&message.payload)
-        .bind(message.key)
-        .bind(new_job_id())
-        .bind(JOB_MAX_ATTEMPTS)
-        .bind(flush == Flush::Later)
-        .fetch_one(&self.pool)
-        .await?;
+        let (outcome, status, kept): (String, Option<String>, Option<Value>) =
+            sqlx::query_as(sql::SEND)
+                .bind(message.workflow_id)
+                .bind(message.topic)
+                .bind(&message.payload)
+                .bind(message.key)
+                .bind(new_job_id())
+                .bind(JOB_MAX_ATTEMPTS)
+                .bind(flush == Flush::Later)
+                .fetch_one(&self.pool)
+                .await?;
         match outcome.as_str() {
             "delivered" => Ok(SendOutcome::Delivered),
             "duplicate" => Ok(SendOutcome::Duplicate {
@@ -164,13 +162,11 @@ impl Engine {
 
     /// Reads an event now, without waiting.
     pub async fn event(&self, workflow_id: &str, key: &str) -> Result<Option<Value>, EngineError> {
-        Ok(sqlx::query_scalar(
-            "SELECT value FROM workflow_events WHERE workflow_id = $1 AND key = $2",
-        )
-        .bind(workflow_id)
-        .bind(key)
-        .fetch_optional(&self.pool)
-        .await?)
+        Ok(sqlx::query_scalar(sql::READ_EVENT)
+            .bind(workflow_id)
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?)
     }
 
     /// Waits up to `wait` for the workflow to set event `key`; `None` when
@@ -204,20 +200,17 @@ impl Engine {
         let after = match status {
             s if s.is_terminal() => s,
             WorkflowStatus::Running => {
-                sqlx::query("UPDATE workflows SET cancel_requested = true, updated_at = now() WHERE id = $1")
+                sqlx::query(sql::REQUEST_CANCEL)
                     .bind(workflow_id)
                     .execute(&mut *tx)
                     .await?;
                 WorkflowStatus::Running
             }
             _ => {
-                sqlx::query(
-                    "UPDATE workflows SET status = 'cancelled', cancel_requested = true, owner = NULL,
-                     wait_topic = NULL, wait_until = NULL, updated_at = now() WHERE id = $1",
-                )
-                .bind(workflow_id)
-                .execute(&mut *tx)
-                .await?;
+                sqlx::query(sql::CANCEL_NOW)
+                    .bind(workflow_id)
+                    .execute(&mut *tx)
+                    .await?;
                 WorkflowStatus::Cancelled
             }
         };
@@ -235,40 +228,30 @@ impl Engine {
                 status: status.as_str().to_owned(),
             });
         }
-        sqlx::query(
-            "UPDATE workflows SET status = 'enqueued', cancel_requested = false, error = NULL,
-             attempts = 0, executions = 0, owner = NULL, updated_at = now()
-             WHERE id = $1 RETURNING workflow_enqueue(queue, id, $2, NULL, 0, $3)",
-        )
-        .bind(workflow_id)
-        .bind(new_job_id())
-        .bind(JOB_MAX_ATTEMPTS)
-        .fetch_one(&mut *tx)
-        .await?;
+        sqlx::query(sql::RESUME)
+            .bind(workflow_id)
+            .bind(new_job_id())
+            .bind(JOB_MAX_ATTEMPTS)
+            .fetch_one(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
     }
 
     /// The workflow's row, if it exists.
     pub async fn info(&self, workflow_id: &str) -> Result<Option<WorkflowInfo>, EngineError> {
-        Ok(sqlx::query_as(
-            "SELECT id, kind, status, output, error, attempts, executions, owner, created_at, updated_at
-             FROM workflows WHERE id = $1",
-        )
-        .bind(workflow_id)
-        .fetch_optional(&self.pool)
-        .await?)
+        Ok(sqlx::query_as(sql::WORKFLOW_INFO)
+            .bind(workflow_id)
+            .fetch_optional(&self.pool)
+            .await?)
     }
 
     /// The workflow's completed steps, in order.
     pub async fn steps(&self, workflow_id: &str) -> Result<Vec<StepRecord>, EngineError> {
-        Ok(sqlx::query_as(
-            "SELECT step_seq, name, output, worker_id, started_at, finished_at
-             FROM workflow_steps WHERE workflow_id = $1 ORDER BY step_seq",
-        )
-        .bind(workflow_id)
-        .fetch_all(&self.pool)
-        .await?)
+        Ok(sqlx::query_as(sql::WORKFLOW_STEPS)
+            .bind(workflow_id)
+            .fetch_all(&self.pool)
+            .await?)
     }
 }
 
@@ -276,11 +259,10 @@ async fn lock_status(
     conn: &mut PgConnection,
     workflow_id: &str,
 ) -> Result<WorkflowStatus, EngineError> {
-    let status: Option<String> =
-        sqlx::query_scalar("SELECT status FROM workflows WHERE id = $1 FOR UPDATE")
-            .bind(workflow_id)
-            .fetch_optional(&mut *conn)
-            .await?;
+    let status: Option<String> = sqlx::query_scalar(sql::LOCK_STATUS)
+        .bind(workflow_id)
+        .fetch_optional(&mut *conn)
+        .await?;
     status
         .and_then(|s| WorkflowStatus::parse(&s))
         .ok_or_else(|| EngineError::UnknownWorkflow(workflow_id.to_owned()))
@@ -296,8 +278,8 @@ enum Flush {
     Later,
 }
 
-/// One statement: the workflow row and, when it is new, its job (migration
-/// 20261130000002).
+/// One statement: the workflow row and, when it is new, its job
+/// (`engine.workflow_start()`).
 async fn start_on(
     conn: &mut PgConnection,
     kind: WorkflowKind,
@@ -307,27 +289,24 @@ async fn start_on(
 ) -> Result<WorkflowHandle, EngineError> {
     check_id(id)?;
     let input = serde_json::to_value(input)?;
-    let created = sqlx::query_scalar(
-        "SELECT workflow_start($1, $2, $3, $4, $5, $6),
-             CASE WHEN $7 THEN set_config('synchronous_commit', 'off', true) END",
-    )
-    .bind(id)
-    .bind(kind.name)
-    .bind(kind.queue)
-    .bind(&input)
-    .bind(new_job_id())
-    .bind(JOB_MAX_ATTEMPTS)
-    .bind(flush == Flush::Later)
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(|error| match kind_conflict(&error) {
-        Some(existing) => EngineError::KindConflict {
-            id: id.to_owned(),
-            existing,
-            requested: kind.name.to_owned(),
-        },
-        None => error.into(),
-    })?;
+    let created = sqlx::query_scalar(sql::START)
+        .bind(id)
+        .bind(kind.name)
+        .bind(kind.queue)
+        .bind(&input)
+        .bind(new_job_id())
+        .bind(JOB_MAX_ATTEMPTS)
+        .bind(flush == Flush::Later)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|error| match kind_conflict(&error) {
+            Some(existing) => EngineError::KindConflict {
+                id: id.to_owned(),
+                existing,
+                requested: kind.name.to_owned(),
+            },
+            None => error.into(),
+        })?;
     Ok(WorkflowHandle {
         id: id.to_owned(),
         kind: kind.name.to_owned(),

@@ -1,0 +1,217 @@
+//! Every statement the engine sends that names one of its tables or
+//! functions (schema `engine`), in one place: read this file to know what
+//! the engine does to the database. The tables and the PL/pgSQL functions
+//! themselves are defined in the engine's migration
+//! (`migrations/20261204000001_engine.sql`). The two statements that also
+//! take or make apalis jobs (the claim, the takeover jobs) live with the
+//! rest of the queue in `queue.rs`.
+//!
+//! Parameters are `$n`; a statement's doc says what it does, its caller
+//! binds them in order.
+
+// ---- Starting, messaging, events, cancel and resume (client.rs)
+
+/// Delivers a message (`engine.workflow_send()`); `$7` lets the commit skip its WAL flush.
+pub(crate) const SEND: &str = "SELECT outcome, status, kept,
+         CASE WHEN $7 THEN set_config('synchronous_commit', 'off', true) END
+     FROM engine.workflow_send($1, $2, $3, $4, $5, $6)";
+
+/// An event's value.
+pub(crate) const READ_EVENT: &str =
+    "SELECT value FROM engine.workflow_events WHERE workflow_id = $1 AND key = $2";
+
+/// Asks a running workflow to stop at its next step.
+pub(crate) const REQUEST_CANCEL: &str =
+    "UPDATE engine.workflows SET cancel_requested = true, updated_at = now() WHERE id = $1";
+
+/// Cancels a workflow that is not running (enqueued or parked).
+pub(crate) const CANCEL_NOW: &str =
+    "UPDATE engine.workflows SET status = 'cancelled', cancel_requested = true, owner = NULL,
+     wait_topic = NULL, wait_until = NULL, updated_at = now() WHERE id = $1";
+
+/// Puts a cancelled or failed workflow back in the queue, with a job.
+pub(crate) const RESUME: &str =
+    "UPDATE engine.workflows SET status = 'enqueued', cancel_requested = false, error = NULL,
+     attempts = 0, executions = 0, owner = NULL, updated_at = now()
+     WHERE id = $1 RETURNING engine.workflow_enqueue(queue, id, $2, NULL, 0, $3)";
+
+/// A workflow's row as an operator sees it.
+pub(crate) const WORKFLOW_INFO: &str =
+    "SELECT id, kind, status, output, error, attempts, executions, owner, created_at, updated_at
+     FROM engine.workflows WHERE id = $1";
+
+/// A workflow's checkpoints in step order.
+pub(crate) const WORKFLOW_STEPS: &str =
+    "SELECT step_seq, name, output, worker_id, started_at, finished_at
+     FROM engine.workflow_steps WHERE workflow_id = $1 ORDER BY step_seq";
+
+/// Locks a workflow's row and reads its status.
+pub(crate) const LOCK_STATUS: &str = "SELECT status FROM engine.workflows WHERE id = $1 FOR UPDATE";
+
+/// Starts a workflow (`engine.workflow_start()`); `$7` lets the commit skip its WAL flush.
+pub(crate) const START: &str = "SELECT engine.workflow_start($1, $2, $3, $4, $5, $6),
+     CASE WHEN $7 THEN set_config('synchronous_commit', 'off', true) END";
+
+// ---- Steps (context.rs)
+
+/// Writes step checkpoints (`engine.workflow_checkpoint()`), refusing by raising.
+pub(crate) const CHECKPOINT: &str =
+    "SELECT engine.workflow_checkpoint($1, $2, $3, $4, $5, $6, false)";
+
+/// Parks a sleeping workflow until `$3`, with the job that wakes it then.
+pub(crate) const PARK_SLEEP: &str = "UPDATE engine.workflows SET status = 'waiting', owner = NULL, wait_topic = NULL, wait_until = $3,
+     wait_job = engine.workflow_enqueue($1, $2, $4, $3, 0, $5), updated_at = now()
+     WHERE id = $2";
+
+/// Whether step `$2` was checkpointed, a cancel requested, and the status: why a failed attempt must stop.
+pub(crate) const STEP_FENCED_OFF: &str =
+    "SELECT EXISTS (SELECT 1 FROM engine.workflow_steps WHERE workflow_id = $1 AND step_seq = $2),
+         cancel_requested, status
+     FROM engine.workflows WHERE id = $1";
+
+// ---- Executions (runtime.rs)
+
+/// Hands a draining worker's running workflow back to the queue, with a job.
+pub(crate) const HAND_BACK: &str = "WITH handed AS (
+         UPDATE engine.workflows SET status = 'enqueued', owner = NULL, updated_at = now()
+         WHERE id = $2 AND status = 'running')
+     SELECT engine.workflow_enqueue($1, $2, $3, NULL, 0, $4)";
+
+/// Records a terminal status (`engine.workflow_finish()`).
+pub(crate) const FINISH: &str = "SELECT engine.workflow_finish($1, $2, $3, $4, $5)";
+
+// ---- The fleet registry (fleet.rs)
+
+/// The live workers, oldest first.
+pub(crate) const LIST_WORKERS: &str =
+    "SELECT id, host, pid, queues, started_at, last_seen, in_flight, draining
+     FROM engine.workers ORDER BY started_at, id";
+
+/// A worker's heartbeat.
+pub(crate) const HEARTBEAT: &str =
+    "UPDATE engine.workers SET last_seen = now(), in_flight = $2, draining = $3 WHERE id = $1";
+
+/// Registers a worker process.
+pub(crate) const REGISTER_WORKER: &str =
+    "INSERT INTO engine.workers (id, host, pid, queues, lock_key) VALUES ($1, $2, $3, $4, $5)
+     ON CONFLICT (id) DO UPDATE SET last_seen = now()";
+
+/// The other workers, each with whether it is dead (its advisory lock free, or its heartbeat stale).
+pub(crate) const PEERS: &str = "SELECT id, queues, draining,
+         last_seen < now() - make_interval(secs => $2) OR pg_try_advisory_xact_lock(lock_key)
+     FROM engine.workers WHERE id <> $1";
+
+/// Removes workers from the registry.
+pub(crate) const FORGET_WORKERS: &str = "DELETE FROM engine.workers WHERE id = ANY($1)";
+
+/// Hands the running workflows of the given workers back to the queue (their jobs follow).
+pub(crate) const DISOWN_RUNNING: &str =
+    "UPDATE engine.workflows SET status = 'enqueued', owner = NULL, updated_at = now()
+     WHERE owner = ANY($1) AND status = 'running'
+     RETURNING id, queue";
+
+/// Clears the given workers as owners of anything else.
+pub(crate) const DISOWN: &str = "UPDATE engine.workflows SET owner = NULL WHERE owner = ANY($1)";
+
+/// The running workflows a worker has owned since before `$2` seconds ago.
+pub(crate) const OWNED_RUNNING: &str = "SELECT id FROM engine.workflows
+     WHERE owner = $1 AND status = 'running'
+       AND updated_at < now() - make_interval(secs => $2)";
+
+/// Hands back those of them still running and unclaimed since.
+pub(crate) const HAND_BACK_LOST: &str =
+    "UPDATE engine.workflows SET status = 'enqueued', owner = NULL, updated_at = now()
+     WHERE id = ANY($1) AND owner = $2 AND status = 'running'
+       AND updated_at < now() - make_interval(secs => $3)
+     RETURNING id, queue";
+
+/// Removes a worker from the registry.
+pub(crate) const DELETE_WORKER: &str = "DELETE FROM engine.workers WHERE id = $1";
+
+/// Takes a recv's message (`engine.workflow_recv()`), or parks; `$15` lets
+/// the commit of a consumed message skip its WAL flush.
+pub(crate) const RECV: &str = "SELECT done, message,
+     CASE WHEN done AND $15 THEN set_config('synchronous_commit', 'off', true) END
+     FROM engine.workflow_recv($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)";
+
+/// Sets events and notifies their waiters (`engine.workflow_set_events()`).
+pub(crate) const SET_EVENTS: &str = "SELECT engine.workflow_set_events($1, $2, $3, $4, $5)";
+
+// ---- A one-statement step (context.rs, `WorkflowContext::sql_step`) and
+// batches of them (batch.rs). The step's own statement comes first; the
+// engine's parameters follow its own, so placeholders are given.
+
+/// A step's statement and its checkpoint as one statement: `effect` (the
+/// step's SQL) in a `WITH`, then `engine.workflow_checkpoint()` with the
+/// checkpoint placeholders `[id, seqs, names, outputs, worker, starts]`
+/// (the step's output appended to `outputs`), then `also` (more columns).
+/// `input` is a `for_each` statement's one-row input, or empty.
+pub(crate) fn step_with_checkpoint(
+    input: &str,
+    effect: &str,
+    [id, seqs, names, outputs, worker, starts]: [&str; 6],
+    also: &str,
+) -> String {
+    format!(
+        "WITH {input} effect AS ({effect}),
+              outcome AS (SELECT (SELECT to_jsonb(output) FROM effect) AS output)
+         SELECT outcome.output, engine.workflow_checkpoint({id}, {seqs}, {names},
+             array_append({outputs}::jsonb[], coalesce(outcome.output, 'null'::jsonb)),
+             {worker}, {starts}, false){also}
+         FROM outcome"
+    )
+}
+
+/// A column that publishes the step's events (keys, values, channel,
+/// payloads: the four placeholders in `list`).
+pub(crate) fn step_events(id: &str, list: &str) -> String {
+    format!(", engine.workflow_set_events({id}, {list})")
+}
+
+/// Columns that start a workflow with the step (its seven placeholders in
+/// `list`): whether it started, and when.
+pub(crate) fn step_start(list: &str) -> String {
+    format!(", engine.workflow_start({list}) AS started, now() AS started_at")
+}
+
+/// A column that ends the workflow with the step, succeeded with the
+/// output `$output`.
+pub(crate) fn step_finish(id: &str, output: &str) -> String {
+    format!(", engine.workflow_finish({id}, 'succeeded', {output}, NULL, 0)")
+}
+
+/// A column that lets the commit skip its WAL flush when `$flag` is true.
+pub(crate) fn skip_flush_if(flag: &str) -> String {
+    format!(", CASE WHEN {flag} THEN set_config('synchronous_commit', 'off', true) END")
+}
+
+/// A `for_each` statement's `input` when its step runs alone: one row.
+pub(crate) fn one_step_input(id: &str, arg: &str) -> String {
+    format!("input AS (SELECT {id}::text AS workflow_id, {arg}::jsonb AS arg),")
+}
+
+/// The statement of a batch: the step statement over `input`, one row per
+/// step, and their checkpoints, written only for a workflow neither
+/// cancelled nor finished and a step no other execution wrote (what
+/// `workflow_checkpoint()` refuses, raising, for a step alone). It returns
+/// the checkpoints written; fewer than the steps, and the batch is rolled
+/// back.
+pub(crate) fn batch_statement(sql: &str) -> String {
+    format!(
+        "WITH input AS (
+             SELECT * FROM unnest($1::text[], $2::jsonb[], $3::integer[], $4::text[], $5::timestamptz[])
+                 AS i(workflow_id, arg, step_seq, name, started_at)),
+         effect AS ({sql}),
+         checkpoint AS (
+             INSERT INTO engine.workflow_steps
+                 (workflow_id, step_seq, name, output, worker_id, started_at, finished_at)
+             SELECT i.workflow_id, i.step_seq, i.name,
+                 coalesce((SELECT to_jsonb(e.output) FROM effect e WHERE e.workflow_id = i.workflow_id), 'null'::jsonb),
+                 $6, i.started_at, clock_timestamp()
+             FROM input i JOIN engine.workflows w ON w.id = i.workflow_id
+             WHERE NOT w.cancel_requested AND w.status NOT IN ('succeeded', 'failed', 'cancelled')
+             ON CONFLICT DO NOTHING
+             RETURNING workflow_id, output)
+         SELECT workflow_id, output FROM checkpoint"
+    )
+}

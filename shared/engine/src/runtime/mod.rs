@@ -1,0 +1,285 @@
+//! The worker side: runs workflows from apalis queues, keeps the process in
+//! the fleet registry, reaps dead workers and drains on shutdown.
+
+mod consumer;
+mod execution;
+mod maintenance;
+
+use crate::sql;
+use consumer::{job_notice_loop, run_queue};
+pub use execution::ExecutionOutcome;
+pub(crate) use execution::StartHere;
+use execution::spawn_in_slot;
+use maintenance::{prune_loop, reap_loop};
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use apalis::prelude::{
+    BackendExt, BoxDynError, Data, WorkerBuilder, WorkerBuilderExt, WorkerError,
+};
+use apalis_postgres::PostgresStorage;
+use chrono::{DateTime, Utc};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{PgPool, Postgres, Transaction};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
+use tracing::Instrument;
+
+use super::batch::StepBatches;
+use super::config::{QueueConfig, RuntimeConfig};
+use super::context::{Checkpoint, WorkflowContext, panic_message};
+use super::crash_point::CrashCounter;
+use super::fleet::{self, Registration};
+use super::queue::{self, FetchWake, JOB_MAX_ATTEMPTS, JobWakeups, WorkflowJob, new_job_id};
+use super::{RetryPolicy, WorkflowError, WorkflowKind};
+
+/// A workflow definition: typed input, output and retry policy.
+pub trait Workflow: Send + Sync + 'static {
+    /// The input given to [`Engine::start`](super::Engine::start).
+    type Input: DeserializeOwned + Send;
+    /// Stored in `workflows.output` on success.
+    type Output: Serialize + Send;
+
+    /// Its kind and queue.
+    fn kind(&self) -> WorkflowKind;
+
+    /// The retry policy of its steps (each step may override it).
+    fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy::default()
+    }
+
+    /// The workflow function. It must be deterministic apart from its steps:
+    /// every execution replays it from the top.
+    fn run<'a>(
+        &'a self,
+        ctx: &'a mut WorkflowContext,
+        input: Self::Input,
+    ) -> impl Future<Output = Result<Self::Output, WorkflowError>> + Send + 'a;
+}
+
+trait ErasedWorkflow: Send + Sync {
+    fn kind(&self) -> WorkflowKind;
+    fn retry_policy(&self) -> RetryPolicy;
+    fn run_json<'a>(
+        &'a self,
+        ctx: &'a mut WorkflowContext,
+        input: Value,
+    ) -> BoxFuture<'a, Result<Value, WorkflowError>>;
+}
+
+impl<W: Workflow> ErasedWorkflow for W {
+    fn kind(&self) -> WorkflowKind {
+        Workflow::kind(self)
+    }
+    fn retry_policy(&self) -> RetryPolicy {
+        Workflow::retry_policy(self)
+    }
+    fn run_json<'a>(
+        &'a self,
+        ctx: &'a mut WorkflowContext,
+        input: Value,
+    ) -> BoxFuture<'a, Result<Value, WorkflowError>> {
+        async move {
+            let input = serde_json::from_value(input)
+                .map_err(|e| WorkflowError::fatal(format!("input does not decode: {e}")))?;
+            let output = self.run(ctx, input).await?;
+            Ok(serde_json::to_value(output)?)
+        }
+        .boxed()
+    }
+}
+
+/// The worker-side engine of one process.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    connect: PgConnectOptions,
+    worker_id: Arc<str>,
+    lock_key: i64,
+    workflows: HashMap<&'static str, Arc<dyn ErasedWorkflow>>,
+    /// Executions running in this process, each with a sender dropped when
+    /// it ends.
+    in_flight: Mutex<HashMap<String, watch::Sender<()>>>,
+    in_flight_count: Arc<AtomicUsize>,
+    /// The queues this process consumes, by name.
+    queues: HashMap<String, QueueSlots>,
+    /// The other live workers, with their queues, as the last reap saw
+    /// them: a notified job is taken by one worker of its queue, chosen by
+    /// [`Inner::takes_notified`].
+    peers: Mutex<Vec<(String, Vec<String>)>>,
+    drain: watch::Sender<bool>,
+    config: RuntimeConfig,
+    /// Batches the executions' `for_each` step statements.
+    batches: StepBatches,
+}
+
+/// One queue's executions in this process: at most its concurrency hold a
+/// slot at once, whether apalis fetched their job or a notification named it.
+#[derive(Clone)]
+struct QueueSlots {
+    slots: Arc<Semaphore>,
+    /// Asks the queue's apalis worker to fetch.
+    fetch: FetchWake,
+}
+
+impl Runtime {
+    /// A runtime on `pool`; `connect` opens its registry connection.
+    pub fn new(pool: PgPool, connect: PgConnectOptions, mut config: RuntimeConfig) -> Self {
+        if let Some(point) = &config.crash_at {
+            if cfg!(debug_assertions) {
+                tracing::warn!(crash_point = %point, "test crash point armed: this worker dies there");
+            } else {
+                tracing::warn!(crash_point = %point, "crash points are for test builds: ignored");
+                config.crash_at = None;
+            }
+        }
+        let host = hostname();
+        let suffix: u32 = rand::random();
+        let worker_id = format!("{host}-{}-{suffix:08x}", std::process::id());
+        let (drain, _) = watch::channel(false);
+        let worker_id: Arc<str> = Arc::from(worker_id);
+        Self {
+            inner: Arc::new(Inner {
+                batches: StepBatches::new(pool.clone(), worker_id.clone()),
+                pool,
+                connect,
+                worker_id,
+                lock_key: rand::random::<i64>(),
+                workflows: HashMap::new(),
+                in_flight: Mutex::new(HashMap::new()),
+                in_flight_count: Arc::new(AtomicUsize::new(0)),
+                queues: config
+                    .queues
+                    .iter()
+                    .map(|q| {
+                        let slots = QueueSlots {
+                            slots: Arc::new(Semaphore::new(q.concurrency.max(1))),
+                            fetch: FetchWake::default(),
+                        };
+                        (q.name.clone(), slots)
+                    })
+                    .collect(),
+                peers: Mutex::new(Vec::new()),
+                drain,
+                config,
+            }),
+        }
+    }
+
+    /// Adds a workflow definition. Call before [`Runtime::run`].
+    pub fn register<W: Workflow>(mut self, workflow: W) -> Self {
+        let inner = Arc::get_mut(&mut self.inner).expect("register workflows before running");
+        inner
+            .workflows
+            .insert(workflow.kind().name, Arc::new(workflow));
+        self
+    }
+
+    /// This process's worker id (unique per process start).
+    pub fn worker_id(&self) -> &str {
+        &self.inner.worker_id
+    }
+
+    /// Runs until `shutdown` completes, then drains: stops claiming, lets
+    /// running steps finish (up to the drain timeout), hands unfinished
+    /// workflows back to the queue and leaves the registry.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        let inner = self.inner.clone();
+        let (stop_membership, stop_rx) = watch::channel(false);
+        let (registered_tx, registered_rx) = oneshot::channel();
+        let registration = Registration {
+            worker_id: inner.worker_id.clone(),
+            lock_key: inner.lock_key,
+            host: hostname(),
+            queues: inner.config.queues.iter().map(|q| q.name.clone()).collect(),
+            heartbeat: inner.config.heartbeat,
+        };
+        let membership = tokio::spawn(fleet::hold_membership(
+            inner.connect.clone(),
+            registration,
+            inner.in_flight_count.clone(),
+            inner.drain.subscribe(),
+            stop_rx.clone(),
+            registered_tx,
+        ));
+        tokio::pin!(shutdown);
+        tokio::select! {
+            _ = registered_rx => {}
+            _ = &mut shutdown => {
+                let _ = stop_membership.send(true);
+                return Ok(());
+            }
+        }
+        let background = [
+            tokio::spawn(reap_loop(inner.clone(), stop_rx.clone())),
+            tokio::spawn(prune_loop(inner.clone(), stop_rx.clone())),
+            tokio::spawn(job_notice_loop(inner.clone())),
+        ];
+        let queues: Vec<_> = inner
+            .config
+            .queues
+            .iter()
+            .map(|queue| tokio::spawn(run_queue(inner.clone(), queue.clone())))
+            .collect();
+        tracing::info!(
+            worker_id = %inner.worker_id,
+            queues = ?inner.config.queues.iter().map(|q| (&q.name, q.concurrency)).collect::<Vec<_>>(),
+            "worker started"
+        );
+
+        shutdown.await;
+        tracing::info!(worker_id = %inner.worker_id, "draining: no new claims; running steps finish");
+        let _ = inner.drain.send(true);
+        let drained = tokio::time::timeout(inner.config.drain_timeout, async {
+            for queue in queues {
+                let _ = queue.await;
+            }
+            while inner.in_flight_count.load(Ordering::Relaxed) > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                in_flight = inner.in_flight_count.load(Ordering::Relaxed),
+                "drain timeout: leaving with steps still running; their workflows replay elsewhere"
+            );
+        }
+        // Stop the heartbeat first: it would otherwise re-register us.
+        let _ = stop_membership.send(true);
+        let _ = membership.await;
+        match fleet::leave(&inner.pool, &inner.worker_id).await {
+            Ok(released) => tracing::info!(released, "left the fleet; unfinished jobs handed back"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not leave cleanly; the reaper will hand our jobs back")
+            }
+        }
+        for task in background {
+            task.abort();
+        }
+        Ok(())
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".to_owned())
+}

@@ -52,7 +52,7 @@ pub(crate) const LOCK_STATUS: &str = "SELECT status FROM engine.workflows WHERE 
 pub(crate) const START: &str = "SELECT engine.workflow_start($1, $2, $3, $4, $5, $6),
      CASE WHEN $7 THEN set_config('synchronous_commit', 'off', true) END";
 
-// ---- Steps (context.rs)
+// ---- Steps (context/)
 
 /// Writes step checkpoints (`engine.workflow_checkpoint()`), refusing by raising.
 pub(crate) const CHECKPOINT: &str =
@@ -69,7 +69,7 @@ pub(crate) const STEP_FENCED_OFF: &str =
          cancel_requested, status
      FROM engine.workflows WHERE id = $1";
 
-// ---- Executions (runtime.rs)
+// ---- Executions (runtime/execution.rs)
 
 /// Hands a draining worker's running workflow back to the queue, with a job.
 pub(crate) const HAND_BACK: &str = "WITH handed AS (
@@ -137,7 +137,7 @@ pub(crate) const RECV: &str = "SELECT done, message,
 /// Sets events and notifies their waiters (`engine.workflow_set_events()`).
 pub(crate) const SET_EVENTS: &str = "SELECT engine.workflow_set_events($1, $2, $3, $4, $5)";
 
-// ---- A one-statement step (context.rs, `WorkflowContext::sql_step`) and
+// ---- A one-statement step (context/statement.rs, `WorkflowContext::sql_step`) and
 // batches of them (batch.rs). The step's own statement comes first; the
 // engine's parameters follow its own, so placeholders are given.
 

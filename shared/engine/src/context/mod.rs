@@ -9,11 +9,11 @@ mod waits;
 pub(crate) use failure::panic_message;
 use failure::refusal;
 use replay::Replay;
+pub(crate) use replay::{Checkpoint, ReplayCursor};
 use statement::CheckpointRows;
 pub use statement::{StepStatement, set_events_in};
 
 use crate::sql;
-use std::collections::VecDeque;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -39,15 +39,6 @@ use super::runtime::StartHere;
 use super::{RetryPolicy, StepError, WorkflowError, WorkflowKind};
 use crate::error::is_unavailable;
 
-/// A checkpoint loaded at the start of an execution.
-#[derive(Debug, serde::Deserialize)]
-pub(crate) struct Checkpoint {
-    pub(crate) step_seq: i32,
-    pub(crate) name: String,
-    pub(crate) output: Value,
-    pub(crate) finished_at: DateTime<Utc>,
-}
-
 /// The context a workflow function runs in. Steps are numbered in the order
 /// the code calls them; on replay, completed steps return their checkpoint.
 pub struct WorkflowContext {
@@ -55,8 +46,8 @@ pub struct WorkflowContext {
     pub(crate) workflow_id: String,
     pub(crate) kind: WorkflowKind,
     pub(crate) worker_id: Arc<str>,
-    pub(crate) checkpoints: VecDeque<Checkpoint>,
-    pub(crate) next_seq: i32,
+    /// Where this execution is in the workflow's history.
+    pub(crate) cursor: ReplayCursor,
     pub(crate) retry: RetryPolicy,
     pub(crate) hold_threshold: Duration,
     pub(crate) draining: watch::Receiver<bool>,
@@ -64,13 +55,6 @@ pub struct WorkflowContext {
     /// Fired (once) to hand the apalis queue slot back while the execution
     /// goes on holding none: see [`WorkflowContext::sleep`].
     pub(crate) slot: Option<oneshot::Sender<()>>,
-    /// When the last replayed checkpoint was written, or the workflow was
-    /// started when there is none.
-    pub(crate) replayed_until: DateTime<Utc>,
-    /// Set once the execution is past its replayed checkpoints.
-    pub(crate) running: bool,
-    /// `replayed_until`, for the operation that ran first after replay.
-    pub(crate) resumed_after: Option<DateTime<Utc>>,
     /// The transaction holding the steps since the last commit, not yet
     /// committed: the next database operation joins it (see `batch`).
     pub(crate) open: Option<Transaction<'static, Postgres>>,
@@ -80,9 +64,6 @@ pub struct WorkflowContext {
     pub(crate) batch: bool,
     /// The claim saw a cancel request: the next step sees it.
     pub(crate) cancel_requested: bool,
-    /// This execution's last step ended the workflow
-    /// ([`WorkflowContext::final_sql_step`]), committed or in `open`.
-    pub(crate) finished: bool,
     /// Runs a workflow a step statement starts in this process when it can.
     pub(crate) here: StartHere,
     /// Batches this process's [`StepStatement::for_each`] steps.
@@ -322,7 +303,7 @@ impl WorkflowContext {
         let value = match serde_json::to_value(&output) {
             Ok(value) => value,
             Err(e) => {
-                let seq = self.next_seq;
+                let seq = self.cursor.next_seq();
                 return Err(self.step_failed(
                     seq,
                     name,
@@ -365,5 +346,29 @@ impl WorkflowContext {
             })
         })
         .await
+    }
+}
+
+impl WorkflowContext {
+    /// The next step's number, taken.
+    fn take_seq(&mut self) -> i32 {
+        self.cursor.take_seq()
+    }
+
+    /// Step `seq`'s checkpointed value, or `Run` (see [`ReplayCursor::replay`]).
+    fn replay<T: DeserializeOwned>(
+        &mut self,
+        seq: i32,
+        name: &str,
+    ) -> Result<Replay<T>, WorkflowError> {
+        self.cursor.replay(seq, name)
+    }
+
+    fn check_draining(&self) -> Result<(), WorkflowError> {
+        if *self.draining.borrow() {
+            Err(WorkflowError::Draining)
+        } else {
+            Ok(())
+        }
     }
 }

@@ -1,23 +1,104 @@
-//! The replay cursor: steps numbered in call order, each answered from its
-//! checkpoint when an earlier execution wrote one.
+//! The replay cursor: steps are numbered in the order the workflow calls
+//! them, and a step an earlier execution completed is answered from its
+//! checkpoint instead of running. Pure: no database, unit-tested below.
 
-use super::*;
+use std::collections::VecDeque;
+
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::WorkflowError;
+
+/// A checkpoint loaded at the start of an execution.
+#[derive(Debug, serde::Deserialize)]
+pub(crate) struct Checkpoint {
+    pub(crate) step_seq: i32,
+    pub(crate) name: String,
+    pub(crate) output: Value,
+    pub(crate) finished_at: DateTime<Utc>,
+}
 
 /// Where a step's value comes from.
-pub(super) enum Replay<T> {
+#[derive(Debug, PartialEq)]
+pub(crate) enum Replay<T> {
+    /// From its checkpoint: the step completed in an earlier execution.
     Done(T),
+    /// The step runs now.
     Run,
 }
 
-impl WorkflowContext {
-    pub(super) fn take_seq(&mut self) -> i32 {
+/// One execution's position in its workflow's history.
+#[derive(Debug)]
+pub(crate) struct ReplayCursor {
+    /// The checkpoints not replayed yet, in step order.
+    checkpoints: VecDeque<Checkpoint>,
+    next_seq: i32,
+    /// When the last replayed checkpoint was written, or the workflow was
+    /// started when there is none.
+    replayed_until: DateTime<Utc>,
+    /// Set once the execution is past its replayed checkpoints.
+    running: bool,
+    /// `replayed_until`, for the operation that ran first after replay.
+    resumed_after: Option<DateTime<Utc>>,
+    /// This execution's last step ended the workflow.
+    finished: bool,
+}
+
+impl ReplayCursor {
+    /// A cursor at the start of a workflow started at `started_at` with
+    /// these checkpoints.
+    pub(crate) fn new(checkpoints: Vec<Checkpoint>, started_at: DateTime<Utc>) -> Self {
+        ReplayCursor {
+            checkpoints: checkpoints.into(),
+            next_seq: 0,
+            replayed_until: started_at,
+            running: false,
+            resumed_after: None,
+            finished: false,
+        }
+    }
+
+    /// The next step's number, taken.
+    pub(crate) fn take_seq(&mut self) -> i32 {
         let seq = self.next_seq;
         self.next_seq += 1;
         seq
     }
 
-    /// The checkpoint of step `seq`, if it completed before.
-    pub(super) fn replay<T: DeserializeOwned>(
+    /// The number the next step will take.
+    pub(crate) fn next_seq(&self) -> i32 {
+        self.next_seq
+    }
+
+    /// Whether a checkpoint after step `seq` exists: a step that writes no
+    /// checkpoint of its own (an in-process sleep) is then over.
+    pub(crate) fn passed(&self, seq: i32) -> bool {
+        self.checkpoints
+            .front()
+            .is_some_and(|front| front.step_seq > seq)
+    }
+
+    /// For the first operation that runs after the replayed steps: when the
+    /// last of them was written (or the workflow started); `None` later.
+    pub(crate) fn take_resumed_after(&mut self) -> Option<DateTime<Utc>> {
+        self.resumed_after.take()
+    }
+
+    /// The workflow's last step has ended it: no step may follow.
+    pub(crate) fn finish(&mut self) {
+        self.finished = true;
+    }
+
+    /// Whether a step of this execution ended the workflow.
+    pub(crate) fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Step `seq` named `name`: its checkpointed output if it completed
+    /// before, else `Run`. A checkpoint of another name means the code and
+    /// the history disagree: a loud error, never a silent mix.
+    pub(crate) fn replay<T: DeserializeOwned>(
         &mut self,
         seq: i32,
         name: &str,
@@ -60,12 +141,117 @@ impl WorkflowContext {
                 ))
             })
     }
+}
 
-    pub(super) fn check_draining(&self) -> Result<(), WorkflowError> {
-        if *self.draining.borrow() {
-            Err(WorkflowError::Draining)
-        } else {
-            Ok(())
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+    use serde_json::json;
+
+    use super::*;
+
+    fn at(second: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, second).unwrap()
+    }
+
+    fn checkpoint(step_seq: i32, name: &str, output: Value, second: u32) -> Checkpoint {
+        Checkpoint {
+            step_seq,
+            name: name.to_owned(),
+            output,
+            finished_at: at(second),
         }
+    }
+
+    #[test]
+    fn completed_steps_answer_from_their_checkpoints_then_the_rest_run() {
+        let mut cursor = ReplayCursor::new(
+            vec![
+                checkpoint(0, "reserve", json!(true), 1),
+                checkpoint(1, "create", json!(42), 2),
+            ],
+            at(0),
+        );
+        let seq = cursor.take_seq();
+        assert_eq!(
+            cursor.replay::<bool>(seq, "reserve").unwrap(),
+            Replay::Done(true)
+        );
+        let seq = cursor.take_seq();
+        assert_eq!(
+            cursor.replay::<i64>(seq, "create").unwrap(),
+            Replay::Done(42)
+        );
+        let seq = cursor.take_seq();
+        assert_eq!(seq, 2, "steps are numbered in call order");
+        assert_eq!(cursor.replay::<Value>(seq, "pay").unwrap(), Replay::Run);
+        assert_eq!(
+            cursor.take_resumed_after(),
+            Some(at(2)),
+            "the first step to run resumes after the last checkpoint"
+        );
+        let seq = cursor.take_seq();
+        assert_eq!(cursor.replay::<Value>(seq, "ship").unwrap(), Replay::Run);
+        assert_eq!(cursor.take_resumed_after(), None, "only the first one");
+    }
+
+    #[test]
+    fn a_workflow_with_no_checkpoint_resumes_after_its_start() {
+        let mut cursor = ReplayCursor::new(Vec::new(), at(7));
+        let seq = cursor.take_seq();
+        assert_eq!(cursor.replay::<Value>(seq, "first").unwrap(), Replay::Run);
+        assert_eq!(cursor.take_resumed_after(), Some(at(7)));
+    }
+
+    #[test]
+    fn a_renamed_step_is_refused_loudly() {
+        let mut cursor = ReplayCursor::new(vec![checkpoint(0, "reserve", json!(true), 1)], at(0));
+        let seq = cursor.take_seq();
+        match cursor.replay::<bool>(seq, "reserve_stock") {
+            Err(WorkflowError::Nondeterministic {
+                step,
+                found,
+                expected,
+            }) => assert_eq!(
+                (step, found.as_str(), expected.as_str()),
+                (0, "reserve", "reserve_stock")
+            ),
+            other => panic!("expected a nondeterminism error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_of_another_type_is_an_error_not_a_guess() {
+        let mut cursor = ReplayCursor::new(vec![checkpoint(0, "count", json!("ten"), 1)], at(0));
+        let seq = cursor.take_seq();
+        assert!(cursor.replay::<i64>(seq, "count").is_err());
+    }
+
+    #[test]
+    fn a_step_without_a_checkpoint_is_passed_once_a_later_one_exists() {
+        // An in-process sleep (step 1) writes no checkpoint; step 2 did.
+        let mut cursor = ReplayCursor::new(
+            vec![
+                checkpoint(0, "a", json!(1), 1),
+                checkpoint(2, "b", json!(2), 3),
+            ],
+            at(0),
+        );
+        let seq = cursor.take_seq();
+        assert_eq!(cursor.replay::<i64>(seq, "a").unwrap(), Replay::Done(1));
+        let sleep = cursor.take_seq();
+        assert!(cursor.passed(sleep), "the sleep is over");
+        let seq = cursor.take_seq();
+        assert_eq!(cursor.replay::<i64>(seq, "b").unwrap(), Replay::Done(2));
+        assert!(!cursor.passed(cursor.next_seq()), "nothing after the last");
+    }
+
+    #[test]
+    fn no_step_may_follow_the_final_one() {
+        let mut cursor = ReplayCursor::new(Vec::new(), at(0));
+        cursor.finish();
+        assert!(cursor.is_finished());
+        let seq = cursor.take_seq();
+        assert!(cursor.replay::<Value>(seq, "late").is_err());
     }
 }

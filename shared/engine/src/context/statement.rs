@@ -457,7 +457,9 @@ impl WorkflowContext {
                 Ok((output, started)) => {
                     self.crash_before_commit(crash, name);
                     self.crash_after_commit(crash, name).await?;
-                    self.finished |= finish.is_some();
+                    if finish.is_some() {
+                        self.cursor.finish();
+                    }
                     if let (Some(slot), Some((kind, id, input)), Some((true, started_at))) =
                         (start_here.take(), &statement.start, started)
                     {

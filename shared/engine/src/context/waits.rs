@@ -128,11 +128,7 @@ impl WorkflowContext {
         let seq = self.take_seq();
         // An in-process sleep leaves no checkpoint (but a first one): a
         // checkpoint after it shows that it is over.
-        if self
-            .checkpoints
-            .front()
-            .is_some_and(|front| front.step_seq > seq)
-        {
+        if self.cursor.passed(seq) {
             return Ok(());
         }
         self.crash_before_commit(crash, "sleep");
@@ -158,7 +154,7 @@ impl WorkflowContext {
                 // was (an in-process sleep writes no checkpoint): every
                 // execution, a takeover's too, computes the same wake-up
                 // time.
-                let began = self.resumed_after.take().unwrap_or(now).min(now);
+                let began = self.cursor.take_resumed_after().unwrap_or(now).min(now);
                 let at =
                     began + chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX);
                 if at - now

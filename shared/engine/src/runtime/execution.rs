@@ -385,20 +385,15 @@ impl Runtime {
             workflow_id: workflow_id.to_owned(),
             kind: definition.kind(),
             worker_id: inner.worker_id.clone(),
-            checkpoints: checkpoints.into(),
-            next_seq: 0,
+            cursor: ReplayCursor::new(checkpoints, created_at),
             retry: definition.retry_policy(),
             hold_threshold: inner.config.hold_threshold,
             draining: inner.drain.subscribe(),
             execution,
             slot: slot.take(),
-            replayed_until: created_at,
-            running: false,
-            resumed_after: None,
             open: None,
             batch,
             cancel_requested,
-            finished: false,
             here: StartHere {
                 runtime: self.clone(),
             },
@@ -413,7 +408,7 @@ impl Runtime {
         // Still held (no in-process sleep happened): keep it until settled.
         *slot = ctx.slot.take();
         let open = ctx.open.take();
-        let finished = ctx.finished;
+        let finished = ctx.cursor.is_finished();
         // Never hold `span.enter()` across an await: the task may resume on
         // another thread, which corrupts the span registry (it panicked here).
         Box::pin(

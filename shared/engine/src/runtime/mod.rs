@@ -37,7 +37,7 @@ use tracing::Instrument;
 
 use super::batch::StepBatches;
 use super::config::{QueueConfig, RuntimeConfig};
-use super::context::{Checkpoint, WorkflowContext, panic_message};
+use super::context::{Checkpoint, ReplayCursor, WorkflowContext, panic_message};
 use super::crash_point::CrashCounter;
 use super::fleet::{self, Registration};
 use super::queue::{self, FetchWake, JOB_MAX_ATTEMPTS, JobWakeups, WorkflowJob, new_job_id};

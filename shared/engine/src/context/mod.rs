@@ -29,13 +29,12 @@ use sqlx::postgres::PgArguments;
 use sqlx::{
     Arguments, AssertSqlSafe, Encode, PgConnection, PgPool, Postgres, Row, Transaction, Type,
 };
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, oneshot, watch};
 
 use super::batch::{Batched, BatchedStep, StepBatches};
 use super::crash_point::{CrashCounter, CrashWhen, crash_now};
 use super::events::{EVENTS_CHANNEL, EventListener};
 use super::queue::{JOB_MAX_ATTEMPTS, new_job_id};
-use super::runtime::StartHere;
 use super::{RetryPolicy, StepError, WorkflowError, WorkflowKind};
 use crate::error::is_unavailable;
 
@@ -65,11 +64,33 @@ pub struct WorkflowContext {
     /// The claim saw a cancel request: the next step sees it.
     pub(crate) cancel_requested: bool,
     /// Runs a workflow a step statement starts in this process when it can.
-    pub(crate) here: StartHere,
+    pub(crate) here: Arc<dyn RunsHere>,
     /// Batches this process's [`StepStatement::for_each`] steps.
     pub(crate) batches: StepBatches,
     /// The test-only crash point, counting the calls of its step.
     pub(crate) crash: CrashCounter,
+}
+
+/// What the runtime lets a step statement do with a workflow it starts
+/// ([`StepStatement::start`]): run it in this process, claimed by the start
+/// itself, without a job, a notification or a claim of its own. The
+/// runtime implements it; the context knows nothing else of the runtime.
+pub(crate) trait RunsHere: Send + Sync {
+    /// A slot of `kind`'s queue for a workflow to be started here, or
+    /// `None` when it must go through the queue (a kind not registered
+    /// here, no free slot, the process draining).
+    fn reserve(&self, kind: WorkflowKind) -> Option<OwnedSemaphorePermit>;
+
+    /// Executes a workflow a step statement has just started (committed)
+    /// here, in the slot `reserve` gave.
+    fn execute(
+        &self,
+        slot: OwnedSemaphorePermit,
+        kind: WorkflowKind,
+        workflow_id: &str,
+        input: Value,
+        created_at: DateTime<Utc>,
+    );
 }
 
 impl WorkflowContext {

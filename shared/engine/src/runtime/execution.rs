@@ -57,10 +57,8 @@ pub(crate) struct StartHere {
     runtime: Runtime,
 }
 
-impl StartHere {
-    /// A slot of `kind`'s queue for a workflow to be started here, or
-    /// `None` when it must go through the queue.
-    pub(crate) fn reserve(&self, kind: WorkflowKind) -> Option<OwnedSemaphorePermit> {
+impl RunsHere for StartHere {
+    fn reserve(&self, kind: WorkflowKind) -> Option<OwnedSemaphorePermit> {
         let inner = &self.runtime.inner;
         if *inner.drain.borrow() || !inner.workflows.contains_key(kind.name) {
             return None;
@@ -74,9 +72,7 @@ impl StartHere {
             .ok()
     }
 
-    /// Executes a workflow a step statement has just started (committed)
-    /// here, in the slot [`StartHere::reserve`] gave.
-    pub(crate) fn execute(
+    fn execute(
         &self,
         slot: OwnedSemaphorePermit,
         kind: WorkflowKind,
@@ -394,9 +390,9 @@ impl Runtime {
             open: None,
             batch,
             cancel_requested,
-            here: StartHere {
+            here: Arc::new(StartHere {
                 runtime: self.clone(),
-            },
+            }),
             batches: inner.batches.clone(),
             crash: CrashCounter::new(inner.config.crash_at.clone()),
         };

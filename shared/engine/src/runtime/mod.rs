@@ -8,7 +8,6 @@ mod maintenance;
 use crate::sql;
 use consumer::{job_notice_loop, run_queue};
 pub use execution::ExecutionOutcome;
-pub(crate) use execution::StartHere;
 use execution::spawn_in_slot;
 use maintenance::{prune_loop, reap_loop};
 
@@ -37,7 +36,7 @@ use tracing::Instrument;
 
 use super::batch::StepBatches;
 use super::config::{QueueConfig, RuntimeConfig};
-use super::context::{Checkpoint, ReplayCursor, WorkflowContext, panic_message};
+use super::context::{Checkpoint, ReplayCursor, RunsHere, WorkflowContext, panic_message};
 use super::crash_point::CrashCounter;
 use super::fleet::{self, Registration};
 use super::queue::{self, FetchWake, JOB_MAX_ATTEMPTS, JobWakeups, WorkflowJob, new_job_id};

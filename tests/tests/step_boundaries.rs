@@ -75,6 +75,15 @@ async fn checkpoints(pool: &PgPool, id: &str, name: &str) -> anyhow::Result<Vec<
     .await?)
 }
 
+/// The outputs of workflow `id`'s checkpoints named `name`, in order.
+async fn outputs(pool: &PgPool, id: &str, name: &str) -> anyhow::Result<Vec<Value>> {
+    Ok(checkpoints(pool, id, name)
+        .await?
+        .into_iter()
+        .map(|(_, output)| output)
+        .collect())
+}
+
 /// One order through a worker that dies at `point`, then through another.
 async fn crash_at(point: &str, payment: Payment) -> anyhow::Result<()> {
     let db = TestDb::create().await?;
@@ -188,11 +197,7 @@ async fn crash_at(point: &str, payment: Payment) -> anyhow::Result<()> {
     let [(order_id, order_status)] = orders.as_slice() else {
         panic!("{point}: exactly one order for the checkout, found {orders:?}");
     };
-    let reserved: Vec<Value> = checkpoints(pool, &key, "reserve_inventory")
-        .await?
-        .into_iter()
-        .map(|(_, output)| output)
-        .collect();
+    let reserved: Vec<Value> = outputs(pool, &key, "reserve_inventory").await?;
     assert_eq!(reserved, [json!(true)], "{point}: one unit reserved");
     let messages: Vec<(Value, bool)> = sqlx::query_as(
         "SELECT payload, consumed_at IS NOT NULL FROM workflow_messages WHERE workflow_id = $1",
@@ -206,11 +211,7 @@ async fn crash_at(point: &str, payment: Payment) -> anyhow::Result<()> {
         &key,
     )
     .await?;
-    let recv: Vec<Value> = checkpoints(pool, &key, "recv:payment_status")
-        .await?
-        .into_iter()
-        .map(|(_, output)| output)
-        .collect();
+    let recv: Vec<Value> = outputs(pool, &key, "recv:payment_status").await?;
 
     match payment {
         Payment::Paid => {
@@ -228,11 +229,7 @@ async fn crash_at(point: &str, payment: Payment) -> anyhow::Result<()> {
             assert_eq!(outcome, json!("paid"), "{point}");
             assert_eq!(order_status, "DISPATCHED", "{point}");
             assert_eq!(stock, stock_before - 1, "{point}: one unit sold");
-            let paid: Vec<Value> = checkpoints(pool, &key, "mark_paid")
-                .await?
-                .into_iter()
-                .map(|(_, output)| output)
-                .collect();
+            let paid: Vec<Value> = outputs(pool, &key, "mark_paid").await?;
             assert_eq!(paid, [json!(true)], "{point}: marked paid once");
             let dispatches: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM workflows WHERE kind = 'dispatch' AND status = 'succeeded'",
@@ -263,11 +260,7 @@ async fn crash_at(point: &str, payment: Payment) -> anyhow::Result<()> {
             assert_eq!(outcome, expected_outcome, "{point}");
             assert_eq!(order_status, "CANCELLED", "{point}");
             assert_eq!(stock, stock_before, "{point}: the unit came back once");
-            let cancelled: Vec<Value> = checkpoints(pool, &key, "cancel_order")
-                .await?
-                .into_iter()
-                .map(|(_, output)| output)
-                .collect();
+            let cancelled: Vec<Value> = outputs(pool, &key, "cancel_order").await?;
             assert_eq!(cancelled, [json!(true)], "{point}: cancelled once");
         }
         Payment::OutOfStock => unreachable!(),

@@ -92,6 +92,10 @@ async fn listen_forever(pool: PgPool, sender: broadcast::Sender<Arc<str>>) {
                 continue;
             }
         };
+        // A lost connection is re-established, LISTEN included, before
+        // `try_recv` reports it: the waiters' re-read that follows then
+        // sees every event set since, and none is missed in between.
+        listener.eager_reconnect(true);
         if let Err(e) = listener.listen(EVENTS_CHANNEL).await {
             tracing::warn!(error = %e, "event listener cannot LISTEN; retrying");
             tokio::time::sleep(delay).await;

@@ -3,9 +3,10 @@
 
 use std::time::Duration;
 
+use engine::step::ForEach;
 use engine::{
-    RetryPolicy, StepError, StepStatement, Workflow, WorkflowContext, WorkflowError, WorkflowKind,
-    set_events_in,
+    Effect, RetryPolicy, Statement, StepError, Transaction, Workflow, WorkflowContext,
+    WorkflowError, WorkflowKind,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -89,32 +90,20 @@ pub async fn bump(tx: &mut PgConnection, name: &str) -> Result<i64, sqlx::Error>
         .await
 }
 
-/// [`bump`] as a step statement.
-pub fn bump_statement(name: &str) -> StepStatement {
-    StepStatement::new(BUMP).bind(name.to_owned())
+/// [`bump`] as a statement step.
+pub fn bump_statement(name: &str) -> Statement {
+    Statement::new(BUMP).bind(name.to_owned())
 }
 
 /// Bumps the counter `ticks:<workflow id>` of each `input` row: a
-/// [`StepStatement::for_each`] statement.
-pub fn bump_each() -> StepStatement {
-    StepStatement::for_each(
+/// [`Statement::for_each`] step.
+pub fn bump_each() -> ForEach {
+    Statement::for_each(
         "INSERT INTO engine_test_counters (name, value) SELECT 'ticks:' || workflow_id, 1 FROM input
          ON CONFLICT (name) DO UPDATE SET value = engine_test_counters.value + 1
          RETURNING substr(name, length('ticks:') + 1) AS workflow_id, value AS output",
+        (),
     )
-}
-
-/// A database step named `step` that bumps counter `name`.
-async fn bump_step(
-    ctx: &mut WorkflowContext,
-    step: &str,
-    name: String,
-) -> Result<i64, WorkflowError> {
-    ctx.tx_step(step, move |tx| {
-        let name = name.clone();
-        Box::pin(async move { Ok(bump(tx, &name).await?) })
-    })
-    .await
 }
 
 /// Reads a counter (0 when absent).
@@ -146,13 +135,12 @@ impl Workflow for Counter {
     }
     async fn run(&self, ctx: &mut WorkflowContext, _input: Value) -> Result<Value, WorkflowError> {
         for name in ["a", "b", "c"] {
-            ctx.tx_step(&format!("bump_{name}"), move |tx| {
-                Box::pin(async move {
-                    tokio::time::sleep(Duration::from_millis(3)).await;
-                    Ok(bump(tx, name).await?)
-                })
-            })
-            .await?;
+            let counter = name.to_owned();
+            let step = Transaction::new(async move |tx| {
+                tokio::time::sleep(Duration::from_millis(3)).await;
+                Ok(bump(tx, &counter).await?)
+            });
+            ctx.db_step(&format!("bump_{name}"), step).await?;
         }
         Ok(json!("done"))
     }
@@ -176,7 +164,8 @@ impl Workflow for NoOp {
     }
     async fn run(&self, ctx: &mut WorkflowContext, _input: Value) -> Result<Value, WorkflowError> {
         for name in ["one", "two", "three"] {
-            ctx.tx_step(name, |_tx| Box::pin(async { Ok(()) })).await?;
+            ctx.db_step(name, Transaction::new(async |_tx| Ok(())))
+                .await?;
         }
         Ok(Value::Null)
     }
@@ -184,7 +173,7 @@ impl Workflow for NoOp {
 
 /// One one-statement step that starts a [`NoOp`] workflow (the input's
 /// `child`, its id) in its statement and ends the parent
-/// ([`WorkflowContext::final_sql_step`]) with the child's id as output.
+/// ([`Statement::ends_workflow`]) with the child's id as output.
 pub struct Parent;
 
 /// Kind of [`Parent`].
@@ -201,16 +190,19 @@ impl Workflow for Parent {
     }
     async fn run(&self, ctx: &mut WorkflowContext, input: Value) -> Result<Value, WorkflowError> {
         let child = input["child"].as_str().unwrap_or_default();
-        let statement = StepStatement::new("SELECT true AS output").start(NOOP, child, json!({}));
-        ctx.final_sql_step("start_child", statement, json!(child))
-            .await
+        let step = Statement::new("SELECT true AS output")
+            .start(NOOP, child, json!({}))
+            .ends_workflow(json!(child));
+        ctx.db_step("start_child", step).await
     }
 }
 
-/// An unflushed one-statement step inside the transaction a `set_event`
-/// opened, then a step that returns that transaction's
-/// `synchronous_commit`: its output. The commit sets an event, so the
-/// engine must leave it waiting for its flush (`on`).
+/// A transaction step (left open for the next step to join) that publishes
+/// an event, then an unflushed statement step, then a step that reads its
+/// transaction's `synchronous_commit`. Each returns its transaction's id;
+/// the output is `{"first": id, "unflushed": id, "setting": ...}`. The
+/// unflushed step must commit the first on its own, flushed (it sets an
+/// event), and its own setting must not leak into the next transaction.
 pub struct FlushProbe;
 
 /// Kind of [`FlushProbe`].
@@ -226,21 +218,23 @@ impl Workflow for FlushProbe {
         FLUSH_PROBE
     }
     async fn run(&self, ctx: &mut WorkflowContext, _: Value) -> Result<Value, WorkflowError> {
-        ctx.set_event("opened", true).await?;
-        let statement = StepStatement::new("SELECT true AS output").unflushed();
-        let _: Option<bool> = ctx.sql_step("unflushed", statement).await?;
-        let setting: String = ctx
-            .tx_step("read_setting", |tx| {
-                Box::pin(async move {
-                    Ok(
-                        sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
-                            .fetch_one(&mut *tx)
-                            .await?,
-                    )
-                })
-            })
-            .await?;
-        Ok(json!(setting))
+        let txid = Transaction::new(async |tx| {
+            Ok(sqlx::query_scalar::<_, i64>("SELECT txid_current()")
+                .fetch_one(tx)
+                .await?)
+        });
+        let first: i64 = ctx.db_step("first", txid.event("opened", true)).await?;
+        let step = Statement::new("SELECT txid_current() AS output").unflushed();
+        let unflushed: i64 = ctx.db_step("unflushed", step).await?;
+        let read = Transaction::new(async |tx| {
+            Ok(
+                sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
+                    .fetch_one(tx)
+                    .await?,
+            )
+        });
+        let setting: String = ctx.db_step("read_setting", read).await?;
+        Ok(json!({ "first": first, "unflushed": unflushed, "setting": setting }))
     }
 }
 
@@ -264,12 +258,12 @@ impl Workflow for InsertOnce {
     }
     async fn run(&self, ctx: &mut WorkflowContext, _: Value) -> Result<Value, WorkflowError> {
         let name = format!("once:{}", ctx.workflow_id());
-        let statement = StepStatement::new(
+        let step = Statement::new(
             "INSERT INTO engine_test_counters (name, value) SELECT $1, 1 FROM pg_sleep(0.2)
              RETURNING value AS output",
         )
         .bind(name);
-        let _: i64 = ctx.sql_step("insert", statement).await?;
+        let _: i64 = ctx.db_step("insert", step).await?;
         let go = ctx.recv("go", Duration::from_secs(60)).await?;
         Ok(json!({ "go": go }))
     }
@@ -282,11 +276,12 @@ pub struct TickerInput {
     pub steps: u32,
     /// Durable sleep before each step.
     pub interval_ms: u64,
-    /// Each tick is a one-statement step (`sql_step`), not a `tx_step`.
+    /// Each tick is a [`Statement`] step, not a [`Transaction`].
     #[serde(default)]
     pub one_statement: bool,
-    /// Each tick is a [`StepStatement::for_each`] statement without an
-    /// event, which the engine batches with other tickers' ticks.
+    /// Each tick is a [`Statement::for_each`] step without an event, which
+    /// the engine batches with other tickers' ticks; the last one ends the
+    /// workflow.
     #[serde(default)]
     pub for_each: bool,
 }
@@ -317,26 +312,21 @@ impl Workflow for Ticker {
         input: TickerInput,
     ) -> Result<Value, WorkflowError> {
         let name = format!("ticks:{}", ctx.workflow_id());
-        let id = ctx.workflow_id().to_owned();
         for tick in 1..=input.steps {
             ctx.sleep(Duration::from_millis(input.interval_ms)).await?;
-            if input.for_each {
-                let _: i64 = ctx.sql_step("tick", bump_each()).await?;
+            let _: i64 = if input.for_each && tick == input.steps {
+                let last = bump_each().ends_workflow(json!(input.steps));
+                return ctx.db_step("tick", last).await;
+            } else if input.for_each {
+                ctx.db_step("tick", bump_each()).await?
             } else if input.one_statement {
-                let statement = bump_statement(&name).event(TICK_EVENT, tick);
-                let _: i64 = ctx.sql_step("tick", statement).await?;
+                let step = bump_statement(&name).event(TICK_EVENT, tick);
+                ctx.db_step("tick", step).await?
             } else {
-                let _: i64 = ctx
-                    .tx_step("tick", |tx| {
-                        let (id, name) = (id.clone(), name.clone());
-                        Box::pin(async move {
-                            let value = bump(tx, &name).await?;
-                            set_events_in(tx, &id, &[(TICK_EVENT, &json!(tick))]).await?;
-                            Ok(value)
-                        })
-                    })
-                    .await?;
-            }
+                let name = name.clone();
+                let step = Transaction::new(async move |tx| Ok(bump(tx, &name).await?));
+                ctx.db_step("tick", step.event(TICK_EVENT, tick)).await?
+            };
         }
         Ok(json!(input.steps))
     }
@@ -351,7 +341,7 @@ pub struct GatedInput {
     /// ([`open_gate`]) inside its step, after the ticks before it are
     /// committed. 0: none.
     pub gate_at: u32,
-    /// Each tick is a one-statement step (`sql_step`), not a `tx_step`.
+    /// Each tick is a [`Statement`] step, not a [`Transaction`].
     pub one_statement: bool,
     /// In-process sleep before each tick (none when 0).
     pub interval_ms: u64,
@@ -401,31 +391,26 @@ impl Workflow for Gated {
                 ctx.commit().await?;
             }
             let _: i64 = if input.one_statement {
-                let statement = if gated {
-                    StepStatement::new(BUMP_AT_GATE)
+                let step = if gated {
+                    Statement::new(BUMP_AT_GATE)
                         .bind(name.clone())
                         .bind(id.clone())
                 } else {
                     bump_statement(&name)
                 };
-                ctx.sql_step("tick", statement.event(TICK_EVENT, tick))
-                    .await?
+                ctx.db_step("tick", step.event(TICK_EVENT, tick)).await?
             } else {
-                ctx.tx_step("tick", |tx| {
-                    let (id, name) = (id.clone(), name.clone());
-                    Box::pin(async move {
-                        if gated {
-                            sqlx::query("SELECT engine_test_gate($1)")
-                                .bind(&id)
-                                .execute(&mut *tx)
-                                .await?;
-                        }
-                        let value = bump(tx, &name).await?;
-                        set_events_in(tx, &id, &[(TICK_EVENT, &json!(tick))]).await?;
-                        Ok(value)
-                    })
-                })
-                .await?
+                let (id, name) = (id.clone(), name.clone());
+                let step = Transaction::new(async move |tx| {
+                    if gated {
+                        sqlx::query("SELECT engine_test_gate($1)")
+                            .bind(&id)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    Ok(bump(tx, &name).await?)
+                });
+                ctx.db_step("tick", step.event(TICK_EVENT, tick)).await?
             };
         }
         Ok(json!(input.steps))
@@ -466,17 +451,15 @@ impl Workflow for Messenger {
             .recv(&input.topic, Duration::from_millis(input.timeout_ms))
             .await?;
         let id = ctx.workflow_id().to_owned();
-        let count = bump_step(ctx, "count_received", format!("received:{id}")).await?;
+        let counter = format!("received:{id}");
+        let count = Transaction::new(async move |tx| Ok(bump(tx, &counter).await?));
+        let count: i64 = ctx.db_step("count_received", count).await?;
         // Two events in one step: "received" (the message) and "receipt"
         // (how many this workflow has received).
-        ctx.tx_step("publish_receipt", |tx| {
-            let (id, message) = (id.clone(), json!(message));
-            Box::pin(async move {
-                let events = [("received", &message), ("receipt", &json!(count))];
-                Ok(set_events_in(tx, &id, &events).await?)
-            })
-        })
-        .await?;
+        let publish = Transaction::new(async |_tx| Ok(()))
+            .event("received", &message)
+            .event("receipt", count);
+        ctx.db_step("publish_receipt", publish).await?;
         Ok(json!({ "message": message }))
     }
 }
@@ -532,22 +515,18 @@ impl Workflow for Flaky {
         let id = ctx.workflow_id().to_owned();
         let pool = self.pool.clone();
         let value: i64 = if input.after_database_step {
-            bump_step(ctx, "before", format!("before:{id}")).await?;
-            ctx.tx_step("flaky", move |tx| {
-                let (pool, id) = (pool.clone(), id.clone());
-                Box::pin(async move {
-                    let attempt = flaky_attempt(&pool, &id, input).await?;
-                    bump(tx, &format!("effect:{id}")).await?;
-                    Ok(attempt)
-                })
-            })
-            .await?
+            let counter = format!("before:{id}");
+            let before = Transaction::new(async move |tx| Ok(bump(tx, &counter).await?));
+            let _: i64 = ctx.db_step("before", before).await?;
+            let step = Transaction::new(async move |tx| {
+                let attempt = flaky_attempt(&pool, &id, input).await?;
+                bump(tx, &format!("effect:{id}")).await?;
+                Ok(attempt)
+            });
+            ctx.db_step("flaky", step).await?
         } else {
-            ctx.step("flaky", move |_key| {
-                let (pool, id) = (pool.clone(), id.clone());
-                async move { flaky_attempt(&pool, &id, input).await }
-            })
-            .await?
+            let effect = Effect::new(async move |_key| flaky_attempt(&pool, &id, input).await);
+            ctx.effect("flaky", effect).await?
         };
         Ok(json!(value))
     }

@@ -346,18 +346,23 @@ async fn a_running_workflow_its_live_owner_lost_goes_back_to_the_queue() -> anyh
 }
 
 #[tokio::test]
-async fn an_unflushed_step_inside_a_shared_transaction_leaves_its_commit_flushed()
--> anyhow::Result<()> {
+async fn an_unflushed_step_commits_the_open_transaction_first_and_flushed() -> anyhow::Result<()> {
     let db = engine_db().await?;
     let engine = Engine::new(db.pool.clone());
     let rt = runtime(&db)?;
     engine.start(FLUSH_PROBE, "probe", &json!({})).await?;
     assert_eq!(rt.execute("probe").await, ExecutionOutcome::Succeeded);
     let probe = engine.info("probe").await?.context("probe")?;
+    let output = probe.output.context("the probe's output")?;
+    assert_ne!(
+        output["first"], output["unflushed"],
+        "the unflushed step joined the transaction before it, which sets an event: \
+         Engine::start_unflushed's callers rely on that commit's flush"
+    );
     assert_eq!(
-        probe.output,
-        Some(json!("on")),
-        "the transaction sets an event: Engine::start_unflushed's callers rely on its flush"
+        output["setting"],
+        json!("on"),
+        "the unflushed step's setting leaked into the next transaction"
     );
     Ok(())
 }
@@ -682,6 +687,18 @@ async fn for_each_steps_of_many_workflows_commit_together_each_once() -> anyhow:
     assert!(
         commits <= ticks / 2,
         "200 ticks of 40 workflows due together took {commits} commits"
+    );
+    // The last tick ends its workflow in the batch's commit.
+    let (outputs, ends): (Vec<Option<Value>>, i64) = sqlx::query_as(
+        "SELECT array_agg(output), count(DISTINCT xmin::text) FROM workflows WHERE id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_one(&db.pool)
+    .await?;
+    assert!(outputs.iter().all(|o| *o == Some(json!(5))), "{outputs:?}");
+    assert!(
+        ends <= 20,
+        "40 last ticks due together ended their workflows in {ends} commits"
     );
     Ok(())
 }

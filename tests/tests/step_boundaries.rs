@@ -346,8 +346,6 @@ boundaries! {
     after_the_recv_takes_a_failed_payment: "after:recv:payment_status", Payment::Failed;
     before_cancel_order: "before:cancel_order", Payment::Failed;
     after_cancel_order: "after:cancel_order", Payment::Failed;
-    before_publish_cancellation: "before:publish_cancellation", Payment::Failed;
-    after_publish_cancellation: "after:publish_cancellation", Payment::Failed;
     before_the_recv_times_out: "before:recv:payment_status", Payment::Never;
     after_the_recv_times_out: "after:recv:payment_status", Payment::Never;
     before_cancel_order_after_a_timeout: "before:cancel_order", Payment::Never;

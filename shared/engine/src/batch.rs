@@ -1,5 +1,5 @@
 //! Steps of several workflows committed together: the step statements of one
-//! process written with [`StepStatement::for_each`](super::StepStatement::for_each)
+//! process written with [`Statement::for_each`](crate::Statement::for_each)
 //! that come due within a few milliseconds of each other run as one
 //! statement, their checkpoints with them, in one transaction.
 //!
@@ -36,6 +36,8 @@ pub(crate) struct BatchedStep {
     pub(crate) name: String,
     pub(crate) started: DateTime<Utc>,
     pub(crate) arg: Value,
+    /// The workflow's output when the step ends it.
+    pub(crate) finish: Option<Value>,
 }
 
 /// What became of a step sent to its lane.
@@ -168,6 +170,7 @@ async fn commit_batch(
     let seqs: Vec<i32> = batch.iter().map(|(s, _)| s.seq).collect();
     let names: Vec<&str> = batch.iter().map(|(s, _)| s.name.as_str()).collect();
     let starts: Vec<DateTime<Utc>> = batch.iter().map(|(s, _)| s.started).collect();
+    let finishes: Vec<Option<&Value>> = batch.iter().map(|(s, _)| s.finish.as_ref()).collect();
     // Planned for these arguments every time: a plan cached for the
     // connection is made for ten rows of `input` against the tables as
     // they were, and with no ANALYZE since (autovacuum off) it stays a hash
@@ -188,6 +191,7 @@ async fn commit_batch(
         .bind(&names)
         .bind(&starts)
         .bind(&*inner.worker_id)
+        .bind(&finishes)
         .fetch_all(&mut *tx)
         .await?;
     if rows.len() < batch.len() {

@@ -100,7 +100,7 @@ impl Engine {
 
     /// [`Engine::start`] inside the caller's transaction (a workflow step
     /// starting a child commits both together; a one-statement step uses
-    /// [`StepStatement::start`](super::StepStatement::start)). A
+    /// [`Statement::start`](crate::Statement::start)). A
     /// [`EngineError::KindConflict`] is raised by the statement, so it ends
     /// the caller's transaction too.
     pub async fn start_in(

@@ -31,7 +31,7 @@ pub(crate) enum Notice {
 /// may have been missed, so every waiter re-reads the table.
 const RESYNC: &str = "";
 
-/// A process-wide LISTEN on [`EVENTS_CHANNEL`] that reconnects by itself.
+/// A process-wide LISTEN on the events channel that reconnects by itself.
 #[derive(Clone, Debug)]
 pub struct EventListener {
     sender: broadcast::Sender<Arc<str>>,

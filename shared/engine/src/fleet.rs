@@ -237,7 +237,7 @@ async fn requeue<'a>(
 
 /// Hands back to the queue the running workflows this live process owns
 /// but does not execute. A claim, or a start claimed by a step's statement
-/// ([`StepStatement::start`](super::StepStatement::start)), whose commit
+/// ([`Statement::start`](crate::Statement::start)), whose commit
 /// went through while its answer was lost (the connection cut at that
 /// moment) leaves its workflow `running` under an owner that is alive,
 /// which the reaper never takes over. `executing` tells the workflows this

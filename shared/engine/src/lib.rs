@@ -8,12 +8,13 @@
 //! - [`Engine::start`] inserts the workflow row and enqueues its job in one
 //!   transaction. The same id again starts nothing new; the same id with
 //!   another kind is [`EngineError::KindConflict`].
-//! - [`WorkflowContext::tx_step`] runs a closure in a transaction that also
-//!   inserts the step's checkpoint: the step's database effect happens
-//!   exactly once, whatever dies when. [`WorkflowContext::sql_step`] does
-//!   the same for an effect that is one SQL statement, in one round trip.
-//! - [`WorkflowContext::step`] is for effects outside the database: at least
-//!   once, checkpointed after it succeeds, with a stable idempotency key.
+//! - A step is one of two kinds ([`step`]). [`WorkflowContext::db_step`]
+//!   changes the database exactly once: its effect and its checkpoint
+//!   commit together, whatever dies when; its body is one [`Statement`]
+//!   (sent with its checkpoint as one statement, alone or batched with
+//!   other workflows'), or a [`Transaction`] closure. [`WorkflowContext::effect`]
+//!   is for effects outside the database: at least once, checkpointed after
+//!   it succeeds, with a stable idempotency key ([`Effect`]).
 //! - Every execution replays from the top; completed steps return their
 //!   checkpoint. A checkpoint whose name differs from the code fails the
 //!   workflow ([`WorkflowError::Nondeterministic`]).
@@ -39,6 +40,7 @@ mod queue;
 mod runtime;
 mod schema;
 mod sql;
+pub mod step;
 
 use std::time::Duration;
 
@@ -47,14 +49,14 @@ use serde::Serialize;
 
 pub use client::{Engine, EventSubscription, Message, SendOutcome};
 pub use config::{QueueConfig, RuntimeConfig};
-pub use context::set_events_in;
-pub use context::{StepStatement, WorkflowContext};
+pub use context::WorkflowContext;
 pub use crash_point::{CrashPoint, CrashWhen};
 pub use error::{EngineError, StepError, WorkflowError, is_unavailable};
 pub use events::EventListener;
 pub use queue::{JOB_INSERT_CHANNEL, WorkflowJob};
 pub use runtime::{ExecutionOutcome, Runtime, Workflow};
 pub use schema::{MigrateError, migrations_applied, migrator_applied, run_migrations};
+pub use step::{Effect, Statement, Transaction};
 
 /// A kind of workflow and the queue its jobs go to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -137,8 +137,8 @@ pub(crate) const RECV: &str = "SELECT done, message,
 /// Sets events and notifies their waiters (`engine.workflow_set_events()`).
 pub(crate) const SET_EVENTS: &str = "SELECT engine.workflow_set_events($1, $2, $3, $4, $5)";
 
-// ---- A one-statement step (context/statement.rs, `WorkflowContext::sql_step`) and
-// batches of them (batch.rs). The step's own statement comes first; the
+// ---- A statement step (context/statement.rs, `step::Statement`) and
+// batches of them (batch.rs, `Statement::for_each`). The step's own statement comes first; the
 // engine's parameters follow its own, so placeholders are given.
 
 /// A step's statement and its checkpoint as one statement: `effect` (the
@@ -193,14 +193,14 @@ pub(crate) fn one_step_input(id: &str, arg: &str) -> String {
 /// The statement of a batch: the step statement over `input`, one row per
 /// step, and their checkpoints, written only for a workflow neither
 /// cancelled nor finished and a step no other execution wrote (what
-/// `workflow_checkpoint()` refuses, raising, for a step alone). It returns
-/// the checkpoints written; fewer than the steps, and the batch is rolled
-/// back.
+/// `workflow_checkpoint()` refuses, raising, for a step alone); a step
+/// with a `finish` output then ends its workflow. It returns the
+/// checkpoints written; fewer than the steps, and the batch is rolled back.
 pub(crate) fn batch_statement(sql: &str) -> String {
     format!(
         "WITH input AS (
-             SELECT * FROM unnest($1::text[], $2::jsonb[], $3::integer[], $4::text[], $5::timestamptz[])
-                 AS i(workflow_id, arg, step_seq, name, started_at)),
+             SELECT * FROM unnest($1::text[], $2::jsonb[], $3::integer[], $4::text[], $5::timestamptz[], $7::jsonb[])
+                 AS i(workflow_id, arg, step_seq, name, started_at, finish)),
          effect AS ({sql}),
          checkpoint AS (
              INSERT INTO engine.workflow_steps
@@ -212,6 +212,9 @@ pub(crate) fn batch_statement(sql: &str) -> String {
              WHERE NOT w.cancel_requested AND w.status NOT IN ('succeeded', 'failed', 'cancelled')
              ON CONFLICT DO NOTHING
              RETURNING workflow_id, output)
-         SELECT workflow_id, output FROM checkpoint"
+         SELECT c.workflow_id, c.output,
+             CASE WHEN i.finish IS NOT NULL
+                 THEN engine.workflow_finish(c.workflow_id, 'succeeded', i.finish, NULL, 0) END
+         FROM checkpoint c JOIN input i ON i.workflow_id = c.workflow_id"
     )
 }

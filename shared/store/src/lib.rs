@@ -15,7 +15,8 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
-use engine::{StepStatement, WorkflowKind};
+use engine::WorkflowKind;
+use engine::step::{ForEach, Statement, state::Unflushed};
 
 /// The checkout workflow: reserve, create the order, wait for payment.
 pub const CHECKOUT: WorkflowKind = WorkflowKind {
@@ -215,21 +216,18 @@ pub async fn restock(pool: &PgPool, inventory: i32) -> Result<Product, sqlx::Err
 }
 
 /// The step that takes one unit if there is one: its output is `true`, or
-/// null when out of stock. A step statement
-/// ([`WorkflowContext::sql_step`](engine::WorkflowContext::sql_step)):
-/// the product row is every checkout's lock, and this way it is held only
-/// while the statement runs, not for round trips to the worker.
+/// null when out of stock. One statement, so the product row (every
+/// checkout's lock) is held only while it runs.
 ///
-/// A reservation commits without waiting for its WAL flush
-/// ([`StepStatement::unflushed`]). The flush was part of the row lock's
-/// hold, and the checkout's tail latency under load with it
-/// (docs/benchmarks/profile.md). Nothing is lost by it: a database crash can drop the
-/// reservation only together with its checkpoint (one statement), before
-/// anything outside saw it (the payment id, or "out of stock", goes out
-/// with the checkout's next commit, which is flushed and carries this
-/// one), so the checkout replays it.
-pub fn reserve_inventory(product_id: i32) -> StepStatement {
-    StepStatement::new(
+/// Its commit does not wait for the WAL flush ([`Statement::unflushed`]):
+/// the flush was part of the row lock's hold, and the checkout's tail
+/// latency under load with it (docs/benchmarks/profile.md). Nothing is lost
+/// by it: a database crash can drop the reservation only together with its
+/// checkpoint, before anything outside saw it (the payment id, or "out of
+/// stock", goes out with the checkout's next commit, which is flushed and
+/// carries this one), so the checkout replays it.
+pub fn reserve_inventory(product_id: i32) -> Statement<Unflushed> {
+    Statement::new(
         "UPDATE products SET inventory = inventory - 1 WHERE id = $1 AND inventory > 0
          RETURNING true AS output",
     )
@@ -238,12 +236,9 @@ pub fn reserve_inventory(product_id: i32) -> StepStatement {
 }
 
 /// The step that creates the PENDING order of a checkout: its output is
-/// the order's id. A step statement
-/// ([`WorkflowContext::sql_step`](engine::WorkflowContext::sql_step)),
-/// so the checkout can publish the payment id with it, in the same round
-/// trip.
-pub fn create_order(product_id: i32, checkout_id: &str) -> StepStatement {
-    StepStatement::new(
+/// the order's id.
+pub fn create_order(product_id: i32, checkout_id: &str) -> Statement {
+    Statement::new(
         "INSERT INTO orders (product_id, checkout_id, status, progress_remaining)
          VALUES ($1, $2, 'PENDING', $3) RETURNING id AS output",
     )
@@ -253,11 +248,9 @@ pub fn create_order(product_id: i32, checkout_id: &str) -> StepStatement {
 }
 
 /// The step that marks a PENDING order PAID: its output is `true`, or null
-/// when the order was not pending. A step statement, so the checkout starts
-/// the order's dispatch and publishes the settlement with it, in the same
-/// round trip.
-pub fn mark_paid(order_id: i64) -> StepStatement {
-    StepStatement::new(
+/// when the order was not pending.
+pub fn mark_paid(order_id: i64) -> Statement {
+    Statement::new(
         "UPDATE orders SET status = 'PAID', last_update_time = now()
          WHERE id = $1 AND status = 'PENDING'
          RETURNING true AS output",
@@ -267,31 +260,23 @@ pub fn mark_paid(order_id: i64) -> StepStatement {
 
 /// The step that cancels a PENDING order and gives its unit back to stock,
 /// together, in one statement (the unit through `return_unit()`): its
-/// output is `true`, or null when the order was not pending. A step
-/// statement, so the product row is held only while it runs.
-///
-/// Like a reservation, it commits without waiting for its WAL flush
-/// ([`StepStatement::unflushed`]): the cancellation goes out (the payment
-/// outcome and order id events) with the checkout's next commit, which is
-/// flushed and carries this one; a crash before that drops it together
-/// with its checkpoint, and the checkout replays it.
-pub fn cancel_order(order_id: i64) -> StepStatement {
-    StepStatement::new(
+/// output is `true`, or null when the order was not pending.
+pub fn cancel_order(order_id: i64) -> Statement {
+    Statement::new(
         "UPDATE orders SET status = 'CANCELLED', last_update_time = now()
          WHERE id = $1 AND status = 'PENDING'
          RETURNING return_unit(product_id) AS output",
     )
     .bind(order_id)
-    .unflushed()
 }
 
 /// One dispatch step: progress down by one; DISPATCHED at zero. Its output
 /// is the progress left, or null when the order was not being dispatched.
-/// A step statement for each dispatch (it touches only its own order):
-/// the steps of the dispatches a worker runs that come due together share
-/// one statement and one commit.
-pub fn update_progress(order_id: i64) -> StepStatement {
-    StepStatement::for_each(
+/// Written for each dispatch taking it (it touches only its own order),
+/// so the dispatches a worker runs that come due together share one
+/// statement and one commit.
+pub fn update_progress(order_id: i64) -> ForEach {
+    Statement::for_each(
         "UPDATE orders SET progress_remaining = progress_remaining - 1,
              status = CASE WHEN progress_remaining - 1 = 0 THEN 'DISPATCHED' ELSE status END,
              last_update_time = now()
@@ -299,8 +284,8 @@ pub fn update_progress(order_id: i64) -> StepStatement {
          WHERE orders.id = (input.arg)::bigint AND orders.status = 'PAID'
              AND orders.progress_remaining > 0
          RETURNING input.workflow_id, orders.progress_remaining AS output",
+        order_id,
     )
-    .arg(order_id)
 }
 
 /// One order.

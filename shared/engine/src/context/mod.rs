@@ -11,30 +11,28 @@ use failure::refusal;
 use replay::Replay;
 pub(crate) use replay::{Checkpoint, ReplayCursor};
 use statement::CheckpointRows;
-pub use statement::{StepStatement, set_events_in};
+use statement::set_events_in;
 
 use crate::sql;
-use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
-use futures::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use sqlx::postgres::PgArguments;
-use sqlx::{
-    Arguments, AssertSqlSafe, Encode, PgConnection, PgPool, Postgres, Row, Transaction, Type,
-};
+use sqlx::{Arguments, AssertSqlSafe, PgConnection, PgPool, Postgres, Row, Transaction};
 use tokio::sync::{OwnedSemaphorePermit, oneshot, watch};
 
 use super::batch::{Batched, BatchedStep, StepBatches};
 use super::crash_point::{CrashCounter, CrashWhen, crash_now};
 use super::events::{EVENTS_CHANNEL, EventListener};
 use super::queue::{JOB_MAX_ATTEMPTS, new_job_id};
+use super::step::Transaction as TransactionStep;
+use super::step::{Commit, DatabaseStep, Effect, Statement, StatementSpec};
 use super::{RetryPolicy, StepError, WorkflowError, WorkflowKind};
 use crate::error::is_unavailable;
 
@@ -65,14 +63,14 @@ pub struct WorkflowContext {
     pub(crate) cancel_requested: bool,
     /// Runs a workflow a step statement starts in this process when it can.
     pub(crate) here: Arc<dyn RunsHere>,
-    /// Batches this process's [`StepStatement::for_each`] steps.
+    /// Batches this process's [`Statement::for_each`] steps.
     pub(crate) batches: StepBatches,
     /// The test-only crash point, counting the calls of its step.
     pub(crate) crash: CrashCounter,
 }
 
 /// What the runtime lets a step statement do with a workflow it starts
-/// ([`StepStatement::start`]): run it in this process, claimed by the start
+/// ([`Statement::start`](crate::step::Statement::start)): run it in this process, claimed by the start
 /// itself, without a job, a notification or a claim of its own. The
 /// runtime implements it; the context knows nothing else of the runtime.
 pub(crate) trait RunsHere: Send + Sync {
@@ -109,62 +107,80 @@ impl WorkflowContext {
         self.execution
     }
 
-    /// A database step with the workflow's retry policy: `f` runs in a
-    /// transaction that also inserts the checkpoint; both commit or neither.
+    /// A database step: its effect and its checkpoint commit together, so
+    /// it happens exactly once, whatever dies when. `step` is a
+    /// [`Statement`](crate::Statement), a [`Statement::for_each`](crate::Statement::for_each)
+    /// batch, a step that [ends the workflow](crate::Statement::ends_workflow)
+    /// or a [`Transaction`](crate::Transaction); see [`crate::step`].
     ///
     /// ```ignore
-    /// let left: i32 = ctx.tx_step("reserve_inventory", |tx| Box::pin(async move {
-    ///     Ok(sqlx::query_scalar("UPDATE ... RETURNING inventory").fetch_one(&mut *tx).await?)
-    /// })).await?;
+    /// let reserved: Option<bool> = ctx.db_step("reserve_inventory", Statement::new(
+    ///     "UPDATE products SET inventory = inventory - 1 WHERE id = $1 AND inventory > 0
+    ///      RETURNING true AS output").bind(product_id)).await?;
     /// ```
-    pub async fn tx_step<T, F>(&mut self, name: &str, f: F) -> Result<T, WorkflowError>
+    pub async fn db_step<T, S>(&mut self, name: &str, step: S) -> Result<T, WorkflowError>
     where
-        T: Serialize + DeserializeOwned + Send,
-        F: for<'c> FnMut(&'c mut PgConnection) -> BoxFuture<'c, Result<T, StepError>> + Send,
-    {
-        let retry = self.retry;
-        self.tx_step_with(name, retry, f).await
-    }
-
-    /// [`WorkflowContext::tx_step`] with its own retry policy.
-    pub async fn tx_step_with<T, F>(
-        &mut self,
-        name: &str,
-        retry: RetryPolicy,
-        f: F,
-    ) -> Result<T, WorkflowError>
-    where
-        T: Serialize + DeserializeOwned + Send,
-        F: for<'c> FnMut(&'c mut PgConnection) -> BoxFuture<'c, Result<T, StepError>> + Send,
+        S: DatabaseStep<T>,
     {
         // Boxed: a workflow's future then stays small while it waits
         // (thousands of sleeping dispatches live in one worker).
-        Box::pin(self.run_tx_step(name, retry, f)).await
+        Box::pin(step.run(self, name)).await
     }
 
-    async fn run_tx_step<T, F>(
+    /// An external effect (a payment API call): at least once,
+    /// checkpointed after it succeeds; its closure gets a stable
+    /// idempotency key. See [`Effect`].
+    pub async fn effect<T, F>(&mut self, name: &str, effect: Effect<F>) -> Result<T, WorkflowError>
+    where
+        T: Serialize + DeserializeOwned + Send,
+        F: AsyncFnMut(&str) -> Result<T, StepError> + Send,
+    {
+        Box::pin(self.run_effect(name, effect)).await
+    }
+
+    pub(crate) async fn run_transaction_step<T, F>(
         &mut self,
         name: &str,
-        retry: RetryPolicy,
-        mut f: F,
+        step: TransactionStep<F>,
     ) -> Result<T, WorkflowError>
     where
         T: Serialize + DeserializeOwned + Send,
-        F: for<'c> FnMut(&'c mut PgConnection) -> BoxFuture<'c, Result<T, StepError>> + Send,
+        F: AsyncFnMut(&mut PgConnection) -> Result<T, StepError> + Send,
     {
+        let TransactionStep {
+            mut body,
+            events,
+            retry,
+            unencodable,
+        } = step;
+        let retry = retry.unwrap_or(self.retry);
         let crash = self.crash.call(name);
         let seq = self.take_seq();
         if let Replay::Done(value) = self.replay(seq, name)? {
             return Ok(value);
         }
         self.check_draining()?;
+        if let Some(error) = unencodable {
+            return Err(self.step_failed(seq, name, error, 1));
+        }
         let started = Utc::now();
         let mut attempt = 0;
         loop {
             attempt += 1;
             let shared = self.open.is_some();
             let mut tx = self.transaction().await?;
-            let outcome = AssertUnwindSafe(f(&mut tx)).catch_unwind().await;
+            let outcome = AssertUnwindSafe(body(&mut tx)).catch_unwind().await;
+            let outcome = match outcome {
+                Ok(Ok(value)) if !events.is_empty() => {
+                    let events: Vec<(&str, &Value)> =
+                        events.iter().map(|(k, v)| (k.as_str(), v)).collect();
+                    match set_events_in(&mut tx, &self.workflow_id, &events).await {
+                        Ok(()) => Ok(Ok(value)),
+                        Err(e) => Ok(Err(StepError::from(e))),
+                    }
+                }
+                outcome => outcome,
+            };
             let failure = match outcome {
                 Ok(Ok(value)) => {
                     let output = serde_json::to_value(&value)?;
@@ -188,47 +204,13 @@ impl WorkflowContext {
         }
     }
 
-    /// A step with an effect outside the database (a payment API call):
-    /// at least once, checkpointed after it succeeds. `f` gets a stable
-    /// idempotency key for the effect, `"<workflow_id>/<step_seq>"`.
-    pub async fn step<T, F, Fut>(&mut self, name: &str, f: F) -> Result<T, WorkflowError>
+    async fn run_effect<T, F>(&mut self, name: &str, effect: Effect<F>) -> Result<T, WorkflowError>
     where
         T: Serialize + DeserializeOwned + Send,
-        F: FnMut(String) -> Fut + Send,
-        Fut: Future<Output = Result<T, StepError>> + Send,
+        F: AsyncFnMut(&str) -> Result<T, StepError> + Send,
     {
-        let retry = self.retry;
-        self.step_with(name, retry, f).await
-    }
-
-    /// [`WorkflowContext::step`] with its own retry policy.
-    pub async fn step_with<T, F, Fut>(
-        &mut self,
-        name: &str,
-        retry: RetryPolicy,
-        f: F,
-    ) -> Result<T, WorkflowError>
-    where
-        T: Serialize + DeserializeOwned + Send,
-        F: FnMut(String) -> Fut + Send,
-        Fut: Future<Output = Result<T, StepError>> + Send,
-    {
-        // Boxed: a workflow's future then stays small while it waits
-        // (thousands of sleeping dispatches live in one worker).
-        Box::pin(self.run_step(name, retry, f)).await
-    }
-
-    async fn run_step<T, F, Fut>(
-        &mut self,
-        name: &str,
-        retry: RetryPolicy,
-        mut f: F,
-    ) -> Result<T, WorkflowError>
-    where
-        T: Serialize + DeserializeOwned + Send,
-        F: FnMut(String) -> Fut + Send,
-        Fut: Future<Output = Result<T, StepError>> + Send,
-    {
+        let Effect { mut body, retry } = effect;
+        let retry = retry.unwrap_or(self.retry);
         let crash = self.crash.call(name);
         let seq = self.take_seq();
         if let Replay::Done(value) = self.replay(seq, name)? {
@@ -243,7 +225,7 @@ impl WorkflowContext {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let outcome = AssertUnwindSafe(f(key.clone())).catch_unwind().await;
+            let outcome = AssertUnwindSafe(body(&key)).catch_unwind().await;
             let failure = match outcome {
                 Ok(Ok(value)) => {
                     let output = serde_json::to_value(&value)?;
@@ -263,110 +245,28 @@ impl WorkflowContext {
         }
     }
 
-    /// A database step whose effect is one SQL statement: the statement and
-    /// its checkpoint run as one statement, so the step is one round trip
-    /// and, outside a shared transaction, its own commit (a transaction of
-    /// several statements is BEGIN, each statement, and COMMIT). Any row the
-    /// statement locks is held only while it runs: the step for a row many
-    /// workflows contend for.
-    ///
-    /// Exactly once like [`WorkflowContext::tx_step`]: should the
-    /// checkpoint be refused (another execution wrote it, the workflow was
-    /// cancelled or has finished), the statement fails as a whole and its
-    /// effect is undone. It joins the transaction still open from the steps
-    /// before it, if any, and commits with them.
-    ///
-    /// ```ignore
-    /// let left: Option<i32> = ctx.sql_step("update_progress", StepStatement::new(
-    ///     "UPDATE orders SET progress_remaining = progress_remaining - 1
-    ///      WHERE id = $1 AND progress_remaining > 0 RETURNING progress_remaining AS output",
-    /// ).bind(order_id)).await?;
-    /// ```
-    pub async fn sql_step<T>(
-        &mut self,
-        name: &str,
-        statement: StepStatement,
-    ) -> Result<T, WorkflowError>
-    where
-        T: DeserializeOwned + Send,
-    {
-        let retry = self.retry;
-        // Boxed: a workflow's future then stays small while it waits
-        // (thousands of sleeping dispatches live in one worker).
-        Box::pin(self.run_sql_step(name, retry, statement, None)).await
-    }
-
-    /// The workflow's last step: a [`WorkflowContext::sql_step`] whose
-    /// statement also ends the workflow, succeeded with `output`, exactly
-    /// when the step's checkpoint is written. One commit where the step and
-    /// the end took two (the end's commit is flushed: a lost end would
-    /// leave the workflow running, owned by a live worker that no longer
-    /// runs it). Returns `output` for `run` to return at once: the runtime
-    /// does not store what `run` returns after it, and a step after it
-    /// fails (the workflow has finished). Replayed from an earlier
-    /// execution's checkpoint, it ends the workflow as a step and the end
-    /// of `run` do.
-    ///
-    /// ```ignore
-    /// let output = json!({ "order_id": order_id });
-    /// ctx.final_sql_step("mark_paid", store::mark_paid(order_id), output).await
-    /// ```
-    pub async fn final_sql_step<O>(
-        &mut self,
-        name: &str,
-        statement: StepStatement,
-        output: O,
-    ) -> Result<O, WorkflowError>
-    where
-        O: Serialize + Send,
-    {
-        let retry = self.retry;
-        let value = match serde_json::to_value(&output) {
-            Ok(value) => value,
-            Err(e) => {
-                let seq = self.cursor.next_seq();
-                return Err(self.step_failed(
-                    seq,
-                    name,
-                    format!("the output does not encode: {e}"),
-                    1,
-                ));
-            }
-        };
-        let _: Value = Box::pin(self.run_sql_step(name, retry, statement, Some(&value))).await?;
-        Ok(output)
-    }
-
     /// Commits the steps so far now instead of with the next wait or the
     /// end, releasing their row locks: call it after a step that locks a
     /// row many workflows contend for, so the next steps do not hold that
-    /// lock too, or before a [`WorkflowContext::sql_step`] on such a row
-    /// (a product's stock), so it runs as a statement of its own. With
+    /// lock too, or before a [`Statement`] step on such a row (a product's
+    /// stock), so it commits on its own and holds the row only while it
+    /// runs. With
     /// nothing open (the claim commits on its own; steps that replay from
     /// their checkpoints open nothing) it does nothing.
     pub async fn commit(&mut self) -> Result<(), WorkflowError> {
         Box::pin(self.commit_open()).await
     }
 
-    /// Publishes an event (a row; waiters are notified). Checkpointed like
-    /// any step, so it happens once.
+    /// Publishes an event (a row; waiters are notified) as a step of its
+    /// own, named `set_event:<key>`, so it happens once. To publish with a
+    /// step's effect, use the step's `event` option instead.
     pub async fn set_event(
         &mut self,
         key: &str,
         value: impl Serialize,
     ) -> Result<(), WorkflowError> {
-        let value = serde_json::to_value(value)?;
-        let workflow_id = self.workflow_id.clone();
-        let key_owned = key.to_owned();
-        let name = format!("set_event:{key}");
-        self.tx_step(&name, move |tx| {
-            let (workflow_id, key, value) = (workflow_id.clone(), key_owned.clone(), value.clone());
-            Box::pin(async move {
-                set_events_in(tx, &workflow_id, &[(&key, &value)]).await?;
-                Ok(())
-            })
-        })
-        .await
+        let step = Statement::new("SELECT NULL::jsonb AS output").event(key, value);
+        self.db_step(&format!("set_event:{key}"), step).await
     }
 }
 

@@ -66,11 +66,6 @@ impl ReplayCursor {
         seq
     }
 
-    /// The number the next step will take.
-    pub(crate) fn next_seq(&self) -> i32 {
-        self.next_seq
-    }
-
     /// Whether a checkpoint after step `seq` exists: a step that writes no
     /// checkpoint of its own (an in-process sleep) is then over.
     pub(crate) fn passed(&self, seq: i32) -> bool {
@@ -243,7 +238,7 @@ mod tests {
         assert!(cursor.passed(sleep), "the sleep is over");
         let seq = cursor.take_seq();
         assert_eq!(cursor.replay::<i64>(seq, "b").unwrap(), Replay::Done(2));
-        assert!(!cursor.passed(cursor.next_seq()), "nothing after the last");
+        assert!(!cursor.passed(cursor.next_seq), "nothing after the last");
     }
 
     #[test]

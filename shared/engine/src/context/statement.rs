@@ -1,13 +1,14 @@
-//! One-statement steps: a step's SQL and its checkpoint sent as one statement
-//! ([`StepStatement`], `WorkflowContext::sql_step`), and events published
-//! with a step.
+//! Statement steps ([`Statement`](crate::Statement), run by
+//! `WorkflowContext::db_step`): a step's SQL and its checkpoint sent as one
+//! statement, with its events, the workflow it starts and the workflow's
+//! end; and events published in a transaction step.
 
 use super::*;
 
 /// The checkpoint rows one `workflow_checkpoint()` call writes, as the
 /// arrays it takes: a step's, or none (a recv whose deadline is written
 /// already). `outputs` is left to the caller (or the statement computes it:
-/// see [`WorkflowContext::sql_step`]).
+/// see [`Statement`](crate::Statement)).
 #[derive(Default)]
 pub(super) struct CheckpointRows {
     pub(super) seqs: Vec<i32>,
@@ -44,168 +45,6 @@ impl CheckpointRows {
     }
 }
 
-/// One SQL statement that is the whole effect of a database step: see
-/// [`WorkflowContext::sql_step`].
-///
-/// ```ignore
-/// StepStatement::new("UPDATE orders SET ... WHERE id = $1 RETURNING progress_remaining AS output")
-///     .bind(order_id)
-/// ```
-pub struct StepStatement {
-    sql: &'static str,
-    arguments: PgArguments,
-    /// Events published with the step: see [`StepStatement::event`].
-    events: Vec<(String, Value)>,
-    /// A workflow started with the step: see [`StepStatement::start`].
-    start: Option<(WorkflowKind, String, Value)>,
-    /// See [`StepStatement::unflushed`].
-    unflushed: bool,
-    /// Written over `input`: see [`StepStatement::for_each`].
-    for_each: bool,
-    /// The value of `input.arg`: see [`StepStatement::arg`].
-    arg: Value,
-    /// A value that could not be encoded: the step fails with it.
-    unencodable: Option<String>,
-}
-
-impl StepStatement {
-    /// A statement returning at most one row, whose column `output` is the
-    /// step's value (no row, or a SQL null, is JSON null). It must not begin
-    /// with `WITH`: the engine puts it in a `WITH` of its own.
-    pub fn new(sql: &'static str) -> Self {
-        StepStatement {
-            sql,
-            arguments: PgArguments::default(),
-            events: Vec::new(),
-            start: None,
-            unflushed: false,
-            for_each: false,
-            arg: Value::Null,
-            unencodable: None,
-        }
-    }
-
-    /// A statement written over the relation `input (workflow_id text, arg
-    /// jsonb)`, one row per step, which returns at most one row per
-    /// `input` row with the columns `workflow_id` and `output` (the step's
-    /// value), and touches only rows of the workflow of its `input` row
-    /// (PostgreSQL applies one update to a row per statement: two `input`
-    /// rows reaching one row would leave one step without its effect,
-    /// silently):
-    /// the steps of this statement that several workflows of a process
-    /// reach within a few milliseconds then run as one statement and one
-    /// commit (an all or nothing batch; a step whose checkpoint is refused
-    /// sends the others to run alone). A step with events, a start, or
-    /// inside an open transaction runs alone, with `input` its one row. Its
-    /// value comes through [`StepStatement::arg`], not `bind`. The
-    /// dispatch's progress steps use it.
-    ///
-    /// ```ignore
-    /// StepStatement::for_each(
-    ///     "UPDATE orders SET progress_remaining = progress_remaining - 1 FROM input
-    ///      WHERE orders.id = (input.arg)::bigint
-    ///      RETURNING input.workflow_id, progress_remaining AS output",
-    /// )
-    /// .arg(order_id)
-    /// ```
-    pub fn for_each(sql: &'static str) -> Self {
-        StepStatement {
-            for_each: true,
-            ..StepStatement::new(sql)
-        }
-    }
-
-    /// Sets `input.arg` of a [`StepStatement::for_each`] statement.
-    pub fn arg(mut self, value: impl Serialize) -> Self {
-        match serde_json::to_value(value) {
-            Ok(value) => self.arg = value,
-            Err(e) => {
-                self.unencodable
-                    .get_or_insert(format!("the argument does not encode: {e}"));
-            }
-        }
-        self
-    }
-
-    /// Lets the step's commit return before its WAL flush when the step
-    /// commits alone (no transaction open): for a step that nobody outside
-    /// the workflow acts on before the workflow's next flushed commit,
-    /// which carries it (the WAL is one sequence). A database crash before
-    /// that drops the step together with its checkpoint, and the workflow
-    /// replays it. Without effect on a statement that publishes events or
-    /// starts a workflow, and inside a shared transaction: events are
-    /// always set by flushed commits, which callers of
-    /// [`Engine::start_unflushed`](super::Engine::start_unflushed) rely on.
-    /// The store's reservation and cancellation use it, so the product
-    /// row is not held through a flush.
-    pub fn unflushed(mut self) -> Self {
-        self.unflushed = true;
-        self
-    }
-
-    /// Starts a workflow with the step, in its statement (as
-    /// [`Engine::start_in`](super::Engine::start_in) does in a transaction):
-    /// started exactly when the step's checkpoint is written, whatever the
-    /// statement returned; nothing new when `id` exists already. An `id`
-    /// held by a workflow of another kind fails the step. One per step.
-    ///
-    /// When this process runs that kind, has a free slot on its queue, is
-    /// not draining and the step commits alone, the new workflow is
-    /// started claimed by this process and runs here, without a job, a
-    /// notification or a claim of its own; should the process die, the
-    /// reaper hands it to the queue like any running workflow of a dead
-    /// worker. Otherwise its job goes to the queue.
-    pub fn start(mut self, kind: WorkflowKind, id: &str, input: impl Serialize) -> Self {
-        let problem = if let Err(e) = crate::client::check_id(id) {
-            Some(format!("cannot start {id:?}: {e}"))
-        } else if self.start.is_some() {
-            Some("a step statement starts one workflow at most".to_owned())
-        } else {
-            match serde_json::to_value(input) {
-                Ok(input) => {
-                    self.start = Some((kind, id.to_owned(), input));
-                    None
-                }
-                Err(e) => Some(format!("the input of {id} does not encode: {e}")),
-            }
-        };
-        if let Some(problem) = problem {
-            self.unencodable.get_or_insert(problem);
-        }
-        self
-    }
-
-    /// Publishes an event with the step, in its statement (as
-    /// [`set_events_in`] does in a transaction): set, and its waiters
-    /// notified at the commit, exactly when the step's checkpoint is
-    /// written, whatever the statement returned. Keys must differ.
-    pub fn event(mut self, key: &str, value: impl Serialize) -> Self {
-        match serde_json::to_value(value) {
-            Ok(value) => self.events.push((key.to_owned(), value)),
-            Err(e) => {
-                self.unencodable
-                    .get_or_insert(format!("event {key} does not encode: {e}"));
-            }
-        }
-        self
-    }
-
-    /// Binds the next parameter (`$1`, then `$2`, ...); not for a
-    /// [`StepStatement::for_each`] statement.
-    pub fn bind<'t, T: Encode<'t, Postgres> + Type<Postgres>>(mut self, value: T) -> Self {
-        if self.for_each {
-            self.unencodable
-                .get_or_insert("a for_each statement takes its value through arg".to_owned());
-        } else if let Err(e) = self.arguments.add(value) {
-            self.unencodable.get_or_insert(format!(
-                "parameter ${} does not encode: {e}",
-                self.arguments.len() + 1
-            ));
-        }
-        self
-    }
-}
-
 /// `workflow_start()`'s arguments, appended to a step statement's: with
 /// `owner`, the workflow starts claimed by that worker, without a job.
 pub(super) fn bind_start(
@@ -238,13 +77,10 @@ pub(super) fn decode_output<T: DeserializeOwned>(
     })
 }
 
-/// Sets events (upserts) and notifies their waiters, in the caller's
-/// transaction, in one statement however many there are (their keys must
+/// Sets events (upserts) and notifies their waiters, in a transaction
+/// step's transaction, in one statement however many there are (their keys
 /// differ: PostgreSQL refuses to upsert one row twice in a statement).
-/// Inside a [`WorkflowContext::tx_step`] they happen exactly once with the
-/// step. (A [`StepStatement`] publishes its own with
-/// [`StepStatement::event`].)
-pub async fn set_events_in(
+pub(super) async fn set_events_in(
     tx: &mut PgConnection,
     workflow_id: &str,
     events: &[(&str, &Value)],
@@ -302,16 +138,16 @@ impl<'a> EventArguments<'a> {
 }
 
 impl WorkflowContext {
-    pub(super) async fn run_sql_step<T>(
+    pub(crate) async fn run_statement_step<T>(
         &mut self,
         name: &str,
-        retry: RetryPolicy,
-        statement: StepStatement,
-        finish: Option<&Value>,
+        statement: StatementSpec,
     ) -> Result<T, WorkflowError>
     where
         T: DeserializeOwned + Send,
     {
+        let retry = statement.retry.unwrap_or(self.retry);
+        let finish = statement.finish.as_ref();
         let crash = self.crash.call(name);
         let seq = self.take_seq();
         if let Replay::Done(value) = self.replay(seq, name)? {
@@ -321,27 +157,35 @@ impl WorkflowContext {
         if let Some(error) = statement.unencodable {
             return Err(self.step_failed(seq, name, error, 1));
         }
+        // An unflushed or batched step commits apart from the steps before
+        // it: they commit now (flushed).
+        if !matches!(statement.commit, Commit::Flushed) {
+            self.commit_open().await?;
+        }
         if crash.is_some() {
             // A commit of its own to die before or after (not a batch's).
             self.open_transaction().await?;
         }
         let started = Utc::now();
-        let batchable = statement.for_each
+        if let Commit::Batched(arg) = &statement.commit
             && self.open.is_none()
-            && statement.events.is_empty()
-            && statement.start.is_none()
-            && finish.is_none()
-            && !statement.unflushed;
-        if batchable && !self.cancel_requested {
+            && !self.cancel_requested
+        {
             let step = BatchedStep {
                 workflow_id: self.workflow_id.clone(),
                 seq,
                 name: name.to_owned(),
                 started,
-                arg: statement.arg.clone(),
+                arg: arg.clone(),
+                finish: finish.cloned(),
             };
             match self.batches.run(statement.sql, step).await {
-                Batched::Done(output) => return decode_output(seq, name, output),
+                Batched::Done(output) => {
+                    if finish.is_some() {
+                        self.cursor.finish();
+                    }
+                    return decode_output(seq, name, output);
+                }
                 Batched::Unavailable(error) => {
                     return Err(WorkflowError::Unavailable(sqlx::Error::Io(
                         std::io::Error::other(error),
@@ -380,10 +224,7 @@ impl WorkflowContext {
         if finish.is_some() {
             also += &sql::step_finish(&id, &placeholders(1));
         }
-        let may_skip_flush = statement.unflushed
-            && events.is_empty()
-            && statement.start.is_none()
-            && finish.is_none();
+        let may_skip_flush = matches!(statement.commit, Commit::Unflushed);
         if may_skip_flush {
             also += &sql::skip_flush_if(&placeholders(1));
         }
@@ -396,10 +237,13 @@ impl WorkflowContext {
             _ => None,
         };
         // A for_each statement's `input`: this step's row.
-        let input = if statement.for_each {
-            sql::one_step_input(&id, &placeholders(1))
-        } else {
-            String::new()
+        let arg = match &statement.commit {
+            Commit::Batched(arg) => Some(arg),
+            _ => None,
+        };
+        let input = match arg {
+            Some(_) => sql::one_step_input(&id, &placeholders(1)),
+            None => String::new(),
         };
         let sql = sql::step_with_checkpoint(
             &input,
@@ -430,8 +274,8 @@ impl WorkflowContext {
                 // Only a commit of its own may skip the flush.
                 bound = arguments.add(!shared);
             }
-            if bound.is_ok() && statement.for_each {
-                bound = arguments.add(&statement.arg);
+            if let (true, Some(arg)) = (bound.is_ok(), arg) {
+                bound = arguments.add(arg);
             }
             if let Err(e) = bound {
                 return Err(self.step_failed(seq, name, format!("checkpoint encoding: {e}"), 1));
@@ -444,7 +288,7 @@ impl WorkflowContext {
             // A new child's row was inserted at `started_at` (the
             // database's clock, as a takeover's claim reads it).
             let row = result.and_then(|row| {
-                let started = match statement.start {
+                let started = match &statement.start {
                     Some(_) => Some((
                         row.try_get::<bool, _>("started")?,
                         row.try_get::<DateTime<Utc>, _>("started_at")?,

@@ -47,7 +47,7 @@ struct Claim {
 }
 
 /// Lets a step statement that starts a workflow
-/// ([`StepStatement::start`](super::StepStatement::start)) run it in this
+/// ([`Statement::start`](crate::Statement::start)) run it in this
 /// process, claimed by the start itself: no job, no notification, no claim
 /// of its own. Only for a kind registered here, on a queue this process
 /// consumes with a free slot, while it is not draining; otherwise the start

@@ -180,6 +180,41 @@ impl StatementSpec {
 ///
 /// `S` records the options chosen ([`state`]): `unflushed` only on a step
 /// that publishes nothing; `start` once.
+///
+/// ```no_run
+/// # use engine::{Statement, WorkflowContext, WorkflowError};
+/// # async fn f(ctx: &mut WorkflowContext) -> Result<(), WorkflowError> {
+/// let take = Statement::new("UPDATE stock SET n = n - 1 WHERE id = $1 AND n > 0 RETURNING n AS output");
+/// let left: Option<i32> = ctx.db_step("take", take.bind(7).unflushed()).await?;
+/// # Ok(()) }
+/// ```
+///
+/// An unflushed step cannot publish (its event could be heard before the
+/// step is durable), nor start a workflow or end this one:
+///
+/// ```compile_fail,E0599
+/// # use engine::{Statement, WorkflowContext, WorkflowError};
+/// # async fn f(ctx: &mut WorkflowContext) -> Result<(), WorkflowError> {
+/// let take = Statement::new("UPDATE stock SET n = n - 1 WHERE id = $1 AND n > 0 RETURNING n AS output");
+/// let left: Option<i32> = ctx.db_step("take", take.bind(7).unflushed().event("taken", true)).await?;
+/// # Ok(()) }
+/// ```
+///
+/// ```compile_fail,E0599
+/// # use engine::{Statement, WorkflowContext, WorkflowError};
+/// # async fn f(ctx: &mut WorkflowContext) -> Result<(), WorkflowError> {
+/// let take = Statement::new("UPDATE stock SET n = n - 1 WHERE id = $1 AND n > 0 RETURNING n AS output");
+/// ctx.db_step("take", take.bind(7).unflushed().ends_workflow(1)).await?;
+/// # Ok(()) }
+/// ```
+///
+/// A step starts one workflow at most:
+///
+/// ```compile_fail,E0599
+/// # use engine::{Statement, WorkflowKind};
+/// const CHILD: WorkflowKind = WorkflowKind { name: "child", queue: "q" };
+/// let step = Statement::new("SELECT 1 AS output").start(CHILD, "a", ()).start(CHILD, "b", ());
+/// ```
 pub struct Statement<S = Plain> {
     spec: StatementSpec,
     state: PhantomData<fn() -> S>,
@@ -312,6 +347,31 @@ impl<S: MayStart> Statement<S> {
 /// A statement step batched with the same step of other workflows: see
 /// [`Statement::for_each`]. It publishes nothing and starts nothing (a
 /// batch is one statement for many workflows); it may end the workflow.
+///
+/// ```no_run
+/// # use engine::{Statement, WorkflowContext, WorkflowError};
+/// # async fn f(ctx: &mut WorkflowContext) -> Result<i64, WorkflowError> {
+/// let tick = Statement::for_each(
+///     "UPDATE clocks SET n = n + 1 FROM input WHERE clocks.id = (input.arg)::bigint
+///      RETURNING input.workflow_id, n AS output",
+///     7,
+/// );
+/// ctx.db_step("tick", tick.ends_workflow(7_i64)).await
+/// # }
+/// ```
+///
+/// Its value comes as `input.arg`, not as a parameter, and it cannot
+/// publish:
+///
+/// ```compile_fail,E0599
+/// # use engine::Statement;
+/// let tick = Statement::for_each("SELECT input.workflow_id, 1 AS output FROM input", 7).bind(8);
+/// ```
+///
+/// ```compile_fail,E0599
+/// # use engine::Statement;
+/// let tick = Statement::for_each("SELECT input.workflow_id, 1 AS output FROM input", 7).event("ticked", true);
+/// ```
 pub struct ForEach {
     spec: StatementSpec,
 }

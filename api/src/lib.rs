@@ -3,7 +3,9 @@
 //! events.
 
 pub mod error;
+mod payments;
 mod routes;
+pub mod signature;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -46,6 +48,15 @@ pub struct Config {
     /// Allow `POST /crash_application` (chaos testing; off by default).
     #[arg(long, env = "CHAOS", default_value_t = false)]
     pub chaos: bool,
+    /// Serve the demo's unsigned `POST /payment_webhook/{id}/{status}`
+    /// (the storefront page plays the payment provider); off, it is 404.
+    #[arg(long, env = "DEMO_PAYMENTS", default_value_t = false)]
+    pub demo_payments: bool,
+    /// Secrets of `POST /webhooks/payments`, `whsec_<base64>`, comma-separated
+    /// (any one may match: rotate by adding the new one first); none: 503.
+    #[arg(long, env = "PAYMENT_WEBHOOK_SECRETS", default_value = "", hide_env_values = true,
+          hide_default_value = true, value_parser = signature::WebhookSecrets::parse)]
+    pub payment_webhook_secrets: signature::WebhookSecrets,
 }
 
 /// What every handler shares.
@@ -55,6 +66,8 @@ pub struct AppState {
     pub engine: Engine,
     pub event_wait: Duration,
     pub chaos: bool,
+    pub demo_payments: bool,
+    pub webhook_secrets: signature::WebhookSecrets,
 }
 
 /// Largest request body accepted (the API takes tiny JSON bodies at most).
@@ -62,7 +75,7 @@ pub const BODY_LIMIT: usize = 16 * 1024;
 
 /// The router with its middleware.
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
-    routes::routes()
+    routes::routes(state.demo_payments)
         .with_state(state)
         .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
         .layer(TimeoutLayer::with_status_code(
@@ -116,6 +129,8 @@ pub async fn run(
         pool,
         event_wait: config.event_wait,
         chaos: config.chaos,
+        demo_payments: config.demo_payments,
+        webhook_secrets: config.payment_webhook_secrets.clone(),
     };
     let app = router(state, config.request_timeout);
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -123,7 +138,13 @@ pub async fn run(
         .with_context(|| format!("binding {}", config.listen))?;
     let address = listener.local_addr()?;
     println!("widget-api listening on http://{address}");
-    tracing::info!(%address, chaos = config.chaos, "widget-api listening");
+    tracing::info!(
+        %address,
+        chaos = config.chaos,
+        demo_payments = config.demo_payments,
+        webhook_secrets = ?config.payment_webhook_secrets,
+        "widget-api listening"
+    );
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -16,13 +16,14 @@ use store::{
     Product, dispatch_workflow_id, topics,
 };
 
-use crate::AppState;
 use crate::error::ApiError;
+use crate::{AppState, payments};
 
 type ApiResult<T = Response> = Result<T, ApiError>;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
+/// The routes; the demo's unsigned payment webhook only with `demo_payments`.
+pub fn routes(demo_payments: bool) -> Router<AppState> {
+    let router = Router::new()
         .route("/", get(index))
         .route("/product", get(product))
         .route("/orders", get(orders))
@@ -30,16 +31,22 @@ pub fn routes() -> Router<AppState> {
         .route("/order/{id}/timeline", get(order_timeline))
         .route("/restock", post(restock))
         .route("/checkout/{key}", post(checkout))
-        .route(
-            "/payment_webhook/{payment_id}/{status}",
-            post(payment_webhook),
-        )
+        .route("/webhooks/payments", post(payments::provider_webhook))
+        .route("/payments/refunds_due", get(payments::refunds_due))
         .route("/crash_application", post(crash_application))
         .route("/workers", get(workers))
         .route("/workers/{id}/crash", post(crash_worker))
         .route("/config", get(config))
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route("/readyz", get(readyz));
+    if demo_payments {
+        router.route(
+            "/payment_webhook/{payment_id}/{status}",
+            post(payment_webhook),
+        )
+    } else {
+        router
+    }
 }
 
 /// Largest `limit` of `GET /orders`.
@@ -161,9 +168,11 @@ async fn order_timeline(
             }));
         }
     }
+    let payments = store::payments::ledger_of(&state.pool, &order.checkout_id).await?;
     let mut json = order_json(&order);
     json["workflows"] = Value::Array(runs);
     json["steps"] = Value::Array(steps);
+    json["payments"] = json!(payments);
     Ok(Json(json))
 }
 
@@ -200,7 +209,7 @@ async fn restock(State(state): State<AppState>, body: Bytes) -> ApiResult<Json<V
 
 /// A checkout key: 1 to 128 of `[A-Za-z0-9_-]`, not starting with the
 /// dispatch workflows' reserved prefix.
-fn valid_key(key: &str) -> bool {
+pub(crate) fn valid_key(key: &str) -> bool {
     (1..=128).contains(&key.len())
         && key
             .bytes()
@@ -453,7 +462,11 @@ async fn workers(State(state): State<AppState>) -> ApiResult<Json<Value>> {
 
 /// What the storefront page needs to know about this deployment.
 async fn config(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({ "chaos": state.chaos, "dispatch_steps": DISPATCH_STEPS }))
+    Json(json!({
+        "chaos": state.chaos,
+        "dispatch_steps": DISPATCH_STEPS,
+        "demo_payments": state.demo_payments,
+    }))
 }
 
 async fn healthz() -> &'static str {

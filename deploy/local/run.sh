@@ -38,6 +38,19 @@ else
 fi
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE"
 export CHAOS
+# The storefront page plays the payment provider through the demo's
+# unsigned route: on unless DEMO_PAYMENTS=false is set.
+export DEMO_PAYMENTS="${DEMO_PAYMENTS:-true}"
+# Signed provider webhooks: the given secrets, else one kept in .local/.
+if [ -z "${PAYMENT_WEBHOOK_SECRETS:-}" ]; then
+  mkdir -p .local
+  if [ ! -s .local/webhook_secret ]; then
+    (umask 077; printf 'whsec_%s\n' "$(head -c 32 /dev/urandom | base64 -w0)" > .local/webhook_secret)
+  fi
+  PAYMENT_WEBHOOK_SECRETS="$(cat .local/webhook_secret)"
+  log "signed payment webhooks: the secret is in .local/webhook_secret"
+fi
+export PAYMENT_WEBHOOK_SECRETS
 
 PIDS=()
 cleanup() {

@@ -14,6 +14,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
+pub mod provider;
 pub mod workflows;
 
 /// URL of the server's `postgres` database, where test databases are made.
@@ -352,6 +353,7 @@ pub fn worker_env(db: &TestDb, extra: &[(&str, &str)]) -> Vec<(&'static str, Str
         ("WORKER_REAP_INTERVAL", "100ms".into()),
         ("WORKER_CONCURRENCY", "16".into()),
         ("WORKER_DRAIN_TIMEOUT", "5000ms".into()),
+        ("DEMO_PAYMENTS", "true".into()),
     ];
     for (key, value) in extra {
         let key: &'static str = Box::leak(key.to_string().into_boxed_str());

@@ -131,33 +131,23 @@ impl Engine {
         self.send_with(message, Flush::Later).await
     }
 
+    /// [`Engine::send`] in the caller's transaction: the message is
+    /// delivered exactly when that transaction commits (the store's
+    /// payment ledger records a provider's delivery and hands it on in one
+    /// transaction).
+    pub async fn send_in(
+        conn: &mut PgConnection,
+        message: Message<'_>,
+    ) -> Result<SendOutcome, EngineError> {
+        send_on(conn, message, Flush::Wait).await
+    }
+
     async fn send_with(
         &self,
         message: Message<'_>,
         flush: Flush,
     ) -> Result<SendOutcome, EngineError> {
-        let (outcome, status, kept): (String, Option<String>, Option<Value>) =
-            sqlx::query_as(sql::SEND)
-                .bind(message.workflow_id)
-                .bind(message.topic)
-                .bind(&message.payload)
-                .bind(message.key)
-                .bind(new_job_id())
-                .bind(JOB_MAX_ATTEMPTS)
-                .bind(flush == Flush::Later)
-                .fetch_one(&self.pool)
-                .await?;
-        match outcome.as_str() {
-            "delivered" => Ok(SendOutcome::Delivered),
-            "duplicate" => Ok(SendOutcome::Duplicate {
-                payload: kept.unwrap_or(Value::Null),
-            }),
-            "finished" => Err(EngineError::Finished {
-                id: message.workflow_id.to_owned(),
-                status: status.unwrap_or_default(),
-            }),
-            _ => Err(EngineError::UnknownWorkflow(message.workflow_id.to_owned())),
-        }
+        send_on(&self.pool, message, flush).await
     }
 
     /// Reads an event now, without waiting.
@@ -449,4 +439,34 @@ pub(crate) fn check_id(id: &str) -> Result<(), EngineError> {
         return Err(EngineError::InvalidId);
     }
     Ok(())
+}
+
+/// Delivers a message through `executor` (the pool, or a transaction).
+async fn send_on<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    message: Message<'_>,
+    flush: Flush,
+) -> Result<SendOutcome, EngineError> {
+    let (outcome, status, kept): (String, Option<String>, Option<Value>) =
+        sqlx::query_as(sql::SEND)
+            .bind(message.workflow_id)
+            .bind(message.topic)
+            .bind(&message.payload)
+            .bind(message.key)
+            .bind(new_job_id())
+            .bind(JOB_MAX_ATTEMPTS)
+            .bind(flush == Flush::Later)
+            .fetch_one(executor)
+            .await?;
+    match outcome.as_str() {
+        "delivered" => Ok(SendOutcome::Delivered),
+        "duplicate" => Ok(SendOutcome::Duplicate {
+            payload: kept.unwrap_or(Value::Null),
+        }),
+        "finished" => Err(EngineError::Finished {
+            id: message.workflow_id.to_owned(),
+            status: status.unwrap_or_default(),
+        }),
+        _ => Err(EngineError::UnknownWorkflow(message.workflow_id.to_owned())),
+    }
 }

@@ -1,12 +1,13 @@
 //! Widget Store's shared library: the store's domain (its workflow kinds,
 //! their inputs, and every SQL statement on `products` and `orders`: the
-//! repository), the pool and migrations, logging, and the demo's crash
-//! requests. The durable workflow engine is a crate of its own (`engine`).
+//! repository), the payment ledger, the pool and migrations, logging, and
+//! the demo's crash requests. The durable workflow engine is a crate of its own (`engine`).
 
 #![warn(missing_docs)]
 
 pub mod chaos;
 pub mod db;
+pub mod payments;
 pub mod shutdown;
 pub mod telemetry;
 
@@ -260,12 +261,16 @@ pub fn mark_paid(order_id: i64) -> Statement {
 
 /// The step that cancels a PENDING order and gives its unit back to stock,
 /// together, in one statement (the unit through `return_unit()`): its
-/// output is `true`, or null when the order was not pending.
+/// output is `true`, or null when the order was not pending. Should a
+/// provider's success have reached the checkout as its payment window
+/// closed (the order's `paid_by`), the same statement records that payment
+/// as a refund due (`refund_if_paid()`): it waits on the order row the
+/// webhook's transaction locks, so it sees that delivery.
 pub fn cancel_order(order_id: i64) -> Statement {
     Statement::new(
         "UPDATE orders SET status = 'CANCELLED', last_update_time = now()
          WHERE id = $1 AND status = 'PENDING'
-         RETURNING return_unit(product_id) AS output",
+         RETURNING CASE WHEN refund_if_paid(id, paid_by) THEN return_unit(product_id) END AS output",
     )
     .bind(order_id)
 }

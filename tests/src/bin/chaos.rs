@@ -284,6 +284,7 @@ impl Fleet {
             ("DATABASE_URL", self.database_url.clone()),
             ("DB_MAX_CONNECTIONS", "12".into()),
             ("CHAOS", "true".into()),
+            ("DEMO_PAYMENTS", "true".into()),
             (
                 "PAYMENT_TIMEOUT",
                 format!("{}ms", PAYMENT_TIMEOUT.as_millis()),

@@ -307,6 +307,7 @@ fn env(db: &TestDb, pool_size: u32) -> Vec<(&'static str, String)> {
         ("WORKER_CONCURRENCY", "64".into()),
         ("DISPATCH_INTERVAL", "1000ms".into()),
         ("PAYMENT_TIMEOUT", "600000ms".into()),
+        ("DEMO_PAYMENTS", "true".into()),
         ("RUST_LOG", "warn".into()),
     ]
 }

@@ -265,6 +265,8 @@ fn free_port() -> anyhow::Result<u16> {
 struct Fleet {
     database_url: String,
     release: bool,
+    /// The secret of the provider's signed webhooks.
+    webhook_secret: String,
     workers: Vec<Proc>,
     draining: Vec<Proc>,
     apis: Vec<(u16, Option<Proc>)>,
@@ -285,6 +287,7 @@ impl Fleet {
             ("DB_MAX_CONNECTIONS", "12".into()),
             ("CHAOS", "true".into()),
             ("DEMO_PAYMENTS", "true".into()),
+            ("PAYMENT_WEBHOOK_SECRETS", self.webhook_secret.clone()),
             (
                 "PAYMENT_TIMEOUT",
                 format!("{}ms", PAYMENT_TIMEOUT.as_millis()),
@@ -356,6 +359,8 @@ struct Records {
     never_paid: u64,
     /// Flows that pay only after their payment window closed.
     paid_late: u64,
+    /// Flows paid through the provider's signed webhook (answered 2xx).
+    signed: u64,
     webhook_409: BTreeMap<String, u64>,
     /// Every webhook answered 409 checkout_expired: (payment id, answered at).
     expired: Vec<(String, DateTime<Utc>)>,
@@ -371,6 +376,7 @@ struct Records {
 struct Shared {
     http: reqwest::Client,
     bases: Vec<String>,
+    webhook_secret: String,
     records: Mutex<Records>,
     /// The late payments still to be sent (awaited before the checks).
     late: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -426,6 +432,62 @@ impl Shared {
         let mut r = self.records.lock().unwrap();
         *r.errors.entry(kind.to_owned()).or_default() += 1;
         r.retries += 1;
+    }
+
+    /// One signed provider delivery, signed anew and retried as a provider
+    /// does until an API answers it with anything but a transport error or
+    /// a 5xx (a refusal is a bug the checks report).
+    async fn deliver_signed(
+        &self,
+        id: &str,
+        kind: &str,
+        payment_id: &str,
+        deadline: Instant,
+    ) -> Option<(u16, String)> {
+        let body = harness::provider::event_body(kind, payment_id, "99.99", "USD");
+        while Instant::now() < deadline {
+            let delivery =
+                harness::provider::Delivery::signed(&self.webhook_secret, id, body.clone());
+            let base = self.bases.choose(&mut rand::rng()).expect("apis").clone();
+            let sent = self
+                .http
+                .post(format!("{base}/webhooks/payments"))
+                .header("content-type", "application/json")
+                .header("webhook-id", &delivery.id)
+                .header("webhook-timestamp", delivery.timestamp.to_string())
+                .header("webhook-signature", &delivery.signature)
+                .body(delivery.body)
+                .send()
+                .await;
+            match sent {
+                Ok(response) if response.status().as_u16() < 500 => {
+                    let status = response.status().as_u16();
+                    let body = response.text().await.unwrap_or_default();
+                    if status != 200 {
+                        let mut r = self.records.lock().unwrap();
+                        r.inconsistencies
+                            .push(format!("signed delivery {id} answered {status} {body}"));
+                    }
+                    return Some((status, body));
+                }
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let body = response.text().await.unwrap_or_default();
+                    let code = error_code(&body).unwrap_or_default();
+                    self.note_error(&format!("signed {status} {code}"));
+                    self.records
+                        .lock()
+                        .unwrap()
+                        .server_errors
+                        .push((Utc::now(), status, code));
+                }
+                Err(_) => self.note_error("signed transport"),
+            }
+            let pause = rand::rng().random_range(100..400);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
+        self.note_error("gave up");
+        None
     }
 
     /// Retries with the same idempotency key, as a real client would.
@@ -543,6 +605,36 @@ async fn one_flow(shared: &Arc<Shared>) {
     shared.record_pair(|r| &mut r.key_to_payment, "key", &key, &payment_id);
 
     let roll: f64 = rand::rng().random();
+    if roll < 0.15 {
+        // Through the provider's signed webhook: a success, after a failure
+        // for one in five (a refund due), each delivery sent twice at once
+        // for one in ten and redelivered for one in seven.
+        let kinds: &[&str] = if roll < 0.03 {
+            &["payment.failed", "payment.succeeded"]
+        } else {
+            &["payment.succeeded"]
+        };
+        for kind in kinds {
+            let id = format!("msg_{}", uuid::Uuid::new_v4().simple());
+            let copies = if rand::rng().random_bool(0.1) { 2 } else { 1 };
+            let answers = futures::future::join_all(
+                (0..copies).map(|_| shared.deliver_signed(&id, kind, &payment_id, deadline)),
+            )
+            .await;
+            if rand::rng().random_bool(0.15) {
+                shared
+                    .deliver_signed(&id, kind, &payment_id, deadline)
+                    .await;
+            }
+            if answers.iter().flatten().any(|(code, _)| *code == 200)
+                && *kind == "payment.succeeded"
+            {
+                shared.records.lock().unwrap().signed += 1;
+            }
+        }
+        return;
+    }
+    let roll = (roll - 0.15) / 0.85;
     let statuses: &[&str] = if roll < 0.55 {
         &["paid"]
     } else if roll < 0.75 {
@@ -735,6 +827,7 @@ async fn main() -> anyhow::Result<()> {
     let mut fleet = Fleet {
         database_url,
         release: args.release,
+        webhook_secret: harness::provider::new_secret(),
         workers: Vec::new(),
         draining: Vec::new(),
         apis: vec![(free_port()?, None), (free_port()?, None)],
@@ -755,6 +848,7 @@ async fn main() -> anyhow::Result<()> {
             .timeout(Duration::from_secs(30))
             .build()?,
         bases: fleet.bases(),
+        webhook_secret: fleet.webhook_secret.clone(),
         records: Mutex::new(Records::default()),
         late: Mutex::new(Vec::new()),
     });
@@ -1053,6 +1147,11 @@ fn work_checks(
         at_least("work: flows paid", records.paid, min.paid),
         at_least("work: flows failed", records.failed, min.failed),
         at_least("work: flows never paid", records.never_paid, min.never_paid),
+        at_least(
+            "work: flows paid through the signed webhook",
+            records.signed,
+            args.duration.max(1),
+        ),
         at_least(
             "work: checkouts answered 409 out_of_stock",
             records.out_of_stock,
@@ -1405,6 +1504,27 @@ async fn invariants(
     checks.push((
         "12 no 5xx except 503/504 while the database was down".into(),
         bad_5xx,
+    ));
+    let signed = shared.records.lock().unwrap().signed;
+    checks.push((
+        format!(
+            "13 the payment ledger balances: each signed success ({signed} flows) is a paid order's or a refund due, exactly once"
+        ),
+        rows(
+            pool,
+            "SELECT 'delivery ' || l.delivery_id || ' (' || l.outcome || '): '
+                 || paid.n || ' paid orders, ' || refunded.n || ' refunds due'
+             FROM payment_ledger l,
+                 LATERAL (SELECT count(*) AS n FROM orders o
+                          WHERE o.paid_by = l.delivery_id AND o.status IN ('PAID', 'DISPATCHED')) paid,
+                 LATERAL (SELECT count(*) AS n FROM refunds_due r WHERE r.delivery_id = l.delivery_id) refunded
+             WHERE l.type = 'payment.succeeded' AND l.outcome <> 'mismatch'
+               AND paid.n + refunded.n <> 1
+             UNION ALL
+             SELECT 'only ' || count(*) || ' signed successes in the ledger' FROM payment_ledger
+             WHERE type = 'payment.succeeded' HAVING count(*) < 1",
+        )
+        .await?,
     ));
     Ok(checks)
 }

@@ -385,3 +385,117 @@ async fn the_demo_route_is_404_unless_demo_payments_and_no_secret_is_503() -> an
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn the_readme_signing_recipe_and_the_provider_command_pay_orders() -> anyhow::Result<()> {
+    let s = Stack::start(&[]).await?;
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))?;
+    let recipe = readme
+        .split("Signing by hand:")
+        .nth(1)
+        .and_then(|rest| rest.split("```sh\n").nth(1))
+        .and_then(|block| block.split("```").next())
+        .context("the README's signing recipe")?;
+    let (payment_id, order_id) = s.checkout().await?;
+    let script = recipe
+        .replace("whsec_...", &s.secrets[1])
+        .replace("PAYMENT_ID", &payment_id)
+        .replace("localhost:8080", s.api.base.trim_start_matches("http://"));
+    let out = tokio::process::Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: Value = serde_json::from_str(&stdout).context("curl's output")?;
+    assert_eq!(answer["outcome"], "applied", "{answer}");
+    s.wait_status(order_id, "PAID").await?;
+
+    let provider = harness::bin("provider");
+    let (payment_id, order_id) = s.checkout().await?;
+    let run = |extra: &[&str]| {
+        let mut command = tokio::process::Command::new(&provider);
+        command
+            .args([
+                "paid",
+                &payment_id,
+                "--url",
+                &s.api.base,
+                "--secret",
+                &s.secrets[0],
+            ])
+            .args(extra);
+        command.output()
+    };
+    let forged = run(&["--forge", "--attempts", "1"]).await?;
+    let printed = String::from_utf8_lossy(&forged.stdout);
+    assert!(printed.contains(": 401 "), "{printed}");
+    assert_eq!(order_status(&s.db.pool, order_id).await?, "PENDING");
+    let paid = run(&["--copies", "3"]).await?;
+    let printed = String::from_utf8_lossy(&paid.stdout);
+    assert_eq!(printed.matches(": 200 ").count(), 3, "{printed}");
+    s.wait_status(order_id, "PAID").await?;
+    assert_eq!(ledger_rows(&s.db.pool).await?, 2, "one row per delivery id");
+    Ok(())
+}
+
+/// A success handed to a checkout whose payment window closed a moment
+/// before (its recv timed out, its cancel not yet run): the cancel owes it
+/// back. The worker dies right after the recv times out, the success
+/// arrives, then another worker runs the cancel.
+#[tokio::test]
+async fn a_success_handed_over_as_the_window_closes_is_refunded_by_the_cancel() -> anyhow::Result<()>
+{
+    let db = TestDb::create().await?;
+    let secret = new_secret();
+    let env = [
+        ("PAYMENT_TIMEOUT", "1s"),
+        ("DEMO_PAYMENTS", "false"),
+        ("PAYMENT_WEBHOOK_SECRETS", secret.as_str()),
+    ];
+    let api = Api::start(&db, &env).await?;
+    let mut crashing = spawn_store_worker(
+        &db,
+        "crashes-after-the-recv",
+        &[env[0], ("WORKER_CRASH_AT", "after:recv:payment_status")],
+    )?;
+    wait_workers(&db.pool, 1).await?;
+    let key = uuid::Uuid::new_v4().to_string();
+    let (status, payment_id) = api.post(&format!("/checkout/{key}")).await?;
+    assert_eq!(status, 200, "{payment_id}");
+    let exit = crashing
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .context("the worker never reached its crash point after the recv")?;
+    assert_eq!(exit, None, "the worker died by its crash point's signal");
+
+    let id = delivery_id();
+    let (status, answer) = Provider::new(&api.base, &secret)
+        .deliver(&id, "payment.succeeded", &payment_id, PRICE, 1)
+        .await?;
+    assert_eq!(
+        (status, &answer["outcome"]),
+        (200, &json!("applied")),
+        "{answer}"
+    );
+
+    let _worker = spawn_store_worker(&db, "takes-over", &[env[0]])?;
+    let order_id: i64 = sqlx::query_scalar("SELECT id FROM orders WHERE checkout_id = $1")
+        .bind(&payment_id)
+        .fetch_one(&db.pool)
+        .await?;
+    wait_until("the order cancelled", Duration::from_secs(30), || async {
+        Ok(order_status(&db.pool, order_id).await? == "CANCELLED")
+    })
+    .await?;
+    let refunds = refunds(&api).await?;
+    assert_eq!(refunds.len(), 1, "{refunds:?}");
+    assert_eq!(refunds[0]["delivery_id"], json!(id));
+    assert_eq!(refunds[0]["reason"], "checkout_cancelled");
+    assert_eq!(inventory(&db.pool).await?, 100, "the unit went back");
+    Ok(())
+}

@@ -55,7 +55,7 @@ pub struct Config {
     /// Secrets of `POST /webhooks/payments`, `whsec_<base64>`, comma-separated
     /// (any one may match: rotate by adding the new one first); none: 503.
     #[arg(long, env = "PAYMENT_WEBHOOK_SECRETS", default_value = "", hide_env_values = true,
-          hide_default_value = true, value_parser = signature::WebhookSecrets::parse)]
+          hide_default_value = true, value_parser = signature::SecretsParser)]
     pub payment_webhook_secrets: signature::WebhookSecrets,
 }
 

@@ -91,16 +91,7 @@ impl Provider {
 
     /// Sends one delivery once: the status and the JSON answer.
     pub async fn send(&self, delivery: &Delivery) -> anyhow::Result<(u16, Value)> {
-        let response = self
-            .http
-            .post(format!("{}/webhooks/payments", self.base))
-            .header("content-type", "application/json")
-            .header("webhook-id", &delivery.id)
-            .header("webhook-timestamp", delivery.timestamp.to_string())
-            .header("webhook-signature", &delivery.signature)
-            .body(delivery.body.clone())
-            .send()
-            .await?;
+        let response = post(&self.http, &self.base, delivery).await?;
         let status = response.status().as_u16();
         let text = response.text().await?;
         let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
@@ -133,4 +124,20 @@ impl Provider {
         }
         last
     }
+}
+
+/// POSTs `delivery` to the store at `base` with its three headers.
+pub async fn post(
+    http: &reqwest::Client,
+    base: &str,
+    delivery: &Delivery,
+) -> reqwest::Result<reqwest::Response> {
+    http.post(format!("{base}/webhooks/payments"))
+        .header("content-type", "application/json")
+        .header("webhook-id", &delivery.id)
+        .header("webhook-timestamp", delivery.timestamp.to_string())
+        .header("webhook-signature", &delivery.signature)
+        .body(delivery.body.clone())
+        .send()
+        .await
 }

@@ -124,6 +124,16 @@ async fn a_signed_success_pays_the_order_with_either_secret_of_a_rotation() -> a
         assert_eq!(payments[0]["type"], "payment.succeeded");
         assert_eq!(payments[0]["outcome"], "applied");
         assert_eq!(payments[0]["amount"], json!(PRICE));
+        // A failure delivered after the success (out of order) changes nothing.
+        let (status, answer) = provider
+            .deliver(&delivery_id(), "payment.failed", &payment_id, PRICE, 1)
+            .await?;
+        assert_eq!(
+            (status, &answer["outcome"]),
+            (200, &json!("ignored")),
+            "{answer}"
+        );
+        assert_eq!(order_status(&s.db.pool, order_id).await?, "DISPATCHED");
     }
     assert!(refunds(&s.api).await?.is_empty());
     assert_eq!(inventory(&s.db.pool).await?, 98);
@@ -497,5 +507,50 @@ async fn a_success_handed_over_as_the_window_closes_is_refunded_by_the_cancel() 
     assert_eq!(refunds[0]["delivery_id"], json!(id));
     assert_eq!(refunds[0]["reason"], "checkout_cancelled");
     assert_eq!(inventory(&db.pool).await?, 100, "the unit went back");
+    Ok(())
+}
+
+#[tokio::test]
+async fn webhook_secrets_never_reach_a_log_or_an_error() -> anyhow::Result<()> {
+    let s = Stack::start(&[]).await?;
+    let (payment_id, order_id) = s.checkout().await?;
+    let provider = s.provider();
+    let forged = Provider::new(&s.api.base, &new_secret());
+    forged
+        .deliver(&delivery_id(), "payment.succeeded", &payment_id, PRICE, 1)
+        .await?;
+    provider
+        .deliver(&delivery_id(), "payment.succeeded", &payment_id, PRICE, 1)
+        .await?;
+    s.wait_status(order_id, "PAID").await?;
+    let log = std::fs::read_to_string(&s.api.proc.log)?;
+    assert!(
+        log.contains("webhook_secrets"),
+        "the start-up line names how many"
+    );
+    for secret in &s.secrets {
+        let key = secret.trim_start_matches("whsec_");
+        assert!(
+            !log.contains(key),
+            "a secret in {}",
+            s.api.proc.log.display()
+        );
+    }
+
+    // A malformed secret stops the API with a message that does not repeat it.
+    let bad = "whsec_not-base64-but-very-secret";
+    let out = tokio::process::Command::new(harness::bin("widget-api"))
+        .env("DATABASE_URL", &s.db.url)
+        .env("PAYMENT_WEBHOOK_SECRETS", bad)
+        .output()
+        .await?;
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success());
+    assert!(printed.contains("PAYMENT_WEBHOOK_SECRETS"), "{printed}");
+    assert!(!printed.contains("very-secret"), "{printed}");
     Ok(())
 }

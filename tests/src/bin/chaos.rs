@@ -449,16 +449,7 @@ impl Shared {
             let delivery =
                 harness::provider::Delivery::signed(&self.webhook_secret, id, body.clone());
             let base = self.bases.choose(&mut rand::rng()).expect("apis").clone();
-            let sent = self
-                .http
-                .post(format!("{base}/webhooks/payments"))
-                .header("content-type", "application/json")
-                .header("webhook-id", &delivery.id)
-                .header("webhook-timestamp", delivery.timestamp.to_string())
-                .header("webhook-signature", &delivery.signature)
-                .body(delivery.body)
-                .send()
-                .await;
+            let sent = harness::provider::post(&self.http, &base, &delivery).await;
             match sent {
                 Ok(response) if response.status().as_u16() < 500 => {
                     let status = response.status().as_u16();

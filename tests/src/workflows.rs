@@ -475,7 +475,7 @@ pub struct FlakyInput {
     pub panic: bool,
     /// Make the flaky step a database step that follows another one (which
     /// bumps `before:<workflow id>`) and bumps `effect:<workflow id>` when
-    /// it succeeds; otherwise it is an outside step.
+    /// it succeeds; otherwise it is an external effect.
     #[serde(default)]
     pub after_database_step: bool,
 }

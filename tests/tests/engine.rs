@@ -724,8 +724,8 @@ async fn two_executions_of_batched_steps_apply_none_twice() -> anyhow::Result<()
 /// The job that resumes a parked workflow can reach the worker while the
 /// execution that parked it is still returning. It must wait for that
 /// execution, not be dropped as "already running": it is the only job the
-/// workflow has until its deadline (a dropped one left a paid checkout
-/// waiting, and its webhook answered 504, once in a benchmark run).
+/// workflow has until its deadline (dropped, it would leave a paid checkout
+/// waiting and its webhook answering 504).
 #[tokio::test]
 async fn a_job_for_a_workflow_still_executing_here_waits_for_it() -> anyhow::Result<()> {
     let db = engine_db().await?;

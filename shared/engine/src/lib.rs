@@ -6,7 +6,7 @@
 //! a guide with an example; in short:
 //!
 //! - [`Engine::start`] inserts the workflow row and enqueues its job in one
-//!   transaction. The same id again starts nothing new; the same id with
+//!   statement. The same id again starts nothing new; the same id with
 //!   another kind is [`EngineError::KindConflict`].
 //! - A step is one of two kinds ([`step`]). [`WorkflowContext::db_step`]
 //!   changes the database exactly once: its effect and its checkpoint
@@ -18,10 +18,11 @@
 //! - Every execution replays from the top; completed steps return their
 //!   checkpoint. A checkpoint whose name differs from the code fails the
 //!   workflow ([`WorkflowError::Nondeterministic`]).
-//! - [`WorkflowContext::recv`] and [`WorkflowContext::sleep`] checkpoint
-//!   their deadline, then park: the job ends, no slot or connection is held.
-//!   [`Engine::send`] (message and resume job in one transaction) or a job
-//!   scheduled at the deadline resumes it.
+//! - [`WorkflowContext::recv`] checkpoints its deadline and, with no
+//!   message yet, parks: the job ends, no slot or connection is held;
+//!   [`Engine::send`] (message and resume job in one statement) or a job
+//!   scheduled at the deadline resumes it. [`WorkflowContext::sleep`] waits
+//!   in-process up to a threshold, and beyond it checkpoints and parks.
 //! - Fencing: the checkpoint's primary key `(workflow_id, step_seq)` lets only
 //!   one execution commit a step; the other stops ([`WorkflowError::Fenced`]).
 //! - Takeover: each worker process holds a session advisory lock for its whole
@@ -56,7 +57,7 @@ pub use events::EventListener;
 pub use queue::{JOB_INSERT_CHANNEL, WorkflowJob};
 pub use runtime::{ExecutionOutcome, Runtime, Workflow};
 pub use schema::{MigrateError, migrations_applied, migrator_applied, run_migrations};
-pub use step::{Effect, Statement, Transaction};
+pub use step::{Effect, Final, ForEach, Statement, Transaction};
 
 /// A kind of workflow and the queue its jobs go to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -43,7 +43,7 @@ pub const JOB_INSERT_CHANNEL: &str = "apalis::job::insert";
 // Jobs are written by the SQL function `workflow_enqueue(queue, workflow_id,
 // job_id, run_at, priority, max_attempts)` (the engine's migration), called
 // inside the statement that needs the job: a workflow's start and its park
-// each write their job in one statement with the rest, a round trip fewer.
+// each write their job in one statement with the rest, in one round trip.
 
 /// Enqueues a run, due now and ahead of other due jobs, of each of
 /// `workflow_ids` on `queue`, in one statement: a takeover's workflows,

@@ -2,9 +2,9 @@
 //! functions (schema `engine`), in one place: read this file to know what
 //! the engine does to the database. The tables and the PL/pgSQL functions
 //! themselves are defined in the engine's migration
-//! (`migrations/20261204000001_engine.sql`). The two statements that also
-//! take or make apalis jobs (the claim, the takeover jobs) live with the
-//! rest of the queue in `queue.rs`.
+//! (`migrations/20261204000001_engine.sql`). The three statements that also
+//! take, make or prune apalis jobs (the claim, the takeover jobs, the
+//! prune) live with the rest of the queue in `queue.rs`.
 //!
 //! Parameters are `$n`; a statement's doc says what it does, its caller
 //! binds them in order.
@@ -69,6 +69,15 @@ pub(crate) const STEP_FENCED_OFF: &str =
          cancel_requested, status
      FROM engine.workflows WHERE id = $1";
 
+/// Takes a recv's message (`engine.workflow_recv()`), or parks; `$15` lets
+/// the commit of a consumed message skip its WAL flush.
+pub(crate) const RECV: &str = "SELECT done, message,
+     CASE WHEN done AND $15 THEN set_config('synchronous_commit', 'off', true) END
+     FROM engine.workflow_recv($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)";
+
+/// Sets events and notifies their waiters (`engine.workflow_set_events()`).
+pub(crate) const SET_EVENTS: &str = "SELECT engine.workflow_set_events($1, $2, $3, $4, $5)";
+
 // ---- Executions (runtime/execution.rs)
 
 /// Hands a draining worker's running workflow back to the queue, with a job.
@@ -128,15 +137,6 @@ pub(crate) const HAND_BACK_LOST: &str =
 /// Removes a worker from the registry.
 pub(crate) const DELETE_WORKER: &str = "DELETE FROM engine.workers WHERE id = $1";
 
-/// Takes a recv's message (`engine.workflow_recv()`), or parks; `$15` lets
-/// the commit of a consumed message skip its WAL flush.
-pub(crate) const RECV: &str = "SELECT done, message,
-     CASE WHEN done AND $15 THEN set_config('synchronous_commit', 'off', true) END
-     FROM engine.workflow_recv($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)";
-
-/// Sets events and notifies their waiters (`engine.workflow_set_events()`).
-pub(crate) const SET_EVENTS: &str = "SELECT engine.workflow_set_events($1, $2, $3, $4, $5)";
-
 // ---- A statement step (context/statement.rs, `step::Statement`) and
 // batches of them (batch.rs, `Statement::for_each`). The step's own statement comes first; the
 // engine's parameters follow its own, so placeholders are given.
@@ -146,6 +146,20 @@ pub(crate) const SET_EVENTS: &str = "SELECT engine.workflow_set_events($1, $2, $
 /// checkpoint placeholders `[id, seqs, names, outputs, worker, starts]`
 /// (the step's output appended to `outputs`), then `also` (more columns).
 /// `input` is a `for_each` statement's one-row input, or empty.
+///
+/// The checkout's `mark_paid` (the statement, `.start`, two `.event`s and
+/// `.ends_workflow`) is sent as:
+///
+/// ```text
+/// WITH effect AS (UPDATE orders SET status = 'PAID' ... WHERE id = $1 ... RETURNING true AS output),
+///      outcome AS (SELECT (SELECT to_jsonb(output) FROM effect) AS output)
+/// SELECT outcome.output,
+///     engine.workflow_checkpoint($2, $3, $4, array_append($5::jsonb[], coalesce(outcome.output, 'null'::jsonb)), $6, $7, false),
+///     engine.workflow_set_events($2, $8, $9, $10, $11),
+///     engine.workflow_start($12, $13, $14, $15, $16, $17, $18) AS started, now() AS started_at,
+///     engine.workflow_finish($2, 'succeeded', $19, NULL, 0)
+/// FROM outcome
+/// ```
 pub(crate) fn step_with_checkpoint(
     input: &str,
     effect: &str,

@@ -301,9 +301,9 @@ impl<S: Publishes> Statement<S> {
 
     /// Makes this the workflow's last step: the statement also ends the
     /// workflow, succeeded with `output`, exactly when the step's checkpoint
-    /// is written (one commit where the step and the end took two). The
-    /// step returns `output`, for `run` to return at once; a step after it
-    /// is refused.
+    /// is written: the step and the end share one commit. The step returns
+    /// `output`, for `run` to return at once; a step after it is refused.
+    /// Every other option comes before it.
     pub fn ends_workflow<O: Serialize>(self, output: O) -> Final<O> {
         Final {
             spec: self.spec.finish(&output),

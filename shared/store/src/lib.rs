@@ -221,8 +221,8 @@ pub async fn restock(pool: &PgPool, inventory: i32) -> Result<Product, sqlx::Err
 /// checkout's lock) is held only while it runs.
 ///
 /// Its commit does not wait for the WAL flush ([`Statement::unflushed`]):
-/// the flush was part of the row lock's hold, and the checkout's tail
-/// latency under load with it (docs/benchmarks/profile.md). Nothing is lost
+/// a flushed commit holds the row lock through the flush, which sets the
+/// checkout's tail latency under load (docs/benchmarks/profile.md). Nothing is lost
 /// by it: a database crash can drop the reservation only together with its
 /// checkpoint, before anything outside saw it (the payment id, or "out of
 /// stock", goes out with the checkout's next commit, which is flushed and

@@ -56,12 +56,12 @@ pub struct WorkflowContext {
     /// committed: the next database operation joins it (see `batch`).
     pub(crate) open: Option<Transaction<'static, Postgres>>,
     /// Consecutive database operations share one transaction, committed when
-    /// the execution waits, calls out or ends: one commit where there were
-    /// several. Off for a replay after a step failed inside a shared one.
+    /// the execution waits, calls out or ends, so several steps cost one
+    /// commit. Off for a replay after a step failed inside a shared one.
     pub(crate) batch: bool,
     /// The claim saw a cancel request: the next step sees it.
     pub(crate) cancel_requested: bool,
-    /// Runs a workflow a step statement starts in this process when it can.
+    /// Runs a workflow a statement step starts in this process when it can.
     pub(crate) here: Arc<dyn RunsHere>,
     /// Batches this process's [`Statement::for_each`] steps.
     pub(crate) batches: StepBatches,
@@ -69,7 +69,7 @@ pub struct WorkflowContext {
     pub(crate) crash: CrashCounter,
 }
 
-/// What the runtime lets a step statement do with a workflow it starts
+/// What the runtime lets a statement step do with a workflow it starts
 /// ([`Statement::start`](crate::step::Statement::start)): run it in this process, claimed by the start
 /// itself, without a job, a notification or a claim of its own. The
 /// runtime implements it; the context knows nothing else of the runtime.
@@ -79,7 +79,7 @@ pub(crate) trait RunsHere: Send + Sync {
     /// here, no free slot, the process draining).
     fn reserve(&self, kind: WorkflowKind) -> Option<OwnedSemaphorePermit>;
 
-    /// Executes a workflow a step statement has just started (committed)
+    /// Executes a workflow a statement step has just started (committed)
     /// here, in the slot `reserve` gave.
     fn execute(
         &self,
@@ -258,8 +258,8 @@ impl WorkflowContext {
     }
 
     /// Publishes an event (a row; waiters are notified) as a step of its
-    /// own, named `set_event:<key>`, so it happens once. To publish with a
-    /// step's effect, use the step's `event` option instead.
+    /// own, named `set_event:<key>`, so it happens once. To publish together
+    /// with a database step, use that step's `event` option instead.
     pub async fn set_event(
         &mut self,
         key: &str,

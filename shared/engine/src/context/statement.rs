@@ -45,7 +45,7 @@ impl CheckpointRows {
     }
 }
 
-/// `workflow_start()`'s arguments, appended to a step statement's: with
+/// `workflow_start()`'s arguments, appended to a statement step's: with
 /// `owner`, the workflow starts claimed by that worker, without a job.
 pub(super) fn bind_start(
     arguments: &mut PgArguments,
@@ -64,7 +64,7 @@ pub(super) fn bind_start(
     arguments.add(owner)
 }
 
-/// A step statement's output as the type its caller asked for.
+/// A statement step's output as the type its caller asked for.
 pub(super) fn decode_output<T: DeserializeOwned>(
     seq: i32,
     name: &str,

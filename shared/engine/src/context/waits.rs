@@ -65,7 +65,7 @@ impl WorkflowContext {
         // Its own commit of a message consumed ($15) waits for no WAL
         // flush: nothing outside acts on it but through this execution's
         // next commit (flushed, which carries this one: the WAL is one
-        // sequence) or a `ctx.step` (at least once, with its stable key).
+        // sequence) or an effect (at least once, with its stable key).
         // A database crash before that drops the consumption with its
         // checkpoint, and the replay consumes the same message again. A
         // park's commit is flushed: it ends the execution.

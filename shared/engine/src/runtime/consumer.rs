@@ -109,7 +109,7 @@ pub(super) async fn run_queue(inner: Arc<Inner>, queue: QueueConfig) {
             .missed_heartbeats(6)
             // No separate 'Running' update per job: a fetched job stays
             // 'Queued' under our lock_by until acked, which the reaper and
-            // apalis' orphan recovery both hand back. One transaction fewer.
+            // apalis' orphan recovery both hand back; a fetch is one transaction.
             .lock_tasks(false);
         let backend = PostgresStorage::<WorkflowJob>::new(&inner.pool)
             .with_config(config)

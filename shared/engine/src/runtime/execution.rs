@@ -46,7 +46,7 @@ struct Claim {
     created_at: DateTime<Utc>,
 }
 
-/// Lets a step statement that starts a workflow
+/// Lets a statement step that starts a workflow
 /// ([`Statement::start`](crate::Statement::start)) run it in this
 /// process, claimed by the start itself: no job, no notification, no claim
 /// of its own. Only for a kind registered here, on a queue this process
@@ -196,7 +196,7 @@ impl Runtime {
     }
 
     /// Executes a workflow claimed already: by [`Runtime::execute_job`]'s
-    /// statement, or by the step statement that started it here
+    /// statement, or by the statement step that started it here
     /// ([`StartHere`]).
     async fn execute_claimed(
         &self,

@@ -21,6 +21,7 @@ use sqlx::PgPool;
 use store::db::DatabaseArgs;
 use store::telemetry::LogArgs;
 use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 
 use crate::error::{ErrorCause, json_error_shape};
@@ -83,16 +84,26 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
             request_timeout,
         ))
         // Outside the limit and timeout layers, so their answers get the
-        // JSON error shape too; logging outermost sees the final status.
+        // JSON error shape too; logging sees the final status.
         .layer(middleware::map_response(json_error_shape))
+        // Every response carries `x-request-id`: the request's own, or one
+        // made here (set before the log line reads it).
+        .layer(PropagateRequestIdLayer::x_request_id())
         .layer(middleware::from_fn(log_request))
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
 }
 
-/// One log line per request: method, matched path, status, duration, and
-/// the internal cause of an error response.
+/// One log line per request: method, matched path, status, duration, its
+/// `x-request-id`, and the internal cause of an error response.
 async fn log_request(request: Request, next: Next) -> Response {
     let started = std::time::Instant::now();
     let method = request.method().clone();
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
     let path = request
         .extensions()
         .get::<MatchedPath>()
@@ -103,12 +114,12 @@ async fn log_request(request: Request, next: Next) -> Response {
     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
     match response.extensions().get::<ErrorCause>() {
         Some(ErrorCause(cause)) => {
-            tracing::warn!(%method, path, status, elapsed_ms, cause, "request failed")
+            tracing::warn!(%method, path, status, elapsed_ms, request_id, cause, "request failed")
         }
         None if status >= 500 => {
-            tracing::warn!(%method, path, status, elapsed_ms, "request failed")
+            tracing::warn!(%method, path, status, elapsed_ms, request_id, "request failed")
         }
-        None => tracing::debug!(%method, path, status, elapsed_ms, "request"),
+        None => tracing::debug!(%method, path, status, elapsed_ms, request_id, "request"),
     }
     response
 }

@@ -999,3 +999,45 @@ async fn readiness_and_database_outage_answer_503_quickly() -> anyhow::Result<()
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn every_response_carries_a_request_id_that_the_log_line_names() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let api = Api::start(&db, &[("RUST_LOG", "info,api=debug")]).await?;
+    let request_id = |response: &reqwest::Response| {
+        response
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let made = api.http.get(format!("{}/product", api.base)).send().await?;
+    assert_eq!(made.status(), 200);
+    let made = request_id(&made).context("a request id on a 200")?;
+    assert!(uuid::Uuid::parse_str(&made).is_ok(), "{made}");
+    let given = "client-chose-this-id-42";
+    for (method, path, status) in [
+        ("POST", "/checkout/not%20a%20key", 400),
+        ("GET", "/no_such_route", 404),
+    ] {
+        let response = api
+            .http
+            .request(method.parse()?, format!("{}{path}", api.base))
+            .header("x-request-id", given)
+            .send()
+            .await?;
+        assert_eq!(response.status(), status, "{method} {path}");
+        assert_eq!(
+            request_id(&response).as_deref(),
+            Some(given),
+            "{method} {path}"
+        );
+    }
+    wait_until(
+        "the log line names the request id",
+        Duration::from_secs(10),
+        || async { Ok(std::fs::read_to_string(&api.proc.log)?.contains(given)) },
+    )
+    .await?;
+    Ok(())
+}

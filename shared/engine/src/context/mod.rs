@@ -184,11 +184,8 @@ impl WorkflowContext {
             let failure = match outcome {
                 Ok(Ok(value)) => {
                     let output = serde_json::to_value(&value)?;
-                    self.checkpoint(&mut tx, seq, name, &output, started)
+                    self.complete(tx, seq, name, &output, started, crash)
                         .await?;
-                    self.crash_before_commit(crash, name);
-                    self.keep(tx).await?;
-                    self.crash_after_commit(crash, name).await?;
                     return Ok(value);
                 }
                 Ok(Err(error)) => Ok(error),
@@ -229,12 +226,9 @@ impl WorkflowContext {
             let failure = match outcome {
                 Ok(Ok(value)) => {
                     let output = serde_json::to_value(&value)?;
-                    let mut tx = self.transaction().await?;
-                    self.checkpoint(&mut tx, seq, name, &output, started)
+                    let tx = self.transaction().await?;
+                    self.complete(tx, seq, name, &output, started, crash)
                         .await?;
-                    self.crash_before_commit(crash, name);
-                    self.keep(tx).await?;
-                    self.crash_after_commit(crash, name).await?;
                     return Ok(value);
                 }
                 Ok(Err(error)) => Ok(error),

@@ -79,6 +79,24 @@ impl WorkflowContext {
         Ok(())
     }
 
+    /// Completes a step that succeeded in `tx`: its checkpoint, then the
+    /// transaction kept open for the next step or committed (with the
+    /// test-only crash points on either side of that commit).
+    pub(super) async fn complete(
+        &mut self,
+        mut tx: Transaction<'static, Postgres>,
+        seq: i32,
+        name: &str,
+        output: &Value,
+        started: DateTime<Utc>,
+        crash: Option<CrashWhen>,
+    ) -> Result<(), WorkflowError> {
+        self.checkpoint(&mut tx, seq, name, output, started).await?;
+        self.crash_before_commit(crash, name);
+        self.keep(tx).await?;
+        self.crash_after_commit(crash, name).await
+    }
+
     /// Inserts a checkpoint, after those of the in-process sleeps before it,
     /// through `workflow_checkpoint()`, which refuses it (an error, mapped by
     /// [`refusal`]) when another execution won this step (this one is fenced

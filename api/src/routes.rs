@@ -263,6 +263,12 @@ async fn checkout(
             &key,
             &CheckoutInput {
                 product_id: store::WIDGET_ID,
+                // Kept with the workflow only when it is a sane id.
+                request_id: headers
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .filter(|id| id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()))
+                    .map(str::to_owned),
             },
         )
         .await?;

@@ -1039,5 +1039,28 @@ async fn every_response_carries_a_request_id_that_the_log_line_names() -> anyhow
         || async { Ok(std::fs::read_to_string(&api.proc.log)?.contains(given)) },
     )
     .await?;
+
+    // The steps of the checkout a request starts log its id too.
+    let worker = spawn_store_worker(&db, "worker", &[("RUST_LOG", "info,engine=debug")])?;
+    wait_workers(&db.pool, 1).await?;
+    let started_by = "checkout-request-7";
+    let response = api
+        .http
+        .post(format!("{}/checkout/{}", api.base, key()))
+        .header("x-request-id", started_by)
+        .send()
+        .await?;
+    assert_eq!(response.status(), 200);
+    wait_until(
+        "the checkout's steps log the request id",
+        Duration::from_secs(10),
+        || async {
+            let log = std::fs::read_to_string(&worker.log)?;
+            Ok(log.lines().any(|l| {
+                l.contains("step done") && l.contains("create_order") && l.contains(started_by)
+            }))
+        },
+    )
+    .await?;
     Ok(())
 }

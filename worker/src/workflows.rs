@@ -24,6 +24,10 @@ impl Workflow for Checkout {
         CHECKOUT
     }
 
+    fn request_id<'i>(&self, input: &'i CheckoutInput) -> Option<&'i str> {
+        input.request_id.as_deref()
+    }
+
     async fn run(
         &self,
         ctx: &mut WorkflowContext,

@@ -57,6 +57,10 @@ pub mod topics {
 pub struct CheckoutInput {
     /// The product bought.
     pub product_id: i32,
+    /// The `x-request-id` of the request that started it: its executions'
+    /// log lines carry it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// Input of a dispatch workflow.

@@ -184,6 +184,7 @@ impl WorkflowContext {
                     if finish.is_some() {
                         self.cursor.finish();
                     }
+                    tracing::debug!(step = name, seq, "step done in a batch");
                     return decode_output(seq, name, output);
                 }
                 Batched::Unavailable(error) => {
@@ -301,6 +302,7 @@ impl WorkflowContext {
                 Ok((output, started)) => {
                     self.crash_before_commit(crash, name);
                     self.crash_after_commit(crash, name).await?;
+                    tracing::debug!(step = name, seq, "step done");
                     if finish.is_some() {
                         self.cursor.finish();
                     }

@@ -94,7 +94,9 @@ impl WorkflowContext {
         self.checkpoint(&mut tx, seq, name, output, started).await?;
         self.crash_before_commit(crash, name);
         self.keep(tx).await?;
-        self.crash_after_commit(crash, name).await
+        self.crash_after_commit(crash, name).await?;
+        tracing::debug!(step = name, seq, "step done");
+        Ok(())
     }
 
     /// Inserts a checkpoint, after those of the in-process sleeps before it,

@@ -396,7 +396,14 @@ impl Runtime {
             batches: inner.batches.clone(),
             crash: CrashCounter::new(inner.config.crash_at.clone()),
         };
-        let span = tracing::info_span!("workflow", workflow_id, kind = %kind, execution, worker_id = %inner.worker_id);
+        let span = tracing::info_span!(
+            "workflow",
+            workflow_id,
+            kind = %kind,
+            execution,
+            worker_id = %inner.worker_id,
+            request_id = tracing::field::Empty,
+        );
         let result = AssertUnwindSafe(definition.run_json(&mut ctx, input))
             .catch_unwind()
             .instrument(span.clone())

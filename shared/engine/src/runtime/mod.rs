@@ -57,6 +57,13 @@ pub trait Workflow: Send + Sync + 'static {
         RetryPolicy::default()
     }
 
+    /// The id of the request that started this workflow, if its input
+    /// carries one: every log line of its executions (each step's included)
+    /// names it as `request_id`.
+    fn request_id<'i>(&self, _input: &'i Self::Input) -> Option<&'i str> {
+        None
+    }
+
     /// The workflow function. It must be deterministic apart from its steps:
     /// every execution replays it from the top.
     fn run<'a>(
@@ -91,6 +98,9 @@ impl<W: Workflow> ErasedWorkflow for W {
         async move {
             let input = serde_json::from_value(input)
                 .map_err(|e| WorkflowError::fatal(format!("input does not decode: {e}")))?;
+            if let Some(request_id) = self.request_id(&input) {
+                tracing::Span::current().record("request_id", request_id);
+            }
             let output = self.run(ctx, input).await?;
             Ok(serde_json::to_value(output)?)
         }

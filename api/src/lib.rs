@@ -3,6 +3,7 @@
 //! events.
 
 pub mod error;
+mod metrics;
 mod payments;
 mod routes;
 pub mod signature;
@@ -69,6 +70,7 @@ pub struct AppState {
     pub chaos: bool,
     pub demo_payments: bool,
     pub webhook_secrets: signature::WebhookSecrets,
+    pub metrics: std::sync::Arc<metrics::Metrics>,
 }
 
 /// Largest request body accepted (the API takes tiny JSON bodies at most).
@@ -76,6 +78,7 @@ pub const BODY_LIMIT: usize = 16 * 1024;
 
 /// The router with its middleware.
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
+    let tracked = state.metrics.clone();
     routes::routes(state.demo_payments)
         .with_state(state)
         .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
@@ -86,6 +89,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         // Outside the limit and timeout layers, so their answers get the
         // JSON error shape too; logging sees the final status.
         .layer(middleware::map_response(json_error_shape))
+        .layer(middleware::from_fn_with_state(tracked, metrics::track))
         // Every response carries `x-request-id`: the request's own, or one
         // made here (set before the log line reads it).
         .layer(PropagateRequestIdLayer::x_request_id())
@@ -142,6 +146,7 @@ pub async fn run(
         chaos: config.chaos,
         demo_payments: config.demo_payments,
         webhook_secrets: config.payment_webhook_secrets.clone(),
+        metrics: metrics::Metrics::new(),
     };
     let app = router(state, config.request_timeout);
     let listener = tokio::net::TcpListener::bind(config.listen)

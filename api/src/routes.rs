@@ -37,6 +37,7 @@ pub fn routes(demo_payments: bool) -> Router<AppState> {
         .route("/workers", get(workers))
         .route("/workers/{id}/crash", post(crash_worker))
         .route("/config", get(config))
+        .route("/metrics", get(crate::metrics::scrape))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz));
     if demo_payments {

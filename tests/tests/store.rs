@@ -1064,3 +1064,78 @@ async fn every_response_carries_a_request_id_that_the_log_line_names() -> anyhow
     .await?;
     Ok(())
 }
+
+/// The value of one sample (`name{labels}` exactly as exposed) in a scrape.
+fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_expose_traffic_queues_and_the_shops_health_and_move_under_load()
+-> anyhow::Result<()> {
+    let s = stack(&[]).await?;
+    let scrape = || async {
+        let (status, body) = s.api.call("GET", "/metrics", None).await?;
+        anyhow::ensure!(status == 200, "GET /metrics: {status} {body}");
+        anyhow::Ok(body)
+    };
+    let before = scrape().await?;
+    for family in [
+        "# TYPE widget_orders gauge",
+        "# TYPE widget_oldest_pending_order_age_seconds gauge",
+        "# TYPE widget_stock_units gauge",
+        "# TYPE widget_payment_deliveries counter",
+        "# TYPE widget_refunds_due gauge",
+        "# TYPE engine_unfinished_workflows gauge",
+        "# TYPE engine_ready_jobs gauge",
+        "# TYPE engine_oldest_ready_job_age_seconds gauge",
+    ] {
+        assert!(before.contains(family), "{family} missing:\n{before}");
+    }
+    assert_eq!(sample(&before, "widget_database_up"), Some(1.0));
+    assert_eq!(sample(&before, "widget_stock_units"), Some(100.0));
+    assert_eq!(
+        sample(&before, r#"widget_orders{status="PENDING"}"#),
+        Some(0.0)
+    );
+
+    let checkouts = r#"http_requests_total{method="POST",route="/checkout/{key}",status="200"}"#;
+    let mut payment_ids = Vec::new();
+    for _ in 0..3 {
+        let (status, payment_id) = s.api.post(&format!("/checkout/{}", key())).await?;
+        assert_eq!(status, 200);
+        payment_ids.push(payment_id);
+    }
+    let (status, _) = s
+        .api
+        .post(&format!("/payment_webhook/{}/paid", payment_ids[0]))
+        .await?;
+    assert_eq!(status, 200);
+    s.api.call("GET", "/no/such/route", None).await?;
+
+    let after = scrape().await?;
+    for family in [
+        "# TYPE http_requests counter",
+        "# TYPE http_request_duration_seconds histogram",
+    ] {
+        assert!(after.contains(family), "{family} missing:\n{after}");
+    }
+    assert_eq!(sample(&after, checkouts), Some(3.0), "{after}");
+    assert_eq!(sample(&after, "widget_stock_units"), Some(97.0));
+    assert_eq!(
+        sample(&after, r#"widget_orders{status="PENDING"}"#),
+        Some(2.0)
+    );
+    assert!(sample(&after, "widget_oldest_pending_order_age_seconds").is_some_and(|age| age > 0.0));
+    assert!(
+        after.contains(r#"route="unmatched",status="404""#),
+        "an unknown path is counted under one label"
+    );
+    assert!(!after.contains("/no/such/route"));
+    let paid_or_dispatched = sample(&after, r#"widget_orders{status="PAID"}"#).unwrap_or(0.0)
+        + sample(&after, r#"widget_orders{status="DISPATCHED"}"#).unwrap_or(0.0);
+    assert_eq!(paid_or_dispatched, 1.0, "{after}");
+    Ok(())
+}

@@ -236,6 +236,13 @@ impl Engine {
             .await?)
     }
 
+    /// Unfinished workflows (enqueued, running, waiting) by kind and status.
+    pub async fn unfinished(&self) -> Result<Vec<(String, String, i64)>, EngineError> {
+        Ok(sqlx::query_as(sql::UNFINISHED_COUNTS)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
     /// The workflow's completed steps, in order.
     pub async fn steps(&self, workflow_id: &str) -> Result<Vec<StepRecord>, EngineError> {
         Ok(sqlx::query_as(sql::WORKFLOW_STEPS)

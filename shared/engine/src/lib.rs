@@ -54,7 +54,7 @@ pub use context::WorkflowContext;
 pub use crash_point::{CrashPoint, CrashWhen};
 pub use error::{EngineError, StepError, WorkflowError, is_unavailable};
 pub use events::EventListener;
-pub use queue::{JOB_INSERT_CHANNEL, WorkflowJob};
+pub use queue::{JOB_INSERT_CHANNEL, WorkflowJob, ready_jobs};
 pub use runtime::{ExecutionOutcome, Runtime, Workflow};
 pub use schema::{MigrateError, migrations_applied, migrator_applied, run_migrations};
 pub use step::{Effect, Final, ForEach, Statement, Transaction};

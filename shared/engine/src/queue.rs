@@ -388,3 +388,14 @@ pub(crate) const CLAIM: &str = "WITH job AS (
                   FROM engine.workflow_steps s WHERE s.workflow_id = w.id) AS checkpoints,
                  w.created_at,
                  set_config('synchronous_commit', 'off', true) AS commit_mode";
+
+/// Jobs due now and not taken, per queue, and how long the oldest of them
+/// has been due (seconds): what an operator scales workers on.
+pub async fn ready_jobs(pool: &PgPool) -> Result<Vec<(String, i64, f64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT job_type, count(*), coalesce(extract(epoch FROM now() - min(run_at))::float8, 0)
+         FROM apalis.jobs WHERE status = 'Pending' AND run_at <= now() GROUP BY job_type",
+    )
+    .fetch_all(pool)
+    .await
+}

@@ -40,6 +40,10 @@ pub(crate) const WORKFLOW_INFO: &str =
     "SELECT id, kind, status, output, error, attempts, executions, owner, created_at, updated_at
      FROM engine.workflows WHERE id = $1";
 
+/// Unfinished workflows by kind and status.
+pub(crate) const UNFINISHED_COUNTS: &str = "SELECT kind, status, count(*) FROM engine.workflows
+     WHERE status IN ('enqueued', 'running', 'waiting') GROUP BY kind, status";
+
 /// A workflow's checkpoints in step order.
 pub(crate) const WORKFLOW_STEPS: &str =
     "SELECT step_seq, name, output, worker_id, started_at, finished_at

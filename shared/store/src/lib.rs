@@ -14,6 +14,7 @@ pub mod telemetry;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use sqlx::PgPool;
 
 use engine::WorkflowKind;
@@ -322,4 +323,52 @@ pub async fn recent_orders(pool: &PgPool, limit: i64) -> Result<Vec<Order>, sqlx
         .bind(limit)
         .fetch_all(pool)
         .await
+}
+
+/// The shop's health, as metrics report it.
+#[derive(Debug, Clone, Default)]
+pub struct Health {
+    /// Orders by status.
+    pub orders: Vec<(String, i64)>,
+    /// How long the oldest PENDING order has waited for its payment (seconds).
+    pub oldest_pending_secs: f64,
+    /// Units in stock.
+    pub stock: i64,
+    /// Provider deliveries by what the store did with them.
+    pub payments: Vec<(String, i64)>,
+    /// Refunds owed.
+    pub refunds_due: i64,
+}
+
+/// Reads the shop's health in one statement.
+pub async fn health(pool: &PgPool) -> Result<Health, sqlx::Error> {
+    let (orders, oldest, stock, payments, refunds): (Value, f64, i64, Value, i64) = sqlx::query_as(
+        "SELECT
+             (SELECT coalesce(jsonb_object_agg(status, n), '{}') FROM
+                 (SELECT status, count(*) AS n FROM orders GROUP BY status) s),
+             (SELECT coalesce(extract(epoch FROM now() - min(created_at))::float8, 0)
+                 FROM orders WHERE status = 'PENDING'),
+             (SELECT coalesce(sum(inventory), 0)::bigint FROM products),
+             (SELECT coalesce(jsonb_object_agg(outcome, n), '{}') FROM
+                 (SELECT outcome, count(*) AS n FROM payment_ledger GROUP BY outcome) p),
+             (SELECT count(*) FROM refunds_due)",
+    )
+    .fetch_one(pool)
+    .await?;
+    let pairs = |v: Value| -> Vec<(String, i64)> {
+        v.as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, n)| (k.clone(), n.as_i64().unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    Ok(Health {
+        orders: pairs(orders),
+        oldest_pending_secs: oldest,
+        stock,
+        payments: pairs(payments),
+        refunds_due: refunds,
+    })
 }

@@ -279,6 +279,15 @@ where
     }
 }
 
+/// The widget's units in stock.
+pub async fn inventory(pool: &PgPool) -> anyhow::Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT inventory::bigint FROM products WHERE id = 1")
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
 /// Workers in the fleet registry.
 pub async fn live_workers(pool: &PgPool) -> anyhow::Result<i64> {
     Ok(sqlx::query_scalar("SELECT count(*) FROM workers")

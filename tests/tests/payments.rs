@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use harness::provider::{Delivery, Provider, event_body, new_secret};
-use harness::{Api, Proc, TestDb, spawn_store_worker, wait_until, wait_workers};
+use harness::{Api, Proc, TestDb, inventory, spawn_store_worker, wait_until, wait_workers};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
@@ -73,14 +73,6 @@ async fn order_status(pool: &PgPool, order_id: i64) -> anyhow::Result<String> {
     Ok(
         sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
             .bind(order_id)
-            .fetch_one(pool)
-            .await?,
-    )
-}
-
-async fn inventory(pool: &PgPool) -> anyhow::Result<i64> {
-    Ok(
-        sqlx::query_scalar("SELECT inventory::bigint FROM products WHERE id = 1")
             .fetch_one(pool)
             .await?,
     )

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use harness::{Api, Proc, TestDb, live_workers, spawn_store_worker, wait_until, wait_workers};
+use harness::{
+    Api, Proc, TestDb, inventory, live_workers, spawn_store_worker, wait_until, wait_workers,
+};
 use serde_json::Value;
 use sqlx::PgPool;
 
@@ -26,14 +28,6 @@ async fn stack(extra: &[(&str, &str)]) -> anyhow::Result<Stack> {
     ];
     wait_workers(&db.pool, 2).await?;
     Ok(Stack { db, api, workers })
-}
-
-async fn inventory(pool: &PgPool) -> anyhow::Result<i64> {
-    Ok(
-        sqlx::query_scalar("SELECT inventory::bigint FROM products WHERE id = 1")
-            .fetch_one(pool)
-            .await?,
-    )
 }
 
 async fn order_count(pool: &PgPool) -> anyhow::Result<i64> {

@@ -154,12 +154,10 @@ impl WorkflowContext {
             unencodable,
         } = step;
         let retry = retry.unwrap_or(self.retry);
-        let crash = self.crash.call(name);
-        let seq = self.take_seq();
-        if let Replay::Done(value) = self.replay(seq, name)? {
-            return Ok(value);
-        }
-        self.check_draining()?;
+        let (seq, crash) = match self.begin(name)? {
+            Begin::Replayed(value) => return Ok(value),
+            Begin::Run { seq, crash } => (seq, crash),
+        };
         if let Some(error) = unencodable {
             return Err(self.step_failed(seq, name, error, 1));
         }
@@ -208,12 +206,10 @@ impl WorkflowContext {
     {
         let Effect { mut body, retry } = effect;
         let retry = retry.unwrap_or(self.retry);
-        let crash = self.crash.call(name);
-        let seq = self.take_seq();
-        if let Replay::Done(value) = self.replay(seq, name)? {
-            return Ok(value);
-        }
-        self.check_draining()?;
+        let (seq, crash) = match self.begin(name)? {
+            Begin::Replayed(value) => return Ok(value),
+            Begin::Run { seq, crash } => (seq, crash),
+        };
         // An effect outside the database comes after what precedes it is
         // committed, and no transaction stays open while it runs.
         self.commit_open().await?;
@@ -264,7 +260,30 @@ impl WorkflowContext {
     }
 }
 
+/// How a step begins: answered from its checkpoint, or run now.
+enum Begin<T> {
+    Replayed(T),
+    Run {
+        seq: i32,
+        /// The test-only crash point, if it is this call of the step.
+        crash: Option<CrashWhen>,
+    },
+}
+
 impl WorkflowContext {
+    /// Begins step `name`: counts the call for the crash point, takes its
+    /// number, answers it from its checkpoint, or (not while draining) lets
+    /// it run.
+    fn begin<T: DeserializeOwned>(&mut self, name: &str) -> Result<Begin<T>, WorkflowError> {
+        let crash = self.crash.call(name);
+        let seq = self.take_seq();
+        if let Replay::Done(value) = self.replay(seq, name)? {
+            return Ok(Begin::Replayed(value));
+        }
+        self.check_draining()?;
+        Ok(Begin::Run { seq, crash })
+    }
+
     /// The next step's number, taken.
     fn take_seq(&mut self) -> i32 {
         self.cursor.take_seq()

@@ -148,12 +148,10 @@ impl WorkflowContext {
     {
         let retry = statement.retry.unwrap_or(self.retry);
         let finish = statement.finish.as_ref();
-        let crash = self.crash.call(name);
-        let seq = self.take_seq();
-        if let Replay::Done(value) = self.replay(seq, name)? {
-            return Ok(value);
-        }
-        self.check_draining()?;
+        let (seq, crash) = match self.begin(name)? {
+            Begin::Replayed(value) => return Ok(value),
+            Begin::Run { seq, crash } => (seq, crash),
+        };
         if let Some(error) = statement.unencodable {
             return Err(self.step_failed(seq, name, error, 1));
         }

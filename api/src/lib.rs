@@ -2,10 +2,12 @@
 //! workflows and delivers messages through the engine, and waits for their
 //! events.
 
+pub mod admin;
 pub mod error;
 mod metrics;
 mod payments;
 mod routes;
+pub mod secrets;
 pub mod signature;
 
 use std::future::Future;
@@ -57,8 +59,14 @@ pub struct Config {
     /// Secrets of `POST /webhooks/payments`, `whsec_<base64>`, comma-separated
     /// (any one may match: rotate by adding the new one first); none: 503.
     #[arg(long, env = "PAYMENT_WEBHOOK_SECRETS", default_value = "", hide_env_values = true,
-          hide_default_value = true, value_parser = signature::SecretsParser)]
+          hide_default_value = true, value_parser = secrets::SecretParser::<signature::WebhookSecrets>::new())]
     pub payment_webhook_secrets: signature::WebhookSecrets,
+    /// Tokens of the admin API and page (`/admin/`), `[label=]token`,
+    /// comma-separated, each at least 24 characters; the log names the
+    /// label. None: admin is off (404).
+    #[arg(long, env = "ADMIN_TOKEN", default_value = "", hide_env_values = true,
+          hide_default_value = true, value_parser = secrets::SecretParser::<admin::AdminTokens>::new())]
+    pub admin_token: admin::AdminTokens,
 }
 
 /// What every handler shares.
@@ -77,9 +85,10 @@ pub struct AppState {
 pub const BODY_LIMIT: usize = 16 * 1024;
 
 /// The router with its middleware.
-pub fn router(state: AppState, request_timeout: Duration) -> Router {
+pub fn router(state: AppState, admin: &admin::AdminTokens, request_timeout: Duration) -> Router {
     let tracked = state.metrics.clone();
     routes::routes(state.demo_payments)
+        .merge(admin::routes(admin))
         .with_state(state)
         .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
         .layer(TimeoutLayer::with_status_code(
@@ -148,7 +157,7 @@ pub async fn run(
         webhook_secrets: config.payment_webhook_secrets.clone(),
         metrics: metrics::Metrics::new(),
     };
-    let app = router(state, config.request_timeout);
+    let app = router(state, &config.admin_token, config.request_timeout);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -159,6 +168,7 @@ pub async fn run(
         chaos = config.chaos,
         demo_payments = config.demo_payments,
         webhook_secrets = ?config.payment_webhook_secrets,
+        admin_tokens = ?config.admin_token,
         "widget-api listening"
     );
     axum::serve(listener, app)

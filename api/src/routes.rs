@@ -7,7 +7,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
-use engine::{Engine, EngineError, Message, SendOutcome, fleet};
+use engine::{Engine, EngineError, Message, SendOutcome, StepRecord, fleet};
 use rust_decimal::prelude::ToPrimitive;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -156,17 +156,9 @@ async fn order_timeline(
             "executions": info.executions,
         }));
         for step in state.engine.steps(workflow_id).await? {
-            let duration = step.finished_at - step.started_at;
-            steps.push(json!({
-                "workflow": kind,
-                "seq": step.step_seq,
-                "name": step.name,
-                "output": step.output,
-                "worker_id": step.worker_id,
-                "started_at": step.started_at,
-                "finished_at": step.finished_at,
-                "duration_ms": duration.num_microseconds().map(|us| us as f64 / 1000.0),
-            }));
+            let mut step = step_json(&step);
+            step["workflow"] = json!(kind);
+            steps.push(step);
         }
     }
     let payments = store::payments::ledger_of(&state.pool, &order.checkout_id).await?;
@@ -175,6 +167,21 @@ async fn order_timeline(
     json["steps"] = Value::Array(steps);
     json["payments"] = json!(payments);
     Ok(Json(json))
+}
+
+/// A completed step as timelines show it: the worker that ran it, when,
+/// how long, and its checkpoint's output.
+pub(crate) fn step_json(step: &StepRecord) -> Value {
+    let duration = step.finished_at - step.started_at;
+    json!({
+        "seq": step.step_seq,
+        "name": step.name,
+        "output": step.output,
+        "worker_id": step.worker_id,
+        "started_at": step.started_at,
+        "finished_at": step.finished_at,
+        "duration_ms": duration.num_microseconds().map(|us| us as f64 / 1000.0),
+    })
 }
 
 #[derive(Deserialize)]
@@ -291,6 +298,17 @@ async fn checkout(
             "the checkout did not produce a payment id in time; retry with the same key",
         )),
         Some(Value::Null) => Err(ApiError::conflict("out_of_stock", "item not available")),
+        // Ended (cancelled by an operator, or failed) before its order.
+        Some(Value::Object(ended)) => Err(ApiError::conflict(
+            "checkout_ended",
+            format!(
+                "this checkout {} before it created an order; nothing is reserved; use a new key",
+                ended
+                    .get("ended")
+                    .and_then(Value::as_str)
+                    .unwrap_or("ended")
+            ),
+        )),
         Some(payment_id) => Ok(text_or_json(
             &headers,
             StatusCode::OK,
@@ -399,6 +417,12 @@ async fn settled_otherwise(engine: &Engine, payment_id: &str) -> ApiError {
             "checkout_expired",
             "the checkout was cancelled when its payment window closed",
         ),
+        Ok(Some(outcome)) if outcome == json!("cancelled") || outcome == json!("failed") => {
+            ApiError::conflict(
+                "checkout_ended",
+                "the checkout was cancelled by an operator or failed; its order is cancelled",
+            )
+        }
         Ok(_) => payment_conflict(),
         Err(e) => e.into(),
     }
@@ -462,9 +486,24 @@ async fn crash_worker(
     }
 }
 
+/// The fleet as anyone may see it: no host or process id (the admin API
+/// has those).
 async fn workers(State(state): State<AppState>) -> ApiResult<Json<Value>> {
-    let workers = fleet::list_workers(&state.pool).await?;
-    Ok(Json(json!(workers)))
+    let workers: Vec<Value> = fleet::list_workers(&state.pool)
+        .await?
+        .into_iter()
+        .map(|w| {
+            json!({
+                "id": w.id,
+                "queues": w.queues,
+                "started_at": w.started_at,
+                "last_seen": w.last_seen,
+                "in_flight": w.in_flight,
+                "draining": w.draining,
+            })
+        })
+        .collect();
+    Ok(Json(Value::Array(workers)))
 }
 
 /// What the storefront page needs to know about this deployment.

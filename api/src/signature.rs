@@ -57,32 +57,11 @@ impl WebhookSecrets {
     }
 }
 
-/// Parses `PAYMENT_WEBHOOK_SECRETS` for clap without ever echoing the value
-/// (clap's usual "invalid value '...'" would print a secret).
-#[derive(Clone)]
-pub struct SecretsParser;
+impl crate::secrets::Secret for WebhookSecrets {
+    const NAME: &'static str = "PAYMENT_WEBHOOK_SECRETS";
 
-impl clap::builder::TypedValueParser for SecretsParser {
-    type Value = WebhookSecrets;
-
-    fn parse_ref(
-        &self,
-        _cmd: &clap::Command,
-        _arg: Option<&clap::Arg>,
-        value: &std::ffi::OsStr,
-    ) -> Result<Self::Value, clap::Error> {
-        let text = value.to_str().ok_or_else(|| {
-            clap::Error::raw(
-                clap::error::ErrorKind::InvalidUtf8,
-                "PAYMENT_WEBHOOK_SECRETS is not UTF-8\n",
-            )
-        })?;
-        WebhookSecrets::parse(text).map_err(|problem| {
-            clap::Error::raw(
-                clap::error::ErrorKind::ValueValidation,
-                format!("PAYMENT_WEBHOOK_SECRETS: {problem} (the value is not shown)\n"),
-            )
-        })
+    fn parse(text: &str) -> Result<Self, String> {
+        WebhookSecrets::parse(text)
     }
 }
 

@@ -429,8 +429,22 @@ impl Api {
         path: &str,
         body: Option<&str>,
     ) -> anyhow::Result<(u16, String)> {
+        self.call_with(method, path, body, &[]).await
+    }
+
+    /// [`Api::call`] with extra request headers.
+    pub async fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<(u16, String)> {
         let method = reqwest::Method::from_bytes(method.as_bytes())?;
         let mut request = self.http.request(method, format!("{}{}", self.base, path));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
         if let Some(body) = body {
             request = request
                 .header("content-type", "application/json")

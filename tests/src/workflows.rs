@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use engine::step::ForEach;
 use engine::{
-    Effect, RetryPolicy, Statement, StepError, Transaction, Workflow, WorkflowContext,
+    Effect, Ending, RetryPolicy, Statement, StepError, Transaction, Workflow, WorkflowContext,
     WorkflowError, WorkflowKind,
 };
 use serde::{Deserialize, Serialize};
@@ -333,7 +333,7 @@ impl Workflow for Ticker {
 }
 
 /// Input of [`Gated`].
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct GatedInput {
     /// Ticks to run.
     pub steps: u32,
@@ -345,6 +345,14 @@ pub struct GatedInput {
     pub one_statement: bool,
     /// In-process sleep before each tick (none when 0).
     pub interval_ms: u64,
+    /// Tick (1-based) that fails for good (a fatal step error). 0: none.
+    #[serde(default)]
+    pub fail_at: u32,
+    /// Ending without finishing, undo the ticks: the compensation's step
+    /// `undo` sets `undone:<workflow id>` to the last tick's counter, and
+    /// the event `ending` to the status it leads to.
+    #[serde(default)]
+    pub compensate: bool,
 }
 
 /// [`Ticker`] with a gate the test controls: `steps` ticks, each bumping
@@ -385,6 +393,16 @@ impl Workflow for Gated {
             if input.interval_ms > 0 {
                 ctx.sleep(Duration::from_millis(input.interval_ms)).await?;
             }
+            if tick == input.fail_at {
+                let _: Option<i64> = ctx
+                    .db_step(
+                        "tick",
+                        Transaction::new(async move |_tx| {
+                            Err::<Option<i64>, _>(StepError::fatal("this tick fails for good"))
+                        }),
+                    )
+                    .await?;
+            }
             let gated = tick == input.gate_at;
             if gated {
                 // The ticks before it commit now, not with the gated one.
@@ -414,6 +432,29 @@ impl Workflow for Gated {
             };
         }
         Ok(json!(input.steps))
+    }
+
+    async fn compensate(
+        &self,
+        ctx: &mut WorkflowContext,
+        input: GatedInput,
+        ending: &Ending,
+    ) -> Result<(), WorkflowError> {
+        if !input.compensate {
+            return Ok(());
+        }
+        let ticks: i64 = ending.output("tick")?.unwrap_or(0);
+        let status = ending.reason().status();
+        let undo = Statement::new(
+            "INSERT INTO engine_test_counters (name, value) VALUES ($1, $2)
+             ON CONFLICT (name) DO UPDATE SET value = engine_test_counters.value + $2
+             RETURNING value AS output",
+        )
+        .bind(format!("undone:{}", ctx.workflow_id()))
+        .bind(ticks)
+        .event("ending", status);
+        let _: i64 = ctx.db_step("undo", undo).await?;
+        Ok(())
     }
 }
 

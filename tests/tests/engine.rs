@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use engine::{
-    Engine, EngineError, EventListener, ExecutionOutcome, Message, QueueConfig, Runtime,
-    RuntimeConfig, SendOutcome, Workflow, WorkflowStatus,
+    CancelOutcome, ENDING_STEP, Engine, EngineError, EventListener, ExecutionOutcome, Message,
+    QueueConfig, Runtime, RuntimeConfig, SendOutcome, Workflow, WorkflowStatus,
 };
 use harness::workflows::{
     self, COUNTER, FLAKY, FLUSH_PROBE, FlakyInput, FlushProbe, GATED, Gated, GatedInput,
@@ -259,7 +259,7 @@ async fn a_step_statement_starts_its_child_once_and_fails_on_a_kind_conflict() -
     assert_eq!(
         count(
             &db.pool,
-            "SELECT count(*) FROM workflow_steps WHERE workflow_id = 'parent-2'"
+            "SELECT count(*) FROM workflow_steps WHERE workflow_id = 'parent-2' AND name <> '$ending'"
         )
         .await?,
         0,
@@ -475,6 +475,7 @@ async fn completed_steps_replay_without_running_again() -> anyhow::Result<()> {
         gate_at: 4,
         one_statement: false,
         interval_ms: 0,
+        ..GatedInput::default()
     };
     engine.start(GATED, "replayed", &input).await?;
     // Two runtimes: each checkpoint names the execution that wrote it.
@@ -489,7 +490,7 @@ async fn completed_steps_replay_without_running_again() -> anyhow::Result<()> {
     assert_eq!(counter(&db.pool, "ticks:replayed").await?, 3);
     assert_eq!(
         engine.cancel("replayed").await?,
-        WorkflowStatus::Running,
+        CancelOutcome::Requested,
         "cancelled while running"
     );
     open_gate(&db.pool, "replayed").await?;
@@ -1139,6 +1140,7 @@ async fn a_killed_workers_workflow_continues_on_another_worker() -> anyhow::Resu
         gate_at: 40,
         one_statement: true,
         interval_ms: 50,
+        ..GatedInput::default()
     };
     engine.start(GATED, "long", &input).await?;
     wait_until("a few ticks", PATIENCE, || async {
@@ -1550,6 +1552,7 @@ async fn cancel_at_a_step_boundary_and_resume_from_the_last_checkpoint() -> anyh
             gate_at: 3,
             one_statement,
             interval_ms: 0,
+            ..GatedInput::default()
         };
         engine.start(GATED, id, &input).await?;
         let ticks = format!("ticks:{id}");
@@ -1559,7 +1562,7 @@ async fn cancel_at_a_step_boundary_and_resume_from_the_last_checkpoint() -> anyh
         assert_eq!(counter(&db.pool, &ticks).await?, 2, "{id}: before the gate");
         assert_eq!(
             engine.cancel(id).await?,
-            WorkflowStatus::Running,
+            CancelOutcome::Requested,
             "{id}: cancelled while running"
         );
         open_gate(&db.pool, id).await?;
@@ -1596,14 +1599,20 @@ async fn cancel_at_a_step_boundary_and_resume_from_the_last_checkpoint() -> anyh
         );
     }
 
-    // A parked workflow is cancelled at once and its wait ends.
+    // A parked workflow is woken for the cancel and its wait ends.
     let input = MessengerInput {
         topic: "t".into(),
         timeout_ms: 60_000,
     };
     engine.start(MESSENGER, "c2", &input).await?;
     wait_status(&db.pool, "c2", "waiting", PATIENCE).await?;
-    assert_eq!(engine.cancel("c2").await?, WorkflowStatus::Cancelled);
+    assert_eq!(engine.cancel("c2").await?, CancelOutcome::Requested);
+    wait_status(&db.pool, "c2", "cancelled", PATIENCE).await?;
+    assert_eq!(
+        engine.cancel("c2").await?,
+        CancelOutcome::Finished(WorkflowStatus::Cancelled),
+        "a second cancel changes nothing"
+    );
     let late = Message {
         workflow_id: "c2",
         topic: "t",
@@ -1617,6 +1626,181 @@ async fn cancel_at_a_step_boundary_and_resume_from_the_last_checkpoint() -> anyh
     assert!(matches!(
         engine.resume("c1").await,
         Err(EngineError::NotResumable { .. })
+    ));
+    Ok(())
+}
+
+/// The value of event `key` of workflow `id`.
+async fn event_of(pool: &PgPool, id: &str, key: &str) -> anyhow::Result<Option<Value>> {
+    Ok(Engine::new(pool.clone()).event(id, key).await?)
+}
+
+#[tokio::test]
+async fn a_cancel_or_a_failure_for_good_runs_the_compensation_once_then_ends_the_workflow()
+-> anyhow::Result<()> {
+    let db = engine_db().await?;
+    let engine = Engine::new(db.pool.clone());
+    let _worker = spawn_worker(&db, "compensate", &[])?;
+
+    // Cancelled mid-run: tick 3 waits at its gate when the cancel comes.
+    let cancelled = GatedInput {
+        steps: 6,
+        gate_at: 3,
+        compensate: true,
+        ..GatedInput::default()
+    };
+    engine.start(GATED, "undo-cancel", &cancelled).await?;
+    wait_at_gate(&db.pool, "undo-cancel").await?;
+    assert_eq!(
+        engine.cancel("undo-cancel").await?,
+        CancelOutcome::Requested
+    );
+    open_gate(&db.pool, "undo-cancel").await?;
+    wait_status(&db.pool, "undo-cancel", "cancelled", PATIENCE).await?;
+    assert_eq!(counter(&db.pool, "ticks:undo-cancel").await?, 2);
+    assert_eq!(
+        counter(&db.pool, "undone:undo-cancel").await?,
+        2,
+        "the compensation undid the two ticks that completed, once"
+    );
+    assert_eq!(
+        event_of(&db.pool, "undo-cancel", "ending").await?,
+        Some(json!("cancelled"))
+    );
+    assert!(
+        matches!(
+            engine.resume("undo-cancel").await,
+            Err(EngineError::Compensated(_))
+        ),
+        "a compensated workflow is not resumed over its compensation"
+    );
+
+    // Failed for good at tick 4: the three before it are undone.
+    let failing = GatedInput {
+        steps: 6,
+        fail_at: 4,
+        compensate: true,
+        ..GatedInput::default()
+    };
+    engine.start(GATED, "undo-failure", &failing).await?;
+    wait_status(&db.pool, "undo-failure", "failed", PATIENCE).await?;
+    assert_eq!(counter(&db.pool, "undone:undo-failure").await?, 3);
+    assert_eq!(
+        event_of(&db.pool, "undo-failure", "ending").await?,
+        Some(json!("failed"))
+    );
+    let info = engine.info("undo-failure").await?.expect("exists");
+    assert!(
+        info.error
+            .as_deref()
+            .is_some_and(|e| e.contains("this tick fails for good")),
+        "the failure's own error is kept: {:?}",
+        info.error
+    );
+
+    // A workflow with no compensation of its own ends as before, and
+    // resumes from its last checkpoint.
+    let plain = GatedInput {
+        steps: 3,
+        fail_at: 2,
+        ..GatedInput::default()
+    };
+    engine.start(GATED, "no-undo", &plain).await?;
+    wait_status(&db.pool, "no-undo", "failed", PATIENCE).await?;
+    let steps: Vec<String> = engine
+        .steps("no-undo")
+        .await?
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(
+        steps,
+        ["tick", ENDING_STEP],
+        "the end is marked after the last tick"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_worker_killed_inside_a_compensation_leaves_it_to_another_which_finishes_it_once()
+-> anyhow::Result<()> {
+    let db = engine_db().await?;
+    let engine = Engine::new(db.pool.clone());
+    let mut doomed = spawn_worker(&db, "doomed", &[("WORKER_CRASH_AT", "after:undo")])?;
+    let failing = GatedInput {
+        steps: 4,
+        fail_at: 3,
+        compensate: true,
+        ..GatedInput::default()
+    };
+    engine.start(GATED, "undo-crash", &failing).await?;
+    let exit = doomed.wait_exit(PATIENCE).await?;
+    assert_ne!(exit, Some(0), "the worker died at its crash point");
+    assert_eq!(
+        status(&db.pool, "undo-crash").await?,
+        "running",
+        "it died after the compensation's step committed, before the workflow ended"
+    );
+    let _survivor = spawn_worker(&db, "survivor", &[])?;
+    wait_status(&db.pool, "undo-crash", "failed", PATIENCE).await?;
+    assert_eq!(
+        counter(&db.pool, "undone:undo-crash").await?,
+        2,
+        "the compensation's step was replayed from its checkpoint, not run again"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn restart_runs_a_new_workflow_from_a_chosen_step_and_leaves_the_original_alone()
+-> anyhow::Result<()> {
+    let db = engine_db().await?;
+    let engine = Engine::new(db.pool.clone());
+    let _worker = spawn_worker(&db, "restart", &[])?;
+    let failing = GatedInput {
+        steps: 5,
+        fail_at: 4,
+        ..GatedInput::default()
+    };
+    engine.start(GATED, "original", &failing).await?;
+    wait_status(&db.pool, "original", "failed", PATIENCE).await?;
+    let before = engine.steps("original").await?.len();
+
+    // From step 2: ticks 1 and 2 are copied, not run again.
+    let handle = engine.restart("original", "copy", Some(2)).await?;
+    assert!(handle.created);
+    // It fails at tick 4 too (same input): ticks 3 ran under its own name.
+    wait_status(&db.pool, "copy", "failed", PATIENCE).await?;
+    assert_eq!(counter(&db.pool, "ticks:copy").await?, 1, "only tick 3 ran");
+    let copied: Vec<i32> = engine
+        .steps("copy")
+        .await?
+        .iter()
+        .map(|s| s.step_seq)
+        .collect();
+    assert_eq!(
+        copied,
+        [0, 1, 2, 3],
+        "two copied ticks, one run, the end marker"
+    );
+    assert_eq!(
+        engine.steps("original").await?.len(),
+        before,
+        "original untouched"
+    );
+    assert_eq!(status(&db.pool, "original").await?, "failed");
+
+    assert!(matches!(
+        engine.restart("original", "copy", None).await,
+        Err(EngineError::IdTaken(_))
+    ));
+    assert!(matches!(
+        engine.restart("original", "copy-2", Some(9)).await,
+        Err(EngineError::NoSuchStep { steps: 3, .. })
+    ));
+    assert!(matches!(
+        engine.restart("nobody", "copy-3", None).await,
+        Err(EngineError::UnknownWorkflow(_))
     ));
     Ok(())
 }
@@ -1638,6 +1822,7 @@ async fn sigterm_drains_and_hands_work_to_another_worker_at_once() -> anyhow::Re
         gate_at: 3,
         one_statement: false,
         interval_ms: 0,
+        ..GatedInput::default()
     };
     engine.start(GATED, "d1", &input).await?;
     // The SIGTERM lands while tick 3 runs: it waits at the gate inside its
@@ -1717,7 +1902,11 @@ async fn the_fleet_registry_shows_each_live_worker() -> anyhow::Result<()> {
             .fetch_one(&db.pool)
             .await?;
     assert_eq!(pid as u32, first.pid());
-    assert!(!host.is_empty() && id.contains(&pid.to_string()));
+    assert!(!host.is_empty());
+    assert!(
+        !id.contains(&host) && !id.contains(&pid.to_string()),
+        "the id names neither host nor process (the public fleet view shows it): {id}"
+    );
     assert_eq!(queues, vec!["engine".to_owned()]);
     engine
         .start(

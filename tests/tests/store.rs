@@ -748,7 +748,7 @@ async fn crash_of_a_named_worker_makes_that_worker_exit() -> anyhow::Result<()> 
     let fleet = fleet.as_array().context("a list")?;
     assert_eq!(fleet.len(), 2, "{fleet:?}");
     for w in fleet {
-        for field in ["id", "pid", "started_at", "last_seen", "in_flight"] {
+        for field in ["id", "started_at", "last_seen", "in_flight"] {
             assert!(!w[field].is_null(), "{field} in {w}");
         }
     }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use engine::{Workflow, WorkflowContext, WorkflowError, WorkflowKind};
+use engine::{Ending, Workflow, WorkflowContext, WorkflowError, WorkflowKind};
 use serde_json::{Value, json};
 use store::{
     self, CHECKOUT, CheckoutInput, DISPATCH, DISPATCH_STEPS, DispatchInput, PaymentStatus,
@@ -34,11 +34,7 @@ impl Workflow for Checkout {
         input: CheckoutInput,
     ) -> Result<Value, WorkflowError> {
         let checkout_id = ctx.workflow_id().to_owned();
-        let product_id = if input.product_id == 0 {
-            store::WIDGET_ID
-        } else {
-            input.product_id
-        };
+        let product_id = input.product();
 
         let reserved: Option<bool> = ctx
             .db_step("reserve_inventory", store::reserve_inventory(product_id))
@@ -82,6 +78,35 @@ impl Workflow for Checkout {
             .event(topics::ORDER_ID, order_id)
             .ends_workflow(output);
         ctx.db_step("cancel_order", cancelled).await
+    }
+
+    /// Cancelled by an operator, or failed for good: the order is
+    /// cancelled and its unit returned (a payment that came for it is a
+    /// refund due), or, cancelled before its order existed, the reserved
+    /// unit goes back to stock.
+    async fn compensate(
+        &self,
+        ctx: &mut WorkflowContext,
+        input: CheckoutInput,
+        ending: &Ending,
+    ) -> Result<(), WorkflowError> {
+        let outcome = if ending.is_cancelled() {
+            "cancelled"
+        } else {
+            "failed"
+        };
+        if let Some(order_id) = ending.output::<i64>("create_order")? {
+            let cancelled = store::cancel_order(order_id)
+                .event(topics::PAYMENT_OUTCOME, outcome)
+                .event(topics::ORDER_ID, order_id);
+            let _: Option<bool> = ctx.db_step("cancel_order", cancelled).await?;
+        } else if ending.output::<Option<bool>>("reserve_inventory")? == Some(Some(true)) {
+            // The checkout request waiting for a payment id hears why none comes.
+            let released = store::release_unit(input.product())
+                .event(topics::PAYMENT_ID, json!({ "ended": outcome }));
+            let _: Option<bool> = ctx.db_step("release_unit", released).await?;
+        }
+        Ok(())
     }
 }
 

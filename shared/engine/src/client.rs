@@ -13,12 +13,12 @@ use tokio::time::Instant;
 
 use super::events::{EventListener, Notice};
 use super::queue::{JOB_MAX_ATTEMPTS, new_job_id};
-use super::{EngineError, StepRecord, WorkflowHandle, WorkflowInfo, WorkflowKind, WorkflowStatus};
+use super::{EngineError, StepRecord, WorkflowHandle, WorkflowInfo, WorkflowKind};
 
 /// Entry point of the engine's client calls. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Engine {
-    pool: PgPool,
+    pub(crate) pool: PgPool,
     events: Option<EventListener>,
     event_poll: Duration,
 }
@@ -77,7 +77,7 @@ impl Engine {
     ) -> Result<WorkflowHandle, EngineError> {
         // One statement does it all: no transaction of its own.
         let mut conn = self.pool.acquire().await?;
-        start_on(&mut conn, kind, id, input, Flush::Wait).await
+        start_on(&mut conn, (kind.name, kind.queue), id, input, Flush::Wait).await
     }
 
     /// [`Engine::start`], returning before the start's commit reaches disk:
@@ -95,7 +95,7 @@ impl Engine {
         input: &impl Serialize,
     ) -> Result<WorkflowHandle, EngineError> {
         let mut conn = self.pool.acquire().await?;
-        start_on(&mut conn, kind, id, input, Flush::Later).await
+        start_on(&mut conn, (kind.name, kind.queue), id, input, Flush::Later).await
     }
 
     /// [`Engine::start`] inside the caller's transaction (a workflow step
@@ -109,7 +109,7 @@ impl Engine {
         id: &str,
         input: &impl Serialize,
     ) -> Result<WorkflowHandle, EngineError> {
-        start_on(conn, kind, id, input, Flush::Wait).await
+        start_on(conn, (kind.name, kind.queue), id, input, Flush::Wait).await
     }
 
     /// Delivers a message: stored and, if the workflow is parked, its
@@ -181,53 +181,6 @@ impl Engine {
         }
     }
 
-    /// Requests cancellation. A parked or queued workflow is cancelled at
-    /// once; a running one at its next step boundary. Returns the status
-    /// after the call.
-    pub async fn cancel(&self, workflow_id: &str) -> Result<WorkflowStatus, EngineError> {
-        let mut tx = self.pool.begin().await?;
-        let status = lock_status(&mut tx, workflow_id).await?;
-        let after = match status {
-            s if s.is_terminal() => s,
-            WorkflowStatus::Running => {
-                sqlx::query(sql::REQUEST_CANCEL)
-                    .bind(workflow_id)
-                    .execute(&mut *tx)
-                    .await?;
-                WorkflowStatus::Running
-            }
-            _ => {
-                sqlx::query(sql::CANCEL_NOW)
-                    .bind(workflow_id)
-                    .execute(&mut *tx)
-                    .await?;
-                WorkflowStatus::Cancelled
-            }
-        };
-        tx.commit().await?;
-        Ok(after)
-    }
-
-    /// Runs a failed or cancelled workflow again from its last checkpoint.
-    pub async fn resume(&self, workflow_id: &str) -> Result<(), EngineError> {
-        let mut tx = self.pool.begin().await?;
-        let status = lock_status(&mut tx, workflow_id).await?;
-        if !matches!(status, WorkflowStatus::Failed | WorkflowStatus::Cancelled) {
-            return Err(EngineError::NotResumable {
-                id: workflow_id.to_owned(),
-                status: status.as_str().to_owned(),
-            });
-        }
-        sqlx::query(sql::RESUME)
-            .bind(workflow_id)
-            .bind(new_job_id())
-            .bind(JOB_MAX_ATTEMPTS)
-            .fetch_one(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
     /// The workflow's row, if it exists.
     pub async fn info(&self, workflow_id: &str) -> Result<Option<WorkflowInfo>, EngineError> {
         Ok(sqlx::query_as(sql::WORKFLOW_INFO)
@@ -252,22 +205,9 @@ impl Engine {
     }
 }
 
-async fn lock_status(
-    conn: &mut PgConnection,
-    workflow_id: &str,
-) -> Result<WorkflowStatus, EngineError> {
-    let status: Option<String> = sqlx::query_scalar(sql::LOCK_STATUS)
-        .bind(workflow_id)
-        .fetch_optional(&mut *conn)
-        .await?;
-    status
-        .and_then(|s| WorkflowStatus::parse(&s))
-        .ok_or_else(|| EngineError::UnknownWorkflow(workflow_id.to_owned()))
-}
-
 /// Whether a start or a send returns after its commit reaches disk.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Flush {
+pub(crate) enum Flush {
     /// After: the caller may tell anyone.
     Wait,
     /// Before: the next flushed commit carries it (`synchronous_commit` off
@@ -277,9 +217,9 @@ enum Flush {
 
 /// One statement: the workflow row and, when it is new, its job
 /// (`engine.workflow_start()`).
-async fn start_on(
+pub(crate) async fn start_on(
     conn: &mut PgConnection,
-    kind: WorkflowKind,
+    (kind, queue): (&str, &str),
     id: &str,
     input: &impl Serialize,
     flush: Flush,
@@ -288,8 +228,8 @@ async fn start_on(
     let input = serde_json::to_value(input)?;
     let created = sqlx::query_scalar(sql::START)
         .bind(id)
-        .bind(kind.name)
-        .bind(kind.queue)
+        .bind(kind)
+        .bind(queue)
         .bind(&input)
         .bind(new_job_id())
         .bind(JOB_MAX_ATTEMPTS)
@@ -300,13 +240,13 @@ async fn start_on(
             Some(existing) => EngineError::KindConflict {
                 id: id.to_owned(),
                 existing,
-                requested: kind.name.to_owned(),
+                requested: kind.to_owned(),
             },
             None => error.into(),
         })?;
     Ok(WorkflowHandle {
         id: id.to_owned(),
-        kind: kind.name.to_owned(),
+        kind: kind.to_owned(),
         created,
     })
 }

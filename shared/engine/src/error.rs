@@ -34,6 +34,24 @@ pub enum EngineError {
         /// Its current status.
         status: String,
     },
+    /// Resume asked for a workflow whose compensation changed something.
+    #[error("workflow {0} ran its compensation; restart it instead of resuming it")]
+    Compensated(String),
+    /// Restart asked to start from a step the workflow does not have.
+    #[error(
+        "workflow {id} has {steps} step(s) of its own; a restart starts from 0 to {steps}, not {step}"
+    )]
+    NoSuchStep {
+        /// The workflow.
+        id: String,
+        /// The step asked for.
+        step: i32,
+        /// Its own steps.
+        steps: i32,
+    },
+    /// A new workflow's id is taken.
+    #[error("a workflow with id {0} exists already")]
+    IdTaken(String),
     /// A workflow id that is empty or too long.
     #[error("workflow id must be 1 to 256 characters")]
     InvalidId,

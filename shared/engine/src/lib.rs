@@ -37,6 +37,7 @@ mod crash_point;
 mod error;
 mod events;
 pub mod fleet;
+mod operator;
 mod queue;
 mod runtime;
 mod schema;
@@ -54,8 +55,12 @@ pub use context::WorkflowContext;
 pub use crash_point::{CrashPoint, CrashWhen};
 pub use error::{EngineError, StepError, WorkflowError, is_unavailable};
 pub use events::EventListener;
+pub use operator::{
+    CancelOutcome, Cursor, EventRecord, MessageRecord, WorkflowFilter, WorkflowRecord,
+    WorkflowSummary,
+};
 pub use queue::{JOB_INSERT_CHANNEL, WorkflowJob, ready_jobs};
-pub use runtime::{ExecutionOutcome, Runtime, Workflow};
+pub use runtime::{ENDING_STEP, EndReason, Ending, ExecutionOutcome, Runtime, Workflow};
 pub use schema::{MigrateError, migrations_applied, migrator_applied, run_migrations};
 pub use step::{Effect, Final, ForEach, Statement, Transaction};
 

@@ -380,7 +380,7 @@ pub(crate) const CLAIM: &str = "WITH job AS (
              WHERE w.id = previous.id AND previous.status NOT IN ('succeeded', 'failed', 'cancelled')
              RETURNING w.id AS workflow_id, w.kind, w.queue, w.input,
                  previous.status AS previous_status, previous.owner AS previous_owner,
-                 w.cancel_requested, w.executions,
+                 w.cancel_requested, w.executions, w.ending, w.error, w.attempts,
                  (SELECT coalesce(json_agg(json_build_object(
                           'step_seq', s.step_seq, 'name', s.name, 'output', s.output,
                           'finished_at', s.finished_at)

@@ -20,20 +20,71 @@ pub(crate) const SEND: &str = "SELECT outcome, status, kept,
 pub(crate) const READ_EVENT: &str =
     "SELECT value FROM engine.workflow_events WHERE workflow_id = $1 AND key = $2";
 
-/// Asks a running workflow to stop at its next step.
-pub(crate) const REQUEST_CANCEL: &str =
-    "UPDATE engine.workflows SET cancel_requested = true, updated_at = now() WHERE id = $1";
+/// Delivers a cancel (`engine.workflow_cancel()`).
+pub(crate) const CANCEL: &str = "SELECT engine.workflow_cancel($1, $2, $3)";
 
-/// Cancels a workflow that is not running (enqueued or parked).
-pub(crate) const CANCEL_NOW: &str =
-    "UPDATE engine.workflows SET status = 'cancelled', cancel_requested = true, owner = NULL,
-     wait_topic = NULL, wait_until = NULL, updated_at = now() WHERE id = $1";
+/// Whether a compensation ran steps (any after the last `$ending` step `$2`).
+pub(crate) const COMPENSATED: &str = "SELECT coalesce(max(step_seq) > (
+         SELECT max(step_seq) FROM engine.workflow_steps WHERE workflow_id = $1 AND name = $2),
+     false) FROM engine.workflow_steps WHERE workflow_id = $1";
 
-/// Puts a cancelled or failed workflow back in the queue, with a job.
-pub(crate) const RESUME: &str =
-    "UPDATE engine.workflows SET status = 'enqueued', cancel_requested = false, error = NULL,
-     attempts = 0, executions = 0, owner = NULL, updated_at = now()
+/// Puts a cancelled or failed workflow back in the queue, with a job,
+/// dropping its `$ending` step (`$4`).
+pub(crate) const RESUME: &str = "WITH unmarked AS (
+         DELETE FROM engine.workflow_steps WHERE workflow_id = $1 AND name = $4)
+     UPDATE engine.workflows SET status = 'enqueued', cancel_requested = false, error = NULL,
+         attempts = 0, executions = 0, owner = NULL, ending = NULL, updated_at = now()
      WHERE id = $1 RETURNING engine.workflow_enqueue(queue, id, $2, NULL, 0, $3)";
+
+/// What a restart copies: kind, queue, input, and how many steps are the
+/// workflow's own (up to its `$ending` step `$2`, if any).
+pub(crate) const RESTART_SOURCE: &str = "SELECT w.kind, w.queue, w.input,
+         (SELECT coalesce(min(s.step_seq) FILTER (WHERE s.name = $2), max(s.step_seq) + 1)
+          FROM engine.workflow_steps s WHERE s.workflow_id = w.id)
+     FROM engine.workflows w WHERE w.id = $1";
+
+/// Copies workflow `$1`'s checkpoints before step `$3` to workflow `$2`.
+pub(crate) const COPY_CHECKPOINTS: &str = "INSERT INTO engine.workflow_steps
+         (workflow_id, step_seq, name, output, worker_id, started_at, finished_at)
+     SELECT $2, step_seq, name, output, worker_id, started_at, finished_at
+     FROM engine.workflow_steps WHERE workflow_id = $1 AND step_seq < $3";
+
+/// The columns of an operator's workflow summary.
+macro_rules! summary_columns {
+    () => {
+        "id, kind, status, ending, cancel_requested, owner, attempts, executions, error,
+         wait_topic, wait_until, created_at, updated_at"
+    };
+}
+
+/// Workflows newest first: status `$1`, kind `$2`, unchanged for `$3`
+/// seconds, after the cursor (`$4`, `$5`), at most `$6` (each filter off
+/// when NULL).
+pub(crate) const LIST_WORKFLOWS: &str = concat!(
+    "SELECT ",
+    summary_columns!(),
+    " FROM engine.workflows
+     WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR kind = $2)
+       AND ($3::float8 IS NULL OR updated_at <= now() - make_interval(secs => $3))
+       AND ($4::timestamptz IS NULL OR (created_at, id) < ($4, $5::text))
+     ORDER BY created_at DESC, id DESC LIMIT $6"
+);
+
+/// One workflow's summary, input and output.
+pub(crate) const WORKFLOW_RECORD: &str = concat!(
+    "SELECT ",
+    summary_columns!(),
+    ", input, output FROM engine.workflows WHERE id = $1"
+);
+
+/// A workflow's events by key.
+pub(crate) const WORKFLOW_EVENTS: &str =
+    "SELECT key, value, created_at FROM engine.workflow_events WHERE workflow_id = $1 ORDER BY key";
+
+/// The messages sent to a workflow, oldest first.
+pub(crate) const WORKFLOW_MESSAGES: &str =
+    "SELECT topic, payload, message_key, created_at, consumed_at
+     FROM engine.workflow_messages WHERE workflow_id = $1 ORDER BY id";
 
 /// A workflow's row as an operator sees it.
 pub(crate) const WORKFLOW_INFO: &str =
@@ -48,6 +99,14 @@ pub(crate) const UNFINISHED_COUNTS: &str = "SELECT kind, status, count(*) FROM e
 pub(crate) const WORKFLOW_STEPS: &str =
     "SELECT step_seq, name, output, worker_id, started_at, finished_at
      FROM engine.workflow_steps WHERE workflow_id = $1 ORDER BY step_seq";
+
+/// A workflow's checkpoints in step order, as a replay reads them.
+pub(crate) const WORKFLOW_CHECKPOINTS: &str =
+    "SELECT step_seq, name, output, finished_at FROM engine.workflow_steps
+     WHERE workflow_id = $1 ORDER BY step_seq";
+
+/// Begins a workflow's end before its compensation (`engine.workflow_begin_ending()`).
+pub(crate) const BEGIN_ENDING: &str = "SELECT engine.workflow_begin_ending($1, $2, $3, $4, $5)";
 
 /// Locks a workflow's row and reads its status.
 pub(crate) const LOCK_STATUS: &str = "SELECT status FROM engine.workflows WHERE id = $1 FOR UPDATE";

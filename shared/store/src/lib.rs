@@ -64,6 +64,17 @@ pub struct CheckoutInput {
     pub request_id: Option<String>,
 }
 
+impl CheckoutInput {
+    /// The product bought (0, from a client of the demo: the widget).
+    pub fn product(&self) -> i32 {
+        if self.product_id == 0 {
+            WIDGET_ID
+        } else {
+            self.product_id
+        }
+    }
+}
+
 /// Input of a dispatch workflow.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DispatchInput {
@@ -278,6 +289,12 @@ pub fn cancel_order(order_id: i64) -> Statement {
          RETURNING CASE WHEN refund_if_paid(id, paid_by) THEN return_unit(product_id) END AS output",
     )
     .bind(order_id)
+}
+
+/// The step that gives a reserved unit back to stock when its checkout
+/// ends before it created its order (`return_unit()`).
+pub fn release_unit(product_id: i32) -> Statement {
+    Statement::new("SELECT return_unit($1) AS output").bind(product_id)
 }
 
 /// One dispatch step: progress down by one; DISPATCHED at zero. Its output

@@ -6,7 +6,7 @@ use super::*;
 /// What a checkpoint refused by `workflow_checkpoint()` means for the
 /// execution (the SQLSTATEs are in its migration); `None` for any other
 /// error.
-pub(super) fn refusal(error: &sqlx::Error, seq: i32, name: &str) -> Option<WorkflowError> {
+pub(crate) fn refusal(error: &sqlx::Error, seq: i32, name: &str) -> Option<WorkflowError> {
     let sqlx::Error::Database(db) = error else {
         return None;
     };

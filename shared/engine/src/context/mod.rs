@@ -6,8 +6,7 @@ mod statement;
 mod unit_of_work;
 mod waits;
 
-pub(crate) use failure::panic_message;
-use failure::refusal;
+pub(crate) use failure::{panic_message, refusal};
 use replay::Replay;
 pub(crate) use replay::{Checkpoint, ReplayCursor};
 use statement::CheckpointRows;

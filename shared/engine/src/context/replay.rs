@@ -11,7 +11,7 @@ use serde_json::Value;
 use crate::WorkflowError;
 
 /// A checkpoint loaded at the start of an execution.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, sqlx::FromRow)]
 pub(crate) struct Checkpoint {
     pub(crate) step_seq: i32,
     pub(crate) name: String,
@@ -56,6 +56,15 @@ impl ReplayCursor {
             running: false,
             resumed_after: None,
             finished: false,
+        }
+    }
+
+    /// A cursor for the steps after step `seq` (a compensation's, after
+    /// the `$ending` step written at `marked_at`), with their checkpoints.
+    pub(crate) fn after(seq: i32, checkpoints: Vec<Checkpoint>, marked_at: DateTime<Utc>) -> Self {
+        ReplayCursor {
+            next_seq: seq + 1,
+            ..Self::new(checkpoints, marked_at)
         }
     }
 

@@ -31,7 +31,7 @@ pub enum ExecutionOutcome {
 
 /// A claimed workflow: what its execution needs.
 #[derive(sqlx::FromRow)]
-struct Claim {
+pub(super) struct Claim {
     workflow_id: String,
     kind: String,
     queue: String,
@@ -40,6 +40,12 @@ struct Claim {
     previous_owner: Option<String>,
     cancel_requested: bool,
     executions: i32,
+    /// Set while its compensation runs: the end it leads to.
+    pub(super) ending: Option<String>,
+    /// A failure's error, kept while its compensation runs.
+    pub(super) error: Option<String>,
+    /// A failure's attempts, kept while its compensation runs.
+    pub(super) attempts: i32,
     checkpoints: Value,
     /// When the workflow was started: a sleep before its first step counts
     /// from then.
@@ -91,6 +97,9 @@ impl RunsHere for StartHere {
             previous_owner: None,
             cancel_requested: false,
             executions: 1,
+            ending: None,
+            error: None,
+            attempts: 0,
             checkpoints: Value::Array(Vec::new()),
             created_at,
         };
@@ -324,7 +333,8 @@ impl Runtime {
         Box::pin(self.run_claimed(claim, slot, batch)).await
     }
 
-    /// Runs a claimed workflow and settles how the execution ended.
+    /// Runs a claimed workflow (or, when it ends without finishing, its
+    /// compensation) and settles how the execution ended.
     async fn run_claimed(
         &self,
         claim: Claim,
@@ -332,6 +342,7 @@ impl Runtime {
         batch: bool,
     ) -> Result<Option<ExecutionOutcome>, sqlx::Error> {
         let inner = &self.inner;
+        let resumed_ending = EndReason::of_claim(&claim);
         let Claim {
             workflow_id,
             kind,
@@ -343,6 +354,7 @@ impl Runtime {
             executions: execution,
             checkpoints,
             created_at,
+            ..
         } = claim;
         let workflow_id = workflow_id.as_str();
         // A workflow marked running elsewhere is executed anyway: its owner's
@@ -365,11 +377,14 @@ impl Runtime {
             tracing::error!(workflow_id, %error, "workflow failed");
             return Ok(Some(ExecutionOutcome::Failed));
         };
-        if execution > inner.config.max_executions {
-            let error = format!(
+        let crash_loop = (execution > inner.config.max_executions).then(|| {
+            format!(
                 "started {} times without finishing (crash loop?)",
                 execution - 1
-            );
+            )
+        });
+        if let (Some(error), Some(_)) = (&crash_loop, &resumed_ending) {
+            let error = format!("its compensation {error}");
             Box::pin(self.finish(None, workflow_id, "failed", None, Some(&error), 0)).await?;
             tracing::error!(workflow_id, %error, "workflow failed");
             return Ok(Some(ExecutionOutcome::Failed));
@@ -404,10 +419,30 @@ impl Runtime {
             worker_id = %inner.worker_id,
             request_id = tracing::field::Empty,
         );
-        let result = AssertUnwindSafe(definition.run_json(&mut ctx, input))
-            .catch_unwind()
-            .instrument(span.clone())
-            .await;
+        // The workflow's own steps, unless its end has begun already.
+        let mut ending = resumed_ending;
+        let mut result = Ok(Ok(Value::Null));
+        if ending.is_none() {
+            ending = crash_loop.map(|error| EndReason::Failed { error, attempts: 0 });
+        }
+        if ending.is_none() {
+            result = AssertUnwindSafe(definition.run_json(&mut ctx, &input))
+                .catch_unwind()
+                .instrument(span.clone())
+                .await;
+            // A failure with steps still uncommitted replays them one by
+            // one first (settle): whatever failed may have aborted them.
+            if ctx.open.is_none() {
+                ending = EndReason::of(&result);
+            }
+        }
+        if let Some(reason) = &ending {
+            result = Box::pin(
+                self.compensate(&mut ctx, &*definition, &input, reason)
+                    .instrument(span.clone()),
+            )
+            .await?;
+        }
         // Still held (no in-process sleep happened): keep it until settled.
         *slot = ctx.slot.take();
         let open = ctx.open.take();
@@ -415,7 +450,7 @@ impl Runtime {
         // Never hold `span.enter()` across an await: the task may resume on
         // another thread, which corrupts the span registry (it panicked here).
         Box::pin(
-            self.settle(workflow_id, &queue, result, open, finished)
+            self.settle(workflow_id, &queue, result, open, finished, ending)
                 .instrument(span),
         )
         .await
@@ -423,16 +458,22 @@ impl Runtime {
 
     /// Records how an execution ended, in the transaction still open from
     /// its last steps when there is one. `None`: replay without batching.
-    /// `finished`: the last step ended the workflow already.
+    /// `finished`: the last step ended the workflow already. `ending`: the
+    /// result is the compensation's, run for that reason.
     async fn settle(
         &self,
         workflow_id: &str,
         queue: &str,
-        result: Result<Result<Value, WorkflowError>, Box<dyn std::any::Any + Send>>,
+        result: ExecutionResult,
         open: Option<Transaction<'static, Postgres>>,
         finished: bool,
+        ending: Option<EndReason>,
     ) -> Result<Option<ExecutionOutcome>, sqlx::Error> {
-        let inner = &self.inner;
+        if let Some(reason) = ending {
+            return self
+                .settle_ending(workflow_id, queue, result, open, reason)
+                .await;
+        }
         let outcome = match result {
             Ok(Ok(_)) if finished => {
                 if let Some(tx) = open {
@@ -447,24 +488,84 @@ impl Runtime {
                 tracing::debug!("workflow succeeded");
                 ExecutionOutcome::Succeeded
             }
-            Ok(Err(WorkflowError::Parked)) => ExecutionOutcome::Parked,
-            Ok(Err(WorkflowError::Fenced { step, name })) => {
+            Ok(Err(e)) => return self.settle_stop(workflow_id, queue, e, open).await,
+            // A failure with steps still uncommitted: whatever failed may
+            // have aborted their transaction, so replay them one by one and
+            // end (or not) with them committed.
+            Err(_) => return Ok(None),
+        };
+        Ok(Some(outcome))
+    }
+
+    /// Settles a compensation's execution: done, the workflow takes the
+    /// status it leads to; failed, the workflow fails saying so.
+    async fn settle_ending(
+        &self,
+        workflow_id: &str,
+        queue: &str,
+        result: ExecutionResult,
+        open: Option<Transaction<'static, Postgres>>,
+        reason: EndReason,
+    ) -> Result<Option<ExecutionOutcome>, sqlx::Error> {
+        let failure = match result {
+            Ok(Ok(_)) => {
+                self.finish(open, workflow_id, None, None, None, 0).await?;
+                tracing::info!(
+                    ending = reason.status(),
+                    "workflow ended after its compensation"
+                );
+                return Ok(Some(match reason {
+                    EndReason::Cancelled => ExecutionOutcome::Cancelled,
+                    EndReason::Failed { .. } => ExecutionOutcome::Failed,
+                }));
+            }
+            Ok(Err(
+                e @ (WorkflowError::Parked
+                | WorkflowError::Fenced { .. }
+                | WorkflowError::Draining
+                | WorkflowError::Unavailable(_)
+                | WorkflowError::RetryUnbatched),
+            )) => return self.settle_stop(workflow_id, queue, e, open).await,
+            _ if open.is_some() => return Ok(None),
+            Ok(Err(e)) => e.to_string(),
+            Err(panic) => format!("panicked: {}", panic_message(&*panic)),
+        };
+        let why = match &reason {
+            EndReason::Cancelled => "cancelled".to_owned(),
+            EndReason::Failed { error, .. } => error.clone(),
+        };
+        let error = format!("{why}; its compensation failed: {failure}");
+        self.finish(None, workflow_id, "failed", None, Some(&error), 0)
+            .await?;
+        tracing::error!(%error, "workflow failed");
+        Ok(Some(ExecutionOutcome::Failed))
+    }
+
+    /// Settles an execution that stopped without an end of its own: parked,
+    /// fenced, handed back, or to be replayed (database away, a step failed
+    /// in a shared transaction). A cancel or failure that reaches here has
+    /// steps still uncommitted: replayed one by one, it ends with them
+    /// committed.
+    async fn settle_stop(
+        &self,
+        workflow_id: &str,
+        queue: &str,
+        stop: WorkflowError,
+        open: Option<Transaction<'static, Postgres>>,
+    ) -> Result<Option<ExecutionOutcome>, sqlx::Error> {
+        let outcome = match stop {
+            WorkflowError::Parked => ExecutionOutcome::Parked,
+            WorkflowError::Fenced { step, name } => {
                 tracing::info!(
                     step, step_name = %name,
                     "fenced: another execution checkpointed this step first; this execution stops"
                 );
                 ExecutionOutcome::Fenced
             }
-            Ok(Err(WorkflowError::Cancelled)) => {
-                self.finish(open, workflow_id, "cancelled", None, None, 0)
-                    .await?;
-                tracing::info!("workflow cancelled at a step boundary");
-                ExecutionOutcome::Cancelled
-            }
-            Ok(Err(WorkflowError::Draining)) => {
+            WorkflowError::Draining => {
                 let mut tx = match open {
                     Some(tx) => tx,
-                    None => inner.pool.begin().await?,
+                    None => self.inner.pool.begin().await?,
                 };
                 // The hand-back and its job: one statement.
                 sqlx::query(sql::HAND_BACK)
@@ -478,52 +579,26 @@ impl Runtime {
                 tracing::info!("handed back to the queue (worker draining)");
                 ExecutionOutcome::HandedBack
             }
-            Ok(Err(WorkflowError::Unavailable(e))) => return Err(e),
-            Ok(Err(WorkflowError::RetryUnbatched)) => return Ok(None),
-            // A failure with steps still uncommitted: whatever failed may
-            // have aborted their transaction, so replay them one by one and
-            // fail (or not) with them committed.
-            Ok(Err(_)) | Err(_) if open.is_some() => return Ok(None),
-            Ok(Err(WorkflowError::Failed { error, attempts })) => {
-                self.finish(None, workflow_id, "failed", None, Some(&error), attempts)
-                    .await?;
-                tracing::error!(%error, "workflow failed");
-                ExecutionOutcome::Failed
-            }
-            Ok(Err(e @ WorkflowError::Nondeterministic { .. })) => {
-                let error = e.to_string();
-                self.finish(None, workflow_id, "failed", None, Some(&error), 0)
-                    .await?;
-                tracing::error!(%error, "workflow failed: code and checkpoints disagree");
-                ExecutionOutcome::Failed
-            }
-            Err(panic) => {
-                let error = format!(
-                    "workflow panicked outside a step: {}",
-                    panic_message(&*panic)
-                );
-                self.finish(None, workflow_id, "failed", None, Some(&error), 1)
-                    .await?;
-                tracing::error!(%error, "workflow failed");
-                ExecutionOutcome::Failed
-            }
+            WorkflowError::Unavailable(e) => return Err(e),
+            _ => return Ok(None),
         };
         Ok(Some(outcome))
     }
 
-    /// Records a terminal status, in `open` (then committed) or on its own.
+    /// Records a terminal status, in `open` (then committed) or on its own;
+    /// `None`: the one the workflow's compensation led to.
     async fn finish(
         &self,
         open: Option<Transaction<'static, Postgres>>,
         workflow_id: &str,
-        status: &str,
+        status: impl Into<Option<&str>>,
         output: Option<&Value>,
         error: Option<&str>,
         attempts: i32,
     ) -> Result<(), sqlx::Error> {
         let finish = sqlx::query(sql::FINISH)
             .bind(workflow_id)
-            .bind(status)
+            .bind(status.into())
             .bind(output)
             .bind(error)
             .bind(attempts);

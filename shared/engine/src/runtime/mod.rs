@@ -2,11 +2,14 @@
 //! the fleet registry, reaps dead workers and drains on shutdown.
 
 mod consumer;
+mod ending;
 mod execution;
 mod maintenance;
 
 use crate::sql;
 use consumer::{job_notice_loop, run_queue};
+use ending::ExecutionResult;
+pub use ending::{ENDING_STEP, EndReason, Ending};
 pub use execution::ExecutionOutcome;
 use execution::spawn_in_slot;
 use maintenance::{prune_loop, reap_loop};
@@ -26,6 +29,7 @@ use apalis_postgres::PostgresStorage;
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use futures::future::BoxFuture;
+use serde::Deserialize;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -71,6 +75,26 @@ pub trait Workflow: Send + Sync + 'static {
         ctx: &'a mut WorkflowContext,
         input: Self::Input,
     ) -> impl Future<Output = Result<Self::Output, WorkflowError>> + Send + 'a;
+
+    /// The workflow's own end when it will not finish: cancelled (the
+    /// cancel reaches it at its next step, or wakes it when parked), or
+    /// failed for good (a step's retries spent, a panic, code that no
+    /// longer matches its history). It runs after the workflow's last
+    /// completed step, on any worker, with steps of its own, checkpointed
+    /// and replayed after a crash like any others; `ending` says why and
+    /// gives the outputs of the steps that completed, so it undoes what
+    /// they did (the checkout cancels its order and returns its unit). The
+    /// workflow then takes that status. Its steps must not end the workflow.
+    /// The default does nothing.
+    fn compensate<'a>(
+        &'a self,
+        ctx: &'a mut WorkflowContext,
+        input: Self::Input,
+        ending: &'a Ending,
+    ) -> impl Future<Output = Result<(), WorkflowError>> + Send + 'a {
+        let _ = (ctx, input, ending);
+        async { Ok(()) }
+    }
 }
 
 trait ErasedWorkflow: Send + Sync {
@@ -79,8 +103,20 @@ trait ErasedWorkflow: Send + Sync {
     fn run_json<'a>(
         &'a self,
         ctx: &'a mut WorkflowContext,
-        input: Value,
+        input: &'a Value,
     ) -> BoxFuture<'a, Result<Value, WorkflowError>>;
+    fn compensate_json<'a>(
+        &'a self,
+        ctx: &'a mut WorkflowContext,
+        input: &'a Value,
+        ending: &'a Ending,
+    ) -> BoxFuture<'a, Result<Value, WorkflowError>>;
+}
+
+/// A workflow's input, decoded.
+fn decode_input<W: Workflow>(input: &Value) -> Result<W::Input, WorkflowError> {
+    W::Input::deserialize(input)
+        .map_err(|e| WorkflowError::fatal(format!("input does not decode: {e}")))
 }
 
 impl<W: Workflow> ErasedWorkflow for W {
@@ -93,16 +129,31 @@ impl<W: Workflow> ErasedWorkflow for W {
     fn run_json<'a>(
         &'a self,
         ctx: &'a mut WorkflowContext,
-        input: Value,
+        input: &'a Value,
     ) -> BoxFuture<'a, Result<Value, WorkflowError>> {
         async move {
-            let input = serde_json::from_value(input)
-                .map_err(|e| WorkflowError::fatal(format!("input does not decode: {e}")))?;
+            let input = decode_input::<W>(input)?;
             if let Some(request_id) = self.request_id(&input) {
                 tracing::Span::current().record("request_id", request_id);
             }
             let output = self.run(ctx, input).await?;
             Ok(serde_json::to_value(output)?)
+        }
+        .boxed()
+    }
+    fn compensate_json<'a>(
+        &'a self,
+        ctx: &'a mut WorkflowContext,
+        input: &'a Value,
+        ending: &'a Ending,
+    ) -> BoxFuture<'a, Result<Value, WorkflowError>> {
+        async move {
+            let input = decode_input::<W>(input)?;
+            if let Some(request_id) = self.request_id(&input) {
+                tracing::Span::current().record("request_id", request_id);
+            }
+            self.compensate(ctx, input, ending).await?;
+            Ok(Value::Null)
         }
         .boxed()
     }
@@ -156,9 +207,9 @@ impl Runtime {
                 config.crash_at = None;
             }
         }
-        let host = hostname();
-        let suffix: u32 = rand::random();
-        let worker_id = format!("{host}-{}-{suffix:08x}", std::process::id());
+        // Random, naming neither host nor process: the public fleet view
+        // shows it; the registry row and the start log line have both.
+        let worker_id = format!("w-{:012x}", rand::random::<u64>() >> 16);
         let (drain, _) = watch::channel(false);
         let worker_id: Arc<str> = Arc::from(worker_id);
         Self {
@@ -246,6 +297,8 @@ impl Runtime {
             .collect();
         tracing::info!(
             worker_id = %inner.worker_id,
+            host = hostname(),
+            pid = std::process::id(),
             queues = ?inner.config.queues.iter().map(|q| (&q.name, q.concurrency)).collect::<Vec<_>>(),
             "worker started"
         );

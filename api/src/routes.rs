@@ -457,7 +457,8 @@ async fn crash_application(State(state): State<AppState>, headers: HeaderMap) ->
     }
 }
 
-/// A worker id as the fleet registry makes them: `<host>-<pid>-<hex>`.
+/// A worker id as the fleet registry makes them (`w-<hex>`), or one of an
+/// older build.
 fn valid_worker_id(id: &str) -> bool {
     (1..=255).contains(&id.len())
         && id

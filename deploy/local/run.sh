@@ -51,6 +51,16 @@ if [ -z "${PAYMENT_WEBHOOK_SECRETS:-}" ]; then
   log "signed payment webhooks: the secret is in .local/webhook_secret"
 fi
 export PAYMENT_WEBHOOK_SECRETS
+# The admin API and page: the given token, else one kept in .local/.
+if [ -z "${ADMIN_TOKEN:-}" ]; then
+  mkdir -p .local
+  if [ ! -s .local/admin_token ]; then
+    (umask 077; printf 'local=%s\n' "$(head -c 24 /dev/urandom | base64 -w0 | tr '+/' '-_')" > .local/admin_token)
+  fi
+  ADMIN_TOKEN="$(cat .local/admin_token)"
+  log "admin page: http://127.0.0.1:$PORT/admin/ (its token is after 'local=' in .local/admin_token)"
+fi
+export ADMIN_TOKEN
 
 PIDS=()
 cleanup() {

@@ -22,7 +22,7 @@ use super::queue::{self, enqueue_takeovers};
 /// A live worker process as the registry shows it.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct WorkerInfo {
-    /// Unique per process start: `<host>-<pid>-<random>`.
+    /// Unique per process start: `w-` and 12 random hex digits.
     pub id: String,
     /// Host name.
     pub host: String,

@@ -267,6 +267,8 @@ struct Fleet {
     release: bool,
     /// The secret of the provider's signed webhooks.
     webhook_secret: String,
+    /// The operator's admin token.
+    admin_token: String,
     workers: Vec<Proc>,
     draining: Vec<Proc>,
     apis: Vec<(u16, Option<Proc>)>,
@@ -288,6 +290,7 @@ impl Fleet {
             ("CHAOS", "true".into()),
             ("DEMO_PAYMENTS", "true".into()),
             ("PAYMENT_WEBHOOK_SECRETS", self.webhook_secret.clone()),
+            ("ADMIN_TOKEN", format!("chaos={}", self.admin_token)),
             (
                 "PAYMENT_TIMEOUT",
                 format!("{}ms", PAYMENT_TIMEOUT.as_millis()),
@@ -361,6 +364,8 @@ struct Records {
     paid_late: u64,
     /// Flows paid through the provider's signed webhook (answered 2xx).
     signed: u64,
+    /// Checkouts an operator cancelled through the admin API (answered 202).
+    admin_cancelled: Vec<String>,
     webhook_409: BTreeMap<String, u64>,
     /// Every webhook answered 409 checkout_expired: (payment id, answered at).
     expired: Vec<(String, DateTime<Utc>)>,
@@ -377,6 +382,7 @@ struct Shared {
     http: reqwest::Client,
     bases: Vec<String>,
     webhook_secret: String,
+    admin_token: String,
     records: Mutex<Records>,
     /// The late payments still to be sent (awaited before the checks).
     late: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -397,8 +403,17 @@ fn error_code(body: &str) -> Option<String> {
 impl Shared {
     /// One POST to a random API; transport errors, 502-504 and 503 are "retry".
     async fn post(&self, path: &str) -> Answer {
+        self.post_with(path, None).await
+    }
+
+    /// [`Shared::post`], with the admin token when `admin`.
+    async fn post_with(&self, path: &str, bearer: Option<&str>) -> Answer {
         let base = self.bases.choose(&mut rand::rng()).expect("apis").clone();
-        match self.http.post(format!("{base}{path}")).send().await {
+        let mut request = self.http.post(format!("{base}{path}"));
+        if let Some(token) = bearer {
+            request = request.bearer_auth(token);
+        }
+        match request.send().await {
             Err(e) => {
                 let kind = if e.is_connect() {
                     "connect"
@@ -483,8 +498,17 @@ impl Shared {
 
     /// Retries with the same idempotency key, as a real client would.
     async fn post_until_answered(&self, path: &str, deadline: Instant) -> Option<(u16, String)> {
+        self.post_until_answered_with(path, None, deadline).await
+    }
+
+    async fn post_until_answered_with(
+        &self,
+        path: &str,
+        bearer: Option<&str>,
+        deadline: Instant,
+    ) -> Option<(u16, String)> {
         while Instant::now() < deadline {
-            match self.post(path).await {
+            match self.post_with(path, bearer).await {
                 Answer::Ok(status, body) => return Some((status, body)),
                 Answer::Retry => {
                     let pause = rand::rng().random_range(100..400);
@@ -630,9 +654,29 @@ async fn one_flow(shared: &Arc<Shared>) {
         &["paid"]
     } else if roll < 0.75 {
         &["failed"]
-    } else if roll < 0.87 {
+    } else if roll < 0.84 {
         shared.records.lock().unwrap().never_paid += 1;
         &[]
+    } else if roll < 0.87 {
+        // An operator cancels it through the admin API instead: its order
+        // is cancelled and its unit returns (a reused key's checkout may
+        // have finished already: 409).
+        let path = format!("/admin/workflows/{payment_id}/cancel");
+        let token = Some(shared.admin_token.as_str());
+        match shared
+            .post_until_answered_with(&path, token, deadline)
+            .await
+        {
+            Some((202, _)) => shared
+                .records
+                .lock()
+                .unwrap()
+                .admin_cancelled
+                .push(payment_id),
+            Some((409, _)) | None => {}
+            Some((other, body)) => shared.note_error(&format!("admin cancel {other} {body}")),
+        }
+        return;
     } else if roll < 0.9 {
         // Pays after the window closed (its checkout should have timed out
         // and answer 409 checkout_expired), without holding this client.
@@ -819,6 +863,7 @@ async fn main() -> anyhow::Result<()> {
         database_url,
         release: args.release,
         webhook_secret: harness::provider::new_secret(),
+        admin_token: format!("chaos-admin-{}", uuid::Uuid::new_v4().simple()),
         workers: Vec::new(),
         draining: Vec::new(),
         apis: vec![(free_port()?, None), (free_port()?, None)],
@@ -840,6 +885,7 @@ async fn main() -> anyhow::Result<()> {
             .build()?,
         bases: fleet.bases(),
         webhook_secret: fleet.webhook_secret.clone(),
+        admin_token: fleet.admin_token.clone(),
         records: Mutex::new(Records::default()),
         late: Mutex::new(Vec::new()),
     });
@@ -1138,6 +1184,11 @@ fn work_checks(
         at_least("work: flows paid", records.paid, min.paid),
         at_least("work: flows failed", records.failed, min.failed),
         at_least("work: flows never paid", records.never_paid, min.never_paid),
+        at_least(
+            "work: checkouts cancelled by an operator through the admin API",
+            records.admin_cancelled.len() as u64,
+            (args.duration / 4).max(1),
+        ),
         at_least(
             "work: flows paid through the signed webhook",
             records.signed,
@@ -1516,6 +1567,24 @@ async fn invariants(
              WHERE type = 'payment.succeeded' HAVING count(*) < 1",
         )
         .await?,
+    ));
+    let cancelled = shared.records.lock().unwrap().admin_cancelled.clone();
+    let ended: Vec<String> = sqlx::query_scalar(
+        "SELECT 'checkout ' || w.id || ' ' || w.status || ', its order ' || coalesce(o.status, 'none')
+         FROM workflows w LEFT JOIN orders o ON o.checkout_id = w.id
+         WHERE w.id = ANY($1)
+           AND NOT ((w.status = 'cancelled' AND o.status = 'CANCELLED')
+                    OR (w.status = 'succeeded' AND o.status IN ('PAID', 'DISPATCHED')))",
+    )
+    .bind(&cancelled)
+    .fetch_all(pool)
+    .await?;
+    checks.push((
+        format!(
+            "14 each checkout an operator cancelled ({}) ended cancelled with its order CANCELLED (or, paid first, succeeded)",
+            cancelled.len()
+        ),
+        ended,
     ));
     Ok(checks)
 }

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod error;
+pub mod limits;
 mod metrics;
 mod payments;
 mod routes;
@@ -37,6 +38,8 @@ pub struct Config {
     pub database: DatabaseArgs,
     #[command(flatten)]
     pub log: LogArgs,
+    #[command(flatten)]
+    pub limits: limits::LimitArgs,
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, env = "API_ADDR", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -79,6 +82,7 @@ pub struct AppState {
     pub demo_payments: bool,
     pub webhook_secrets: signature::WebhookSecrets,
     pub metrics: std::sync::Arc<metrics::Metrics>,
+    pub limits: limits::LimitArgs,
 }
 
 /// Largest request body accepted (the API takes tiny JSON bodies at most).
@@ -87,7 +91,7 @@ pub const BODY_LIMIT: usize = 16 * 1024;
 /// The router with its middleware.
 pub fn router(state: AppState, admin: &admin::AdminTokens, request_timeout: Duration) -> Router {
     let tracked = state.metrics.clone();
-    routes::routes(state.demo_payments)
+    routes::routes(state.demo_payments, &state.limits)
         .merge(admin::routes(admin))
         .with_state(state)
         .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
@@ -156,6 +160,7 @@ pub async fn run(
         demo_payments: config.demo_payments,
         webhook_secrets: config.payment_webhook_secrets.clone(),
         metrics: metrics::Metrics::new(),
+        limits: config.limits.clone(),
     };
     let app = router(state, &config.admin_token, config.request_timeout);
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -169,10 +174,15 @@ pub async fn run(
         demo_payments = config.demo_payments,
         webhook_secrets = ?config.payment_webhook_secrets,
         admin_tokens = ?config.admin_token,
+        limits = ?config.limits,
         "widget-api listening"
     );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("serving HTTP")
+    // The peer address: the client of the per-client limits.
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+    .context("serving HTTP")
 }

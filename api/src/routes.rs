@@ -1,9 +1,11 @@
 //! The HTTP surface (the demo's paths and bodies, plus health and fleet).
 
+use std::net::SocketAddr;
+
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -17,12 +19,17 @@ use store::{
 };
 
 use crate::error::ApiError;
+use crate::limits::{self, LimitArgs};
 use crate::{AppState, payments};
 
 type ApiResult<T = Response> = Result<T, ApiError>;
 
 /// The routes; the demo's unsigned payment webhook only with `demo_payments`.
-pub fn routes(demo_payments: bool) -> Router<AppState> {
+pub fn routes(demo_payments: bool, limits: &LimitArgs) -> Router<AppState> {
+    let checkout = match limits::checkout_rate_limit(limits) {
+        Some(limit) => post(checkout).layer(limit),
+        None => post(checkout),
+    };
     let router = Router::new()
         .route("/", get(index))
         .route("/product", get(product))
@@ -30,7 +37,7 @@ pub fn routes(demo_payments: bool) -> Router<AppState> {
         .route("/order/{id}", get(order))
         .route("/order/{id}/timeline", get(order_timeline))
         .route("/restock", post(restock))
-        .route("/checkout/{key}", post(checkout))
+        .route("/checkout/{key}", checkout)
         .route("/webhooks/payments", post(payments::provider_webhook))
         .route("/payments/refunds_due", get(payments::refunds_due))
         .route("/crash_application", post(crash_application))
@@ -252,6 +259,7 @@ fn text_or_json(headers: &HeaderMap, status: StatusCode, field: &str, value: Val
 
 async fn checkout(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(key): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult {
@@ -261,25 +269,36 @@ async fn checkout(
             "key must be 1 to 128 characters of A-Z a-z 0-9 _ - (and not start with \"dispatch-\")",
         ));
     }
+    let input = CheckoutInput {
+        product_id: store::WIDGET_ID,
+        // Kept with the workflow only when it is a sane id.
+        request_id: headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|id| id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()))
+            .map(str::to_owned),
+        client: limits::client_ip(&headers, Some(peer.ip()), state.limits.forwarded_hops)
+            .map(|ip| ip.to_string()),
+    };
     let events = state.engine.subscribe();
     // Unflushed: this answers only with the payment id (or out of stock),
     // an event, whose flushed commit makes the start durable too.
-    let started = state
-        .engine
-        .start_unflushed(
-            CHECKOUT,
-            &key,
-            &CheckoutInput {
-                product_id: store::WIDGET_ID,
-                // Kept with the workflow only when it is a sane id.
-                request_id: headers
-                    .get("x-request-id")
-                    .and_then(|v| v.to_str().ok())
-                    .filter(|id| id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()))
-                    .map(str::to_owned),
-            },
-        )
-        .await?;
+    let cap = state.limits.max_pending_checkouts;
+    let started = if cap == 0 {
+        state.engine.start_unflushed(CHECKOUT, &key, &input).await?
+    } else {
+        store::holds::start_checkout(&state.pool, &key, &input, cap)
+            .await?
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_pending_checkouts",
+                    format!(
+                        "this client holds {cap} checkouts waiting for payment; pay or let one expire first"
+                    ),
+                )
+            })?
+    };
     // A checkout this call started cannot have its payment id yet: wait
     // for the notification without reading first.
     let payment_id = if started.created {

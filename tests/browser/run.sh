@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The storefront in a real browser: starts the real stack through the
-# launcher (deploy/local/run.sh: API + 3 supervised workers, chaos on, debug
-# builds) on a free port against a fresh database of its own, then drives
-# the page with headless Chromium (Debian's /usr/bin/chromium, through
-# playwright-core from npm) as a shopper would. Prints one PASS/FAIL line per
-# scenario and `browser: N passed, M failed`; exits 1 on any failure.
+# The storefront and the admin page in a real browser: starts the real
+# stack through the launcher (deploy/local/run.sh: API + 3 supervised
+# workers, chaos on, debug builds, an admin token of its own) on a free port
+# against a fresh database of its own, then drives the storefront with
+# headless Chromium (Debian's /usr/bin/chromium, through playwright-core
+# from npm) as a shopper would (storefront.test.mjs), then /admin/ as an
+# operator would (admin.test.mjs). Prints one PASS/FAIL line per scenario
+# and `browser: N passed, M failed` over both; exits 1 on any failure.
 # Screenshots and logs go to tests/artifacts/browser/ (git-ignored).
 #
 #   tests/browser/run.sh
@@ -48,6 +50,9 @@ export DATABASE_URL="$(database_url "$ADMIN_URL" "$DB_NAME")"
 PORT=$(node -e 'const s=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})')
 BASE_URL="http://127.0.0.1:$PORT"
 
+# The admin page's token (`label=token`), for this run only.
+ADMIN_SECRET="browser-admin-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
+
 LAUNCHER=0
 API_PID=0
 cleanup() {
@@ -71,6 +76,7 @@ log "starting the stack on $BASE_URL (database $DB_NAME); log in $ARTIFACTS/stac
 started=$(date +%s)
 # Small pools: the server may be shared with other test runs (100
 # connections by default), and one shopper needs few.
+ADMIN_TOKEN="browser=$ADMIN_SECRET" \
 DB_MAX_CONNECTIONS="${DB_MAX_CONNECTIONS:-5}" \
 RUST_LOG="${RUST_LOG:-info,sqlx=warn,apalis=warn,apalis_core=warn,apalis_postgres=warn}" \
   setsid deploy/local/run.sh --workers 3 --port "$PORT" --debug >"$ARTIFACTS/stack.log" 2>&1 &
@@ -93,5 +99,14 @@ done
 [ "$API_PID" != 0 ] || { echo "cannot find the launcher's widget-api process" >&2; exit 1; }
 log "stack up in $(( $(date +%s) - started )) s (API pid $API_PID)"
 
+# The storefront first (its scenarios stop the API and crash workers), then
+# the admin page; both run even when the first fails.
+status=0
 BASE_URL="$BASE_URL" API_PID="$API_PID" ARTIFACTS="$ARTIFACTS" CHROMIUM="$CHROMIUM" \
-  node tests/browser/storefront.test.mjs
+  node tests/browser/storefront.test.mjs | tee "$ARTIFACTS/storefront.out" || status=1
+BASE_URL="$BASE_URL" ADMIN_TOKEN="$ADMIN_SECRET" ARTIFACTS="$ARTIFACTS" CHROMIUM="$CHROMIUM" \
+  node tests/browser/admin.test.mjs | tee "$ARTIFACTS/admin.out" || status=1
+passed=$(cat "$ARTIFACTS/storefront.out" "$ARTIFACTS/admin.out" | grep -c '^\[browser\] PASS' || true)
+failed=$(cat "$ARTIFACTS/storefront.out" "$ARTIFACTS/admin.out" | grep -c '^\[browser\] FAIL' || true)
+echo "browser: $passed passed, $failed failed"
+exit "$status"

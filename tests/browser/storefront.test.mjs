@@ -1,7 +1,7 @@
 // Drives the storefront page in headless Chromium as a shopper would,
 // against the real stack that tests/browser/run.sh started. Every wait is
 // on a condition with a deadline. One PASS/FAIL line per scenario, then
-// `browser: N passed, M failed`; exit 1 on any failure.
+// `browser (storefront): N passed, M failed`; exit 1 on any failure.
 //
 // Environment: BASE_URL, API_PID (the API process, stopped and continued
 // in scenario 5), ARTIFACTS (screenshot folder), CHROMIUM.
@@ -318,5 +318,5 @@ for (const [i, s] of scenarios.entries()) {
 }
 await context.close();
 fs.rmSync(userDataDir, { recursive: true, force: true });
-console.log(`browser: ${passed} passed, ${failed} failed`);
+console.log(`browser (storefront): ${passed} passed, ${failed} failed`);
 process.exit(failed === 0 ? 0 : 1);

@@ -363,6 +363,10 @@ pub fn worker_env(db: &TestDb, extra: &[(&str, &str)]) -> Vec<(&'static str, Str
         ("WORKER_CONCURRENCY", "16".into()),
         ("WORKER_DRAIN_TIMEOUT", "5000ms".into()),
         ("DEMO_PAYMENTS", "true".into()),
+        // Every test client is 127.0.0.1: no per-client limits unless a
+        // test sets them.
+        ("CHECKOUT_RATE", "0".into()),
+        ("MAX_PENDING_CHECKOUTS", "0".into()),
     ];
     for (key, value) in extra {
         let key: &'static str = Box::leak(key.to_string().into_boxed_str());

@@ -112,6 +112,18 @@ impl Engine {
         start_on(conn, (kind.name, kind.queue), id, input, Flush::Wait).await
     }
 
+    /// [`Engine::start_in`], the caller's transaction committing without
+    /// waiting for its WAL flush, for the reason [`Engine::start_unflushed`]
+    /// gives (the store starts a checkout under its client's lock).
+    pub async fn start_unflushed_in(
+        conn: &mut PgConnection,
+        kind: WorkflowKind,
+        id: &str,
+        input: &impl Serialize,
+    ) -> Result<WorkflowHandle, EngineError> {
+        start_on(conn, (kind.name, kind.queue), id, input, Flush::Later).await
+    }
+
     /// Delivers a message: stored and, if the workflow is parked, its
     /// wake-up job made due now (or a resume job enqueued), atomically: one
     /// statement, the SQL function `engine.workflow_send` (the engine's

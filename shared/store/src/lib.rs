@@ -7,6 +7,7 @@
 
 pub mod chaos;
 pub mod db;
+pub mod holds;
 pub mod payments;
 pub mod shutdown;
 pub mod telemetry;
@@ -62,6 +63,9 @@ pub struct CheckoutInput {
     /// log lines carry it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// The client's IP address (what [`holds`] caps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
 }
 
 impl CheckoutInput {

@@ -289,6 +289,9 @@ impl Fleet {
             ("DB_MAX_CONNECTIONS", "12".into()),
             ("CHAOS", "true".into()),
             ("DEMO_PAYMENTS", "true".into()),
+            // Every client here is 127.0.0.1: no per-client limits.
+            ("CHECKOUT_RATE", "0".into()),
+            ("MAX_PENDING_CHECKOUTS", "0".into()),
             ("PAYMENT_WEBHOOK_SECRETS", self.webhook_secret.clone()),
             ("ADMIN_TOKEN", format!("chaos={}", self.admin_token)),
             (

@@ -72,12 +72,20 @@ cleanup() {
 }
 trap cleanup INT TERM EXIT
 
-# Keeps one worker alive: restarts it a second after it dies.
+# The first port from $1 up that nothing listens on.
+free_port_from() {
+  local port="$1"
+  while (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do port=$((port + 1)); done
+  echo "$port"
+}
+
+# Keeps one worker alive: restarts it a second after it dies. Its metrics
+# are at 127.0.0.1:$2/metrics.
 supervise_worker() {
-  local n="$1" child=0
+  local n="$1" metrics_port="$2" child=0
   trap '[ "$child" != 0 ] && kill -TERM "$child" 2>/dev/null; wait "$child" 2>/dev/null; exit 0' TERM INT
   while true; do
-    "$BIN/widget-worker" &
+    WORKER_METRICS_ADDR="127.0.0.1:$metrics_port" "$BIN/widget-worker" &
     child=$!
     wait "$child" && status=0 || status=$?
     log "worker $n exited with status $status; restarting in 1 s"
@@ -87,9 +95,14 @@ supervise_worker() {
 
 API_ADDR="127.0.0.1:$PORT" "$BIN/widget-api" &
 PIDS+=($!)
+METRICS_PORT=$((PORT + 1))
+METRICS_PORTS=()
 for n in $(seq 1 "$WORKERS"); do
-  supervise_worker "$n" &
+  METRICS_PORT=$(free_port_from "$METRICS_PORT")
+  METRICS_PORTS+=("$METRICS_PORT")
+  supervise_worker "$n" "$METRICS_PORT" &
   PIDS+=($!)
+  METRICS_PORT=$((METRICS_PORT + 1))
 done
 
 for _ in $(seq 1 100); do
@@ -97,4 +110,5 @@ for _ in $(seq 1 100); do
   sleep 0.2
 done
 log "Widget Store is up: http://127.0.0.1:$PORT  ($WORKERS workers, chaos=$CHAOS; Ctrl-C stops)"
+log "metrics: http://127.0.0.1:$PORT/metrics (API), workers at 127.0.0.1:{$(IFS=,; echo "${METRICS_PORTS[*]}")}/metrics"
 wait "${PIDS[0]}"

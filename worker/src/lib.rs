@@ -1,6 +1,7 @@
 //! The widget store's worker: the checkout and dispatch workflows, run by
 //! the engine's [`Runtime`] on the `checkout` and `dispatch` queues.
 
+pub mod metrics;
 pub mod workflows;
 
 use std::future::Future;
@@ -42,6 +43,9 @@ pub struct Config {
     /// Obey `POST /crash_application` (chaos testing; off by default).
     #[arg(long, env = "CHAOS", default_value_t = false)]
     pub chaos: bool,
+    /// Serve `GET /metrics` here (port 0: any free port; unset: off).
+    #[arg(long, env = "WORKER_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// The engine runtime's settings (heartbeat, takeover, drain, ...).
     #[command(flatten)]
     pub runtime: RuntimeConfig,
@@ -82,6 +86,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
     .register(workflows::Dispatch {
         interval: config.dispatch_interval,
     });
+    let runtime = match config.metrics_addr {
+        Some(address) => {
+            let metrics = metrics::Metrics::new();
+            metrics::serve(metrics.clone(), address).await?;
+            runtime.observe(metrics)
+        }
+        None => runtime,
+    };
     // The demo's crash button, obeyed only with chaos allowed.
     let (stop_obeying, stopped) = tokio::sync::watch::channel(false);
     if config.chaos {

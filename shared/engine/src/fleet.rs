@@ -151,6 +151,10 @@ async fn upsert(conn: &mut PgConnection, me: &Registration) -> Result<(), sqlx::
 pub(crate) struct Reaped {
     /// The workers it found dead, and reaped.
     pub(crate) dead: Vec<String>,
+    /// How long each had been silent (since its last heartbeat).
+    pub(crate) silent_for: Vec<Duration>,
+    /// Their workflows that went back to the queue.
+    pub(crate) workflows: u64,
     /// The live ones not draining, with the queues they consume.
     pub(crate) live: Vec<(String, Vec<String>)>,
 }
@@ -166,15 +170,18 @@ pub(crate) async fn reap(
     let mut tx = pool.begin().await?;
     // A transaction-level try-lock on a dead worker's key succeeds (and
     // keeps concurrent reapers off it until we commit); on a live one it fails.
-    let others: Vec<(String, Vec<String>, bool, bool)> = sqlx::query_as(sql::PEERS)
+    let others: Vec<(String, Vec<String>, bool, bool, f64)> = sqlx::query_as(sql::PEERS)
         .bind(me)
         .bind(stale_after.as_secs_f64())
         .fetch_all(&mut *tx)
         .await?;
     let mut reaped = Reaped::default();
-    for (id, queues, draining, dead) in others {
+    for (id, queues, draining, dead, silent) in others {
         if dead {
             reaped.dead.push(id);
+            reaped
+                .silent_for
+                .push(Duration::try_from_secs_f64(silent).unwrap_or_default());
         } else if !draining {
             reaped.live.push((id, queues));
         }
@@ -184,6 +191,7 @@ pub(crate) async fn reap(
         return Ok(reaped);
     }
     let moved = release_work(&mut tx, dead).await?;
+    reaped.workflows = moved;
     queue::forget_apalis_workers(&mut tx, dead).await?;
     sqlx::query(sql::FORGET_WORKERS)
         .bind(dead)

@@ -37,6 +37,7 @@ mod crash_point;
 mod error;
 mod events;
 pub mod fleet;
+mod observer;
 mod operator;
 mod queue;
 mod runtime;
@@ -55,6 +56,7 @@ pub use context::WorkflowContext;
 pub use crash_point::{CrashPoint, CrashWhen};
 pub use error::{EngineError, StepError, WorkflowError, is_unavailable};
 pub use events::EventListener;
+pub use observer::Observer;
 pub use operator::{
     CancelOutcome, Cursor, EventRecord, MessageRecord, WorkflowFilter, WorkflowRecord,
     WorkflowSummary,

@@ -170,7 +170,8 @@ pub(crate) const REGISTER_WORKER: &str =
 
 /// The other workers, each with whether it is dead (its advisory lock free, or its heartbeat stale).
 pub(crate) const PEERS: &str = "SELECT id, queues, draining,
-         last_seen < now() - make_interval(secs => $2) OR pg_try_advisory_xact_lock(lock_key)
+         last_seen < now() - make_interval(secs => $2) OR pg_try_advisory_xact_lock(lock_key),
+         extract(epoch FROM now() - last_seen)::float8
      FROM engine.workers WHERE id <> $1";
 
 /// Removes workers from the registry.

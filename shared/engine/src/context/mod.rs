@@ -66,6 +66,8 @@ pub struct WorkflowContext {
     pub(crate) batches: StepBatches,
     /// The test-only crash point, counting the calls of its step.
     pub(crate) crash: CrashCounter,
+    /// Told of each completed step (metrics).
+    pub(crate) observer: Arc<dyn crate::Observer>,
 }
 
 /// What the runtime lets a statement step do with a workflow it starts
@@ -295,6 +297,13 @@ impl WorkflowContext {
         name: &str,
     ) -> Result<Replay<T>, WorkflowError> {
         self.cursor.replay(seq, name)
+    }
+
+    /// Reports a completed step begun at `started`.
+    fn step_done(&self, name: &str, seq: i32, started: DateTime<Utc>) {
+        let took = (Utc::now() - started).to_std().unwrap_or_default();
+        self.observer.step_completed(self.kind.name, name, took);
+        tracing::debug!(step = name, seq, "step done");
     }
 
     fn check_draining(&self) -> Result<(), WorkflowError> {

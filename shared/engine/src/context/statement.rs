@@ -182,7 +182,7 @@ impl WorkflowContext {
                     if finish.is_some() {
                         self.cursor.finish();
                     }
-                    tracing::debug!(step = name, seq, "step done in a batch");
+                    self.step_done(name, seq, started);
                     return decode_output(seq, name, output);
                 }
                 Batched::Unavailable(error) => {
@@ -287,25 +287,25 @@ impl WorkflowContext {
             // A new child's row was inserted at `started_at` (the
             // database's clock, as a takeover's claim reads it).
             let row = result.and_then(|row| {
-                let started = match &statement.start {
+                let child = match &statement.start {
                     Some(_) => Some((
                         row.try_get::<bool, _>("started")?,
                         row.try_get::<DateTime<Utc>, _>("started_at")?,
                     )),
                     None => None,
                 };
-                Ok((row.try_get::<Option<Value>, _>(0)?, started))
+                Ok((row.try_get::<Option<Value>, _>(0)?, child))
             });
             let error = match row {
-                Ok((output, started)) => {
+                Ok((output, child)) => {
                     self.crash_before_commit(crash, name);
                     self.crash_after_commit(crash, name).await?;
-                    tracing::debug!(step = name, seq, "step done");
+                    self.step_done(name, seq, started);
                     if finish.is_some() {
                         self.cursor.finish();
                     }
                     if let (Some(slot), Some((kind, id, input)), Some((true, started_at))) =
-                        (start_here.take(), &statement.start, started)
+                        (start_here.take(), &statement.start, child)
                     {
                         self.here
                             .execute(slot, *kind, id, input.clone(), started_at);

@@ -95,7 +95,7 @@ impl WorkflowContext {
         self.crash_before_commit(crash, name);
         self.keep(tx).await?;
         self.crash_after_commit(crash, name).await?;
-        tracing::debug!(step = name, seq, "step done");
+        self.step_done(name, seq, started);
         Ok(())
     }
 

@@ -29,6 +29,30 @@ pub enum ExecutionOutcome {
     Abandoned,
 }
 
+impl ExecutionOutcome {
+    /// Its name, for a metric's label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecutionOutcome::Succeeded => "succeeded",
+            ExecutionOutcome::Parked => "parked",
+            ExecutionOutcome::Failed => "failed",
+            ExecutionOutcome::Cancelled => "cancelled",
+            ExecutionOutcome::Fenced => "fenced",
+            ExecutionOutcome::HandedBack => "handed_back",
+            ExecutionOutcome::Skipped => "skipped",
+            ExecutionOutcome::Abandoned => "abandoned",
+        }
+    }
+
+    /// Whether the workflow ended with it (succeeded, failed, cancelled).
+    pub fn is_end(self) -> bool {
+        matches!(
+            self,
+            ExecutionOutcome::Succeeded | ExecutionOutcome::Failed | ExecutionOutcome::Cancelled
+        )
+    }
+}
+
 /// A claimed workflow: what its execution needs.
 #[derive(sqlx::FromRow)]
 pub(super) struct Claim {
@@ -410,7 +434,9 @@ impl Runtime {
             }),
             batches: inner.batches.clone(),
             crash: CrashCounter::new(inner.config.crash_at.clone()),
+            observer: inner.observer.clone(),
         };
+        inner.observer.execution_started(&kind, execution == 1);
         let span = tracing::info_span!(
             "workflow",
             workflow_id,
@@ -449,11 +475,15 @@ impl Runtime {
         let finished = ctx.cursor.is_finished();
         // Never hold `span.enter()` across an await: the task may resume on
         // another thread, which corrupts the span registry (it panicked here).
-        Box::pin(
+        let settled = Box::pin(
             self.settle(workflow_id, &queue, result, open, finished, ending)
                 .instrument(span),
         )
-        .await
+        .await;
+        if let Ok(Some(outcome)) = settled {
+            inner.observer.execution_ended(&kind, outcome);
+        }
+        settled
     }
 
     /// Records how an execution ended, in the transaction still open from

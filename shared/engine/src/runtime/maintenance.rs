@@ -18,7 +18,14 @@ pub(super) async fn reap_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>
             continue;
         }
         match fleet::reap(&inner.pool, &inner.worker_id, inner.config.stale_after).await {
-            Ok(reaped) => *inner.peers.lock().expect("peers") = reaped.live,
+            Ok(reaped) => {
+                if !reaped.dead.is_empty() {
+                    inner
+                        .observer
+                        .workers_reaped(&reaped.silent_for, reaped.workflows);
+                }
+                *inner.peers.lock().expect("peers") = reaped.live;
+            }
             Err(e) => tracing::debug!(error = %e, "reap failed"),
         }
         if tokio::time::Instant::now() < next_lost_check {

@@ -43,6 +43,7 @@ use super::config::{QueueConfig, RuntimeConfig};
 use super::context::{Checkpoint, ReplayCursor, RunsHere, WorkflowContext, panic_message};
 use super::crash_point::CrashCounter;
 use super::fleet::{self, Registration};
+use super::observer::{Observer, Unobserved};
 use super::queue::{self, FetchWake, JOB_MAX_ATTEMPTS, JobWakeups, WorkflowJob, new_job_id};
 use super::{RetryPolicy, WorkflowError, WorkflowKind};
 
@@ -185,6 +186,8 @@ struct Inner {
     config: RuntimeConfig,
     /// Batches the executions' `for_each` step statements.
     batches: StepBatches,
+    /// Told of executions, steps and takeovers (metrics).
+    observer: Arc<dyn Observer>,
 }
 
 /// One queue's executions in this process: at most its concurrency hold a
@@ -236,6 +239,7 @@ impl Runtime {
                 peers: Mutex::new(Vec::new()),
                 drain,
                 config,
+                observer: Arc::new(Unobserved),
             }),
         }
     }
@@ -246,6 +250,14 @@ impl Runtime {
         inner
             .workflows
             .insert(workflow.kind().name, Arc::new(workflow));
+        self
+    }
+
+    /// Reports executions, steps and takeovers to `observer` (a worker's
+    /// metrics). Call before [`Runtime::run`].
+    pub fn observe(mut self, observer: Arc<dyn Observer>) -> Self {
+        let inner = Arc::get_mut(&mut self.inner).expect("observe before running");
+        inner.observer = observer;
         self
     }
 

@@ -56,6 +56,10 @@ tests_failed=$(grep -Eo '[0-9]+ failed' target/test-output.txt | awk '{s+=$1} EN
 if [ "$test_status" != 0 ] && [ "$tests_failed" = 0 ]; then tests_failed=1; fi
 record "tests" "$tests_passed" "$tests_failed"
 
+# Contract fuzzing: schemathesis from the API's OpenAPI document against
+# the real stack; any 5xx or answer the document does not describe fails.
+check "contract" bash -c 'tests/contract/run.sh 2>&1 | tee target/contract-output.txt; exit "${PIPESTATUS[0]}"'
+
 # The short chaos run: about a minute of kills, an API restart and one
 # PostgreSQL restart under load, then checks that it did that work and that
 # every invariant holds; each check prints [pass] or [FAIL].

@@ -11,16 +11,20 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
-use engine::{CancelOutcome, Cursor, EngineError, WorkflowFilter, WorkflowStatus, fleet};
+use axum::{Extension, Json};
+use engine::fleet::{self, WorkerInfo};
+use engine::{CancelOutcome, Cursor, EngineError, WorkflowFilter, WorkflowStatus};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::error::ApiError;
-use crate::routes::step_json;
+use crate::views::{
+    ActionAnswer, ActionOutcome, ErrorBody, RestartAnswer, StepView, WorkflowDetail, WorkflowPage,
+};
 use crate::{AppState, secrets::Secret};
 
 /// Largest `limit` of the workflow list.
@@ -116,25 +120,26 @@ impl Secret for AdminTokens {
 #[derive(Debug, Clone)]
 struct Operator(String);
 
-/// The admin routes (none without a token configured).
-pub fn routes(tokens: &AdminTokens) -> Router<AppState> {
+/// The admin routes, each with its OpenAPI description (none without a
+/// token configured).
+pub fn routes(tokens: &AdminTokens) -> OpenApiRouter<AppState> {
     if tokens.is_empty() {
-        return Router::new();
+        return OpenApiRouter::new();
     }
-    let guarded = Router::new()
-        .route("/admin/workflows", get(list))
-        .route("/admin/workflows/{id}", get(detail))
-        .route("/admin/workflows/{id}/cancel", post(cancel))
-        .route("/admin/workflows/{id}/resume", post(resume))
-        .route("/admin/workflows/{id}/restart", post(restart))
-        .route("/admin/workers", get(workers))
+    let guarded = OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(detail))
+        .routes(routes!(cancel))
+        .routes(routes!(resume))
+        .routes(routes!(restart))
+        .routes(routes!(workers))
         .route_layer(middleware::from_fn_with_state(tokens.clone(), authenticate));
-    Router::new()
-        .route("/admin/", get(page))
-        .route("/admin", get(page))
-        .merge(guarded)
+    OpenApiRouter::new().routes(routes!(page)).merge(guarded)
 }
 
+/// The admin page (static: it asks for the token and keeps it in the tab).
+#[utoipa::path(get, path = "/admin/", tag = "admin",
+    responses((status = 200, description = "The admin page", content_type = "text/html", body = String)))]
 async fn page() -> Html<&'static str> {
     Html(include_str!("admin.html"))
 }
@@ -172,12 +177,17 @@ async fn authenticate(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 struct ListQuery {
+    /// enqueued, running, waiting, succeeded, failed or cancelled.
     status: Option<String>,
+    /// A workflow kind (checkout, dispatch).
     kind: Option<String>,
+    /// Only those unchanged this long (90s, 5m, 2h).
     older_than: Option<String>,
+    /// The `next_cursor` of the page before.
     cursor: Option<String>,
+    /// How many, 1 to 500 (default 50).
     limit: Option<String>,
 }
 
@@ -242,18 +252,26 @@ fn parse_filter(query: ListQuery) -> Result<WorkflowFilter, ApiError> {
     })
 }
 
+/// Workflows, newest first, one page.
+#[utoipa::path(get, path = "/admin/workflows", tag = "admin", params(ListQuery),
+    security(("admin_token" = [])),
+    responses((status = 200, description = "OK", body = WorkflowPage),
+        (status = 400, description = "invalid_status, invalid_kind, invalid_older_than, invalid_cursor, invalid_limit", body = ErrorBody),
+        (status = 401, description = "missing_token, invalid_token", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody)))]
 async fn list(
     State(state): State<AppState>,
     Query(query): Query<ListQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<WorkflowPage>, ApiError> {
     let filter = parse_filter(query)?;
     let page = state.engine.list(&filter).await?;
     let next_cursor = (page.len() as i64 == filter.limit)
         .then(|| page.last().map(|w| w.cursor().encode()))
         .flatten();
-    Ok(Json(
-        json!({ "workflows": page, "next_cursor": next_cursor }),
-    ))
+    Ok(Json(WorkflowPage {
+        workflows: page,
+        next_cursor,
+    }))
 }
 
 fn unknown_workflow(id: &str) -> ApiError {
@@ -280,24 +298,42 @@ fn admin_error(id: &str, error: EngineError) -> ApiError {
     }
 }
 
+/// One workflow: its row, input, output, steps, events and messages.
+#[utoipa::path(get, path = "/admin/workflows/{id}", tag = "admin",
+    params(("id" = String, Path, description = "The workflow's id")),
+    security(("admin_token" = [])),
+    responses((status = 200, description = "OK", body = WorkflowDetail),
+        (status = 401, description = "missing_token, invalid_token", body = ErrorBody),
+        (status = 404, description = "unknown_workflow", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody)))]
 async fn detail(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<WorkflowDetail>, ApiError> {
     let engine = &state.engine;
     let record = engine
         .workflow(&id)
         .await?
         .ok_or_else(|| unknown_workflow(&id))?;
-    let steps: Vec<Value> = engine.steps(&id).await?.iter().map(step_json).collect();
-    Ok(Json(json!({
-        "workflow": record,
-        "steps": steps,
-        "events": engine.events(&id).await?,
-        "messages": engine.messages(&id).await?,
-    })))
+    let steps = engine.steps(&id).await?;
+    Ok(Json(WorkflowDetail {
+        workflow: record,
+        steps: steps.iter().map(|step| StepView::of(step, None)).collect(),
+        events: engine.events(&id).await?,
+        messages: engine.messages(&id).await?,
+    }))
 }
 
+/// Delivers a cancel: the workflow runs its compensation (a checkout cancels
+/// its order and returns its unit), then ends cancelled.
+#[utoipa::path(post, path = "/admin/workflows/{id}/cancel", tag = "admin",
+    params(("id" = String, Path, description = "The workflow's id")),
+    security(("admin_token" = [])),
+    responses((status = 202, description = "Accepted", body = ActionAnswer),
+        (status = 401, description = "missing_token, invalid_token", body = ErrorBody),
+        (status = 404, description = "unknown_workflow", body = ErrorBody),
+        (status = 409, description = "already_finished", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody)))]
 async fn cancel(
     State(state): State<AppState>,
     Extension(Operator(operator)): Extension<Operator>,
@@ -310,8 +346,8 @@ async fn cancel(
         .map_err(|e| admin_error(&id, e))?;
     tracing::info!(admin = operator, action = "cancel", workflow_id = id, outcome = ?outcome, "admin action");
     let outcome = match outcome {
-        CancelOutcome::Requested => "cancel_requested",
-        CancelOutcome::Ending => "ending",
+        CancelOutcome::Requested => ActionOutcome::CancelRequested,
+        CancelOutcome::Ending => ActionOutcome::Ending,
         CancelOutcome::Finished(status) => {
             return Err(ApiError::conflict(
                 "already_finished",
@@ -321,11 +357,23 @@ async fn cancel(
     };
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "workflow_id": id, "outcome": outcome })),
+        Json(ActionAnswer {
+            workflow_id: id,
+            outcome,
+        }),
     )
         .into_response())
 }
 
+/// Runs a failed or cancelled workflow again from its last checkpoint.
+#[utoipa::path(post, path = "/admin/workflows/{id}/resume", tag = "admin",
+    params(("id" = String, Path, description = "The workflow's id")),
+    security(("admin_token" = [])),
+    responses((status = 202, description = "Accepted", body = ActionAnswer),
+        (status = 401, description = "missing_token, invalid_token", body = ErrorBody),
+        (status = 404, description = "unknown_workflow", body = ErrorBody),
+        (status = 409, description = "not_resumable, compensated (restart it)", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody)))]
 async fn resume(
     State(state): State<AppState>,
     Extension(Operator(operator)): Extension<Operator>,
@@ -342,17 +390,33 @@ async fn resume(
     resumed.map_err(|e| admin_error(&id, e))?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "workflow_id": id, "outcome": "resumed" })),
+        Json(ActionAnswer {
+            workflow_id: id,
+            outcome: ActionOutcome::Resumed,
+        }),
     )
         .into_response())
 }
 
-#[derive(Deserialize, Default)]
+/// What a restart reuses (none: nothing, it runs from the start).
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RestartBody {
+    /// The first step to run; the checkpoints before it are copied.
     from_step: Option<i32>,
 }
 
+/// Starts a new workflow from the same input (or from a step on, reusing the
+/// checkpoints before it); the original is untouched.
+#[utoipa::path(post, path = "/admin/workflows/{id}/restart", tag = "admin",
+    params(("id" = String, Path, description = "The workflow's id")),
+    request_body(content = Option<RestartBody>, description = "Empty, or where to start"),
+    security(("admin_token" = [])),
+    responses((status = 201, description = "Created", body = RestartAnswer),
+        (status = 400, description = "invalid_body, invalid_from_step", body = ErrorBody),
+        (status = 401, description = "missing_token, invalid_token", body = ErrorBody),
+        (status = 404, description = "unknown_workflow", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody)))]
 async fn restart(
     State(state): State<AppState>,
     Extension(Operator(operator)): Extension<Operator>,
@@ -390,16 +454,22 @@ async fn restart(
     );
     Ok((
         StatusCode::CREATED,
-        Json(json!({
-            "workflow_id": started.id,
-            "kind": started.kind,
-            "restarted_from": id,
-            "from_step": body.from_step.unwrap_or(0),
-        })),
+        Json(RestartAnswer {
+            workflow_id: started.id,
+            kind: started.kind,
+            restarted_from: id,
+            from_step: body.from_step.unwrap_or(0),
+        }),
     )
         .into_response())
 }
 
-async fn workers(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!(fleet::list_workers(&state.pool).await?)))
+/// The live fleet with hosts and process ids.
+#[utoipa::path(get, path = "/admin/workers", tag = "admin", operation_id = "admin_workers",
+    security(("admin_token" = [])),
+    responses((status = 200, description = "OK", body = Vec<WorkerInfo>),
+        (status = 401, description = "missing_token, invalid_token", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody)))]
+async fn workers(State(state): State<AppState>) -> Result<Json<Vec<WorkerInfo>>, ApiError> {
+    Ok(Json(fleet::list_workers(&state.pool).await?))
 }

@@ -5,8 +5,9 @@ use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use engine::EngineError;
-use serde_json::json;
 use store::db::error_chain;
+
+use crate::views::{ErrorBody, ErrorDetail};
 
 /// An error answered to a client.
 #[derive(Debug)]
@@ -105,7 +106,12 @@ impl From<EngineError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message,
+            },
+        };
         let mut response = (self.status, Json(body)).into_response();
         if let Some(cause) = self.cause {
             response.extensions_mut().insert(ErrorCause(cause));

@@ -6,10 +6,12 @@ pub mod admin;
 pub mod error;
 pub mod limits;
 mod metrics;
+pub mod openapi;
 mod payments;
 mod routes;
 pub mod secrets;
 pub mod signature;
+pub mod views;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -83,6 +85,7 @@ pub struct AppState {
     pub webhook_secrets: signature::WebhookSecrets,
     pub metrics: std::sync::Arc<metrics::Metrics>,
     pub limits: limits::LimitArgs,
+    pub openapi: openapi::Document,
 }
 
 /// Largest request body accepted (the API takes tiny JSON bodies at most).
@@ -91,8 +94,12 @@ pub const BODY_LIMIT: usize = 16 * 1024;
 /// The router with its middleware.
 pub fn router(state: AppState, admin: &admin::AdminTokens, request_timeout: Duration) -> Router {
     let tracked = state.metrics.clone();
-    routes::routes(state.demo_payments, &state.limits)
+    let (routes, document) = routes::routes(state.demo_payments, &state.limits)
         .merge(admin::routes(admin))
+        .merge(openapi::routes())
+        .split_for_parts();
+    openapi::publish(document, &state.openapi);
+    routes
         .with_state(state)
         .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
         .layer(TimeoutLayer::with_status_code(
@@ -161,6 +168,7 @@ pub async fn run(
         webhook_secrets: config.payment_webhook_secrets.clone(),
         metrics: metrics::Metrics::new(),
         limits: config.limits.clone(),
+        openapi: openapi::Document::default(),
     };
     let app = router(state, &config.admin_token, config.request_timeout);
     let listener = tokio::net::TcpListener::bind(config.listen)

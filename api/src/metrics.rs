@@ -272,6 +272,9 @@ pub async fn track(State(metrics): State<Arc<Metrics>>, request: Request, next: 
 
 /// `GET /metrics`. With the database unreachable it still answers, with
 /// `widget_database_up 0` and the database's figures as last read.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus (OpenMetrics text)",
+        content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8", body = String)))]
 pub async fn scrape(State(state): State<AppState>) -> Response {
     let metrics = state.metrics.clone();
     match metrics.refresh(&state).await {

@@ -9,8 +9,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use rust_decimal::Decimal;
 use serde::Deserialize;
-use serde_json::{Value, json};
-use store::payments::{self, PaymentEventType, ProviderEvent};
+use store::payments::{self, DeliveryAnswer, PaymentEventType, ProviderEvent, RefundDue};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::views::ErrorBody;
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -21,23 +23,43 @@ const DELIVERY_ID_MAX: usize = 256;
 /// Largest `limit` of `GET /payments/refunds_due`.
 pub const REFUNDS_LIMIT_MAX: i64 = 500;
 
-#[derive(Deserialize)]
-struct ProviderBody {
+/// A provider's event.
+#[derive(Deserialize, ToSchema)]
+pub struct ProviderBody {
+    /// `payment.succeeded` or `payment.failed`.
     #[serde(rename = "type")]
     kind: String,
+    /// What it is about.
     data: ProviderData,
 }
 
-#[derive(Deserialize)]
-struct ProviderData {
+/// The payment an event is about.
+#[derive(Deserialize, ToSchema)]
+pub struct ProviderData {
+    /// The checkout's payment id.
     payment_id: String,
+    /// A decimal string such as "9.99".
     amount: String,
+    /// An ISO 4217 code such as USD.
     currency: String,
 }
 
 /// `POST /webhooks/payments`: a provider's signed payment event. Answers
 /// once the delivery is durably recorded (and, when it settles a pending
 /// order, handed to its checkout), without waiting for the settlement.
+/// A payment provider's event, signed as Standard Webhooks say; answered
+/// once durably recorded (a redelivery gets its first answer again).
+#[utoipa::path(post, path = "/webhooks/payments", tag = "payments",
+    params(("webhook-id" = String, Header, description = "The delivery's id"),
+        ("webhook-timestamp" = String, Header, description = "Unix seconds"),
+        ("webhook-signature" = String, Header, description = "Space-separated v1,<base64 HMAC-SHA256>")),
+    request_body(content = ProviderBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "OK", body = DeliveryAnswer),
+        (status = 400, description = "invalid_body, invalid_event_type, invalid_payment_id, invalid_amount, invalid_currency, invalid_delivery_id", body = ErrorBody),
+        (status = 401, description = "invalid_signature, stale_timestamp", body = ErrorBody),
+        (status = 422, description = "payment_mismatch: recorded, not applied", body = ErrorBody),
+        (status = 503, description = "webhooks_not_configured, database unavailable", body = ErrorBody)))]
 pub async fn provider_webhook(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -134,17 +156,21 @@ fn parse_event(delivery_id: &str, body: &[u8]) -> Result<ProviderEvent, ApiError
     })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct RefundsQuery {
+    /// How many, 1 to 500 (default 100).
     limit: Option<String>,
 }
 
 /// `GET /payments/refunds_due`: money taken for no goods, newest first.
+#[utoipa::path(get, path = "/payments/refunds_due", tag = "payments", params(RefundsQuery),
+    responses((status = 200, description = "OK", body = Vec<RefundDue>), (status = 400, description = "invalid_limit", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody)))]
 pub async fn refunds_due(
     State(state): State<AppState>,
     Query(query): Query<RefundsQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Vec<RefundDue>>, ApiError> {
     let limit = match query.limit {
         None => 100,
         Some(text) => text
@@ -158,6 +184,5 @@ pub async fn refunds_due(
                 )
             })?,
     };
-    let refunds = payments::refunds_due(&state.pool, limit).await?;
-    Ok(Json(json!(refunds)))
+    Ok(Json(payments::refunds_due(&state.pool, limit).await?))
 }

@@ -3,55 +3,57 @@
 use std::net::SocketAddr;
 
 use axum::Json;
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
-use engine::{Engine, EngineError, Message, SendOutcome, StepRecord, fleet};
-use rust_decimal::prelude::ToPrimitive;
+use engine::{Engine, EngineError, Message, SendOutcome, fleet};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use store::{
     self, CHECKOUT, CheckoutInput, DEFAULT_STOCK, DISPATCH, DISPATCH_STEPS, Order, PaymentStatus,
-    Product, dispatch_workflow_id, topics,
+    dispatch_workflow_id, topics,
 };
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::error::ApiError;
 use crate::limits::{self, LimitArgs};
+use crate::views::{
+    ConfigView, ErrorBody, OrderIdBody, OrderView, PaymentIdBody, ProductView, PublicWorker,
+    StepView, TimelineRun, TimelineView, WorkerIdBody,
+};
 use crate::{AppState, payments};
 
 type ApiResult<T = Response> = Result<T, ApiError>;
 
-/// The routes; the demo's unsigned payment webhook only with `demo_payments`.
-pub fn routes(demo_payments: bool, limits: &LimitArgs) -> Router<AppState> {
+/// The routes, each with its OpenAPI description; the demo's unsigned
+/// payment webhook only with `demo_payments`.
+pub fn routes(demo_payments: bool, limits: &LimitArgs) -> OpenApiRouter<AppState> {
+    let (schemas, paths, checkout) = routes!(checkout);
     let checkout = match limits::checkout_rate_limit(limits) {
-        Some(limit) => post(checkout).layer(limit),
-        None => post(checkout),
+        Some(limit) => checkout.layer(limit),
+        None => checkout,
     };
-    let router = Router::new()
-        .route("/", get(index))
-        .route("/product", get(product))
-        .route("/orders", get(orders))
-        .route("/order/{id}", get(order))
-        .route("/order/{id}/timeline", get(order_timeline))
-        .route("/restock", post(restock))
-        .route("/checkout/{key}", checkout)
-        .route("/webhooks/payments", post(payments::provider_webhook))
-        .route("/payments/refunds_due", get(payments::refunds_due))
-        .route("/crash_application", post(crash_application))
-        .route("/workers", get(workers))
-        .route("/workers/{id}/crash", post(crash_worker))
-        .route("/config", get(config))
-        .route("/metrics", get(crate::metrics::scrape))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz));
+    let router = OpenApiRouter::new()
+        .routes(routes!(index))
+        .routes(routes!(product))
+        .routes(routes!(orders))
+        .routes(routes!(order))
+        .routes(routes!(order_timeline))
+        .routes(routes!(restock))
+        .routes((schemas, paths, checkout))
+        .routes(routes!(payments::provider_webhook))
+        .routes(routes!(payments::refunds_due))
+        .routes(routes!(crash_application))
+        .routes(routes!(workers))
+        .routes(routes!(crash_worker))
+        .routes(routes!(config))
+        .routes(routes!(crate::metrics::scrape))
+        .routes(routes!(healthz))
+        .routes(routes!(readyz));
     if demo_payments {
-        router.route(
-            "/payment_webhook/{payment_id}/{status}",
-            post(payment_webhook),
-        )
+        router.routes(routes!(payment_webhook))
     } else {
         router
     }
@@ -63,44 +65,34 @@ const ORDERS_LIMIT_DEFAULT: i64 = 50;
 /// Largest stock `POST /restock` accepts.
 pub const RESTOCK_MAX: i32 = 1_000_000;
 
+/// The storefront page.
+#[utoipa::path(get, path = "/", tag = "shop",
+    responses((status = 200, description = "The storefront page", content_type = "text/html", body = String)))]
 async fn index() -> Html<&'static str> {
     Html(include_str!("index.html"))
 }
 
-fn product_json(p: &Product) -> Value {
-    json!({
-        "product_id": p.id,
-        "product": p.name,
-        "description": p.description,
-        "inventory": p.inventory,
-        "price": p.price.to_f64(),
-    })
+/// The product and its stock.
+#[utoipa::path(get, path = "/product", tag = "shop",
+    responses((status = 200, description = "OK", body = ProductView), (status = 503, description = "Database unavailable", body = ErrorBody)))]
+async fn product(State(state): State<AppState>) -> ApiResult<Json<ProductView>> {
+    Ok(Json((&store::product(&state.pool).await?).into()))
 }
 
-fn order_json(o: &Order) -> Value {
-    let status = o.order_status();
-    json!({
-        "order_id": o.id,
-        "order_status": status.demo_code(),
-        "status": status.as_str(),
-        "last_update_time": o.last_update_time,
-        "progress_remaining": o.progress_remaining,
-    })
-}
-
-async fn product(State(state): State<AppState>) -> ApiResult<Json<Value>> {
-    Ok(Json(product_json(&store::product(&state.pool).await?)))
-}
-
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 struct OrdersQuery {
+    /// How many, 1 to 500 (default 50).
     limit: Option<String>,
 }
 
+/// The newest orders.
+#[utoipa::path(get, path = "/orders", tag = "shop", params(OrdersQuery),
+    responses((status = 200, description = "OK", body = Vec<OrderView>), (status = 400, description = "invalid_limit", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody)))]
 async fn orders(
     State(state): State<AppState>,
     Query(query): Query<OrdersQuery>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Vec<OrderView>>> {
     let limit = match query.limit.as_deref() {
         None => ORDERS_LIMIT_DEFAULT,
         Some(text) => match text.parse::<i64>() {
@@ -114,7 +106,7 @@ async fn orders(
         },
     };
     let orders = store::recent_orders(&state.pool, limit).await?;
-    Ok(Json(Value::Array(orders.iter().map(order_json).collect())))
+    Ok(Json(orders.iter().map(OrderView::from).collect()))
 }
 
 /// An order id from the path: a positive integer.
@@ -131,8 +123,16 @@ async fn find_order(state: &AppState, id: &str) -> ApiResult<Order> {
         .ok_or_else(|| ApiError::not_found("unknown_order", format!("no order {id}")))
 }
 
-async fn order(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    Ok(Json(order_json(&find_order(&state, &id).await?)))
+/// One order.
+#[utoipa::path(get, path = "/order/{id}", tag = "shop",
+    params(("id" = String, Path, description = "The order's id, a positive integer")),
+    responses((status = 200, description = "OK", body = OrderView), (status = 400, description = "invalid_order_id", body = ErrorBody),
+        (status = 404, description = "unknown_order", body = ErrorBody), (status = 503, description = "Database unavailable", body = ErrorBody)))]
+async fn order(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<OrderView>> {
+    Ok(Json((&find_order(&state, &id).await?).into()))
 }
 
 /// The order's workflow steps in order: its checkout, then its dispatch,
@@ -141,10 +141,14 @@ async fn order(State(state): State<AppState>, Path(id): Path<String>) -> ApiResu
 /// steps read 9, 8, ..., 0 when each was applied once). The checkout's id
 /// is the payment id, a bearer secret, so the timeline names workflows by
 /// kind only (no step's output holds it).
+#[utoipa::path(get, path = "/order/{id}/timeline", tag = "shop",
+    params(("id" = String, Path, description = "The order's id, a positive integer")),
+    responses((status = 200, description = "OK", body = TimelineView), (status = 400, description = "invalid_order_id", body = ErrorBody),
+        (status = 404, description = "unknown_order", body = ErrorBody), (status = 503, description = "Database unavailable", body = ErrorBody)))]
 async fn order_timeline(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<TimelineView>> {
     let order = find_order(&state, &id).await?;
     let workflows = [
         (CHECKOUT.name, order.checkout_id.clone()),
@@ -156,48 +160,38 @@ async fn order_timeline(
         let Some(info) = state.engine.info(workflow_id).await? else {
             continue;
         };
-        runs.push(json!({
-            "workflow": kind,
-            "status": info.status,
-            "worker_id": info.owner,
-            "executions": info.executions,
-        }));
+        runs.push(TimelineRun {
+            workflow: (*kind).to_owned(),
+            status: info.status,
+            worker_id: info.owner,
+            executions: info.executions,
+        });
         for step in state.engine.steps(workflow_id).await? {
-            let mut step = step_json(&step);
-            step["workflow"] = json!(kind);
-            steps.push(step);
+            steps.push(StepView::of(&step, Some(kind)));
         }
     }
-    let payments = store::payments::ledger_of(&state.pool, &order.checkout_id).await?;
-    let mut json = order_json(&order);
-    json["workflows"] = Value::Array(runs);
-    json["steps"] = Value::Array(steps);
-    json["payments"] = json!(payments);
-    Ok(Json(json))
+    Ok(Json(TimelineView {
+        order: (&order).into(),
+        workflows: runs,
+        steps,
+        payments: store::payments::ledger_of(&state.pool, &order.checkout_id).await?,
+    }))
 }
 
-/// A completed step as timelines show it: the worker that ran it, when,
-/// how long, and its checkpoint's output.
-pub(crate) fn step_json(step: &StepRecord) -> Value {
-    let duration = step.finished_at - step.started_at;
-    json!({
-        "seq": step.step_seq,
-        "name": step.name,
-        "output": step.output,
-        "worker_id": step.worker_id,
-        "started_at": step.started_at,
-        "finished_at": step.finished_at,
-        "duration_ms": duration.num_microseconds().map(|us| us as f64 / 1000.0),
-    })
-}
-
-#[derive(Deserialize)]
+/// `POST /restock`'s body (none: back to 100).
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RestockBody {
+    /// The new stock, 0 to 1,000,000.
     inventory: i64,
 }
 
-async fn restock(State(state): State<AppState>, body: Bytes) -> ApiResult<Json<Value>> {
+/// Sets the stock: to 100 with no body.
+#[utoipa::path(post, path = "/restock", tag = "shop",
+    request_body(content = Option<RestockBody>, description = "Empty, or the new stock"),
+    responses((status = 200, description = "OK", body = ProductView), (status = 400, description = "invalid_body, invalid_inventory", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody)))]
+async fn restock(State(state): State<AppState>, body: Bytes) -> ApiResult<Json<ProductView>> {
     let inventory = if body.iter().all(u8::is_ascii_whitespace) {
         DEFAULT_STOCK
     } else {
@@ -217,9 +211,9 @@ async fn restock(State(state): State<AppState>, body: Bytes) -> ApiResult<Json<V
                 )
             })?
     };
-    Ok(Json(product_json(
-        &store::restock(&state.pool, inventory).await?,
-    )))
+    Ok(Json(
+        (&store::restock(&state.pool, inventory).await?).into(),
+    ))
 }
 
 /// A checkout key: 1 to 128 of `[A-Za-z0-9_-]`, not starting with the
@@ -257,6 +251,17 @@ fn text_or_json(headers: &HeaderMap, status: StatusCode, field: &str, value: Val
     }
 }
 
+/// Starts a checkout (idempotent per key): reserves a unit, creates the
+/// order, answers its payment id.
+#[utoipa::path(post, path = "/checkout/{key}", tag = "shop",
+    params(("key" = String, Path, description = "Idempotency key: 1 to 128 of A-Z a-z 0-9 _ -, not starting dispatch-")),
+    responses(
+        (status = 200, description = "The payment id", content((String = "text/plain"), (PaymentIdBody = "application/json"))),
+        (status = 400, description = "invalid_key", body = ErrorBody),
+        (status = 409, description = "out_of_stock, checkout_ended", body = ErrorBody),
+        (status = 429, description = "rate_limited (with Retry-After), too_many_pending_checkouts", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+        (status = 504, description = "payment_id_not_ready: retry with the same key", body = ErrorBody)))]
 async fn checkout(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -337,6 +342,17 @@ async fn checkout(
     }
 }
 
+/// Demo mode only: the storefront page plays the payment provider.
+#[utoipa::path(post, path = "/payment_webhook/{payment_id}/{status}", tag = "payments",
+    params(("payment_id" = String, Path, description = "The checkout's payment id"),
+        ("status" = String, Path, description = "paid or failed")),
+    responses(
+        (status = 200, description = "The order id", content((String = "text/plain"), (OrderIdBody = "application/json"))),
+        (status = 400, description = "invalid_status, invalid_payment_id", body = ErrorBody),
+        (status = 404, description = "unknown_payment", body = ErrorBody),
+        (status = 409, description = "payment_conflict, checkout_expired, checkout_ended, out_of_stock", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+        (status = 504, description = "order_not_ready: retry with the same status", body = ErrorBody)))]
 async fn payment_webhook(
     State(state): State<AppState>,
     Path((payment_id, status)): Path<(String, String)>,
@@ -464,6 +480,12 @@ fn crash_requested(headers: &HeaderMap, worker_id: String) -> Response {
     text_or_json(headers, StatusCode::ACCEPTED, "worker_id", json!(worker_id))
 }
 
+/// Chaos only: one worker aborts on the spot.
+#[utoipa::path(post, path = "/crash_application", tag = "chaos",
+    responses(
+        (status = 202, description = "The worker told to crash", content((String = "text/plain"), (WorkerIdBody = "application/json"))),
+        (status = 403, description = "chaos_disabled", body = ErrorBody),
+        (status = 503, description = "no_workers, database unavailable", body = ErrorBody)))]
 async fn crash_application(State(state): State<AppState>, headers: HeaderMap) -> ApiResult {
     require_chaos(&state)?;
     match store::chaos::request_crash(&state.pool, None).await? {
@@ -485,6 +507,15 @@ fn valid_worker_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// Chaos only: that worker aborts on the spot.
+#[utoipa::path(post, path = "/workers/{id}/crash", tag = "chaos",
+    params(("id" = String, Path, description = "A worker's id")),
+    responses(
+        (status = 202, description = "The worker told to crash", content((String = "text/plain"), (WorkerIdBody = "application/json"))),
+        (status = 400, description = "invalid_worker_id", body = ErrorBody),
+        (status = 403, description = "chaos_disabled", body = ErrorBody),
+        (status = 404, description = "unknown_worker", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody)))]
 async fn crash_worker(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -508,37 +539,45 @@ async fn crash_worker(
 
 /// The fleet as anyone may see it: no host or process id (the admin API
 /// has those).
-async fn workers(State(state): State<AppState>) -> ApiResult<Json<Value>> {
-    let workers: Vec<Value> = fleet::list_workers(&state.pool)
+#[utoipa::path(get, path = "/workers", tag = "fleet",
+    responses((status = 200, description = "OK", body = Vec<PublicWorker>), (status = 503, description = "Database unavailable", body = ErrorBody)))]
+async fn workers(State(state): State<AppState>) -> ApiResult<Json<Vec<PublicWorker>>> {
+    let workers = fleet::list_workers(&state.pool)
         .await?
         .into_iter()
-        .map(|w| {
-            json!({
-                "id": w.id,
-                "queues": w.queues,
-                "started_at": w.started_at,
-                "last_seen": w.last_seen,
-                "in_flight": w.in_flight,
-                "draining": w.draining,
-            })
+        .map(|w| PublicWorker {
+            id: w.id,
+            queues: w.queues,
+            started_at: w.started_at,
+            last_seen: w.last_seen,
+            in_flight: w.in_flight,
+            draining: w.draining,
         })
         .collect();
-    Ok(Json(Value::Array(workers)))
+    Ok(Json(workers))
 }
 
 /// What the storefront page needs to know about this deployment.
-async fn config(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({
-        "chaos": state.chaos,
-        "dispatch_steps": DISPATCH_STEPS,
-        "demo_payments": state.demo_payments,
-    }))
+#[utoipa::path(get, path = "/config", tag = "shop", responses((status = 200, description = "OK", body = ConfigView)))]
+async fn config(State(state): State<AppState>) -> Json<ConfigView> {
+    Json(ConfigView {
+        chaos: state.chaos,
+        dispatch_steps: DISPATCH_STEPS,
+        demo_payments: state.demo_payments,
+    })
 }
 
+/// `ok` while the process lives.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "ok", content_type = "text/plain", body = String)))]
 async fn healthz() -> &'static str {
     "ok"
 }
 
+/// `ready` once the database answers and its migrations are applied.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, description = "ready", content_type = "text/plain", body = String),
+        (status = 503, description = "migrations_pending, database unavailable", body = ErrorBody)))]
 async fn readyz(State(state): State<AppState>) -> ApiResult<&'static str> {
     if !store::db::migrations_applied(&state.pool).await? {
         return Err(ApiError::new(

@@ -21,6 +21,7 @@ use super::queue::{self, enqueue_takeovers};
 
 /// A live worker process as the registry shows it.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkerInfo {
     /// Unique per process start: `w-` and 12 random hex digits.
     pub id: String,

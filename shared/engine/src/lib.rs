@@ -166,6 +166,7 @@ pub struct WorkflowInfo {
 
 /// A completed step as recorded (for timelines).
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StepRecord {
     /// Position in the workflow, from 0.
     pub step_seq: i32,

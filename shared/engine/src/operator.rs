@@ -66,6 +66,7 @@ impl Cursor {
 
 /// A workflow as the operator's list shows it.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkflowSummary {
     /// The id.
     pub id: String,
@@ -107,6 +108,7 @@ impl WorkflowSummary {
 
 /// A workflow with its input and output.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkflowRecord {
     /// What the list shows.
     #[sqlx(flatten)]
@@ -120,6 +122,7 @@ pub struct WorkflowRecord {
 
 /// An event a workflow set.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EventRecord {
     /// Its key.
     pub key: String,
@@ -131,6 +134,7 @@ pub struct EventRecord {
 
 /// A message sent to a workflow.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MessageRecord {
     /// The topic.
     pub topic: String,

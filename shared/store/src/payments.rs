@@ -81,8 +81,10 @@ pub struct Recorded {
 }
 
 /// What the store did with a delivery (`payment_ledger.outcome`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
     /// Handed to the order's pending checkout.
     Applied,
     /// Money taken for no goods: owed back.
@@ -93,6 +95,16 @@ enum Outcome {
     Mismatch,
     /// No order has this payment id.
     UnknownPayment,
+}
+
+/// The answer to a delivery that was recorded and not refused.
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DeliveryAnswer {
+    /// The delivery's `webhook-id`.
+    pub delivery_id: String,
+    /// What the store did with it.
+    pub outcome: Outcome,
 }
 
 impl Outcome {
@@ -157,10 +169,10 @@ pub async fn record(pool: &PgPool, event: &ProviderEvent) -> Result<Recorded, En
         ),
         _ => (
             200,
-            json!({
-                "delivery_id": event.delivery_id,
-                "outcome": outcome.as_str(),
-            }),
+            serde_json::to_value(DeliveryAnswer {
+                delivery_id: event.delivery_id.clone(),
+                outcome,
+            })?,
         ),
     };
     sqlx::query(
@@ -269,6 +281,7 @@ async fn decide(
 
 /// A ledger row, as operators and the order's timeline see it.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LedgerEntry {
     /// The delivery's id.
     pub delivery_id: String,
@@ -277,6 +290,7 @@ pub struct LedgerEntry {
     #[serde(rename = "type")]
     pub kind: String,
     /// Amount as delivered.
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "9.99"))]
     pub amount: Decimal,
     /// Currency as delivered.
     pub currency: String,
@@ -299,6 +313,7 @@ pub async fn ledger_of(pool: &PgPool, payment_id: &str) -> Result<Vec<LedgerEntr
 
 /// Money taken for no goods, owed back.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RefundDue {
     /// The delivery that took the money.
     pub delivery_id: String,
@@ -307,6 +322,7 @@ pub struct RefundDue {
     /// The order, if there is one.
     pub order_id: Option<i64>,
     /// Amount to refund.
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "9.99"))]
     pub amount: Decimal,
     /// Its currency.
     pub currency: String,

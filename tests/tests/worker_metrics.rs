@@ -82,7 +82,23 @@ async fn worker_metrics_count_workflows_steps_and_takeovers_and_the_dashboard_qu
     );
     assert!(total(r#"engine_workflow_executions_total{kind="checkout",outcome="parked"}"#) >= 1.0);
 
-    // SIGKILL one worker while dispatches run: the other reaps it.
+    // SIGKILL one worker while it runs dispatches: the other reaps it and
+    // runs their next steps.
+    wait_until(
+        "the victim running a dispatch",
+        Duration::from_secs(30),
+        || async {
+            let running: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM engine.workflows w JOIN engine.workers k ON k.id = w.owner
+             WHERE k.pid = $1 AND w.status = 'running' AND w.kind = 'dispatch'",
+            )
+            .bind(victim.pid() as i32)
+            .fetch_one(&db.pool)
+            .await?;
+            Ok(running > 0)
+        },
+    )
+    .await?;
     victim.signal("KILL")?;
     wait_until(
         "the survivor reaped the victim",
@@ -104,6 +120,29 @@ async fn worker_metrics_count_workflows_steps_and_takeovers_and_the_dashboard_qu
     assert!(
         detection < 5.0,
         "a killed worker is found within seconds, not {detection} s"
+    );
+    wait_until(
+        "a taken-over dispatch's next step",
+        Duration::from_secs(30),
+        || async {
+            let s = scrape(&http, &survivor_url).await?;
+            Ok(sample(&s, r#"engine_takeover_seconds_count{kind="dispatch"}"#) >= 1.0)
+        },
+    )
+    .await?;
+    let s = scrape(&http, &survivor_url).await?;
+    let (sum, count) = (
+        sample(&s, r#"engine_takeover_seconds_sum{kind="dispatch"}"#),
+        sample(&s, r#"engine_takeover_seconds_count{kind="dispatch"}"#),
+    );
+    assert!(
+        sum / count < 5.0,
+        "death to next step {:.2} s on average",
+        sum / count
+    );
+    println!(
+        "takeovers: {count} dispatches, {:.3} s on average from the victim's last heartbeat to their next step",
+        sum / count
     );
     wait_until(
         "every dispatch finished",

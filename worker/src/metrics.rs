@@ -47,6 +47,7 @@ pub struct Metrics {
     reaped: Counter,
     taken_over: Counter,
     silent: Histogram,
+    takeovers: Family<KindLabels, Histogram>,
 }
 
 impl Metrics {
@@ -64,6 +65,9 @@ impl Metrics {
             reaped: Counter::default(),
             taken_over: Counter::default(),
             silent: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
+            takeovers: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.05, 2.0, 12))
+            }),
         };
         registry.register(
             "engine_workflows_started",
@@ -101,6 +105,12 @@ impl Metrics {
             "Time from a reaped worker's last heartbeat to its reaping",
             Unit::Seconds,
             metrics.silent.clone(),
+        );
+        registry.register_with_unit(
+            "engine_takeover",
+            "Time from a dead worker's last heartbeat to the next step, here, of a workflow it was running, by kind",
+            Unit::Seconds,
+            metrics.takeovers.clone(),
         );
         Arc::new(Metrics {
             registry,
@@ -144,6 +154,14 @@ impl Observer for Metrics {
                 step: step.to_owned(),
             })
             .observe(took.as_secs_f64());
+    }
+
+    fn taken_over(&self, kind: &str, since_last_heartbeat: Duration) {
+        self.takeovers
+            .get_or_create(&KindLabels {
+                kind: kind.to_owned(),
+            })
+            .observe(since_last_heartbeat.as_secs_f64());
     }
 
     fn workers_reaped(&self, silent_for: &[Duration], workflows: u64) {

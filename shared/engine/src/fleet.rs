@@ -191,7 +191,7 @@ pub(crate) async fn reap(
     if dead.is_empty() {
         return Ok(reaped);
     }
-    let moved = release_work(&mut tx, dead).await?;
+    let moved = release_work(&mut tx, dead, true).await?;
     reaped.workflows = moved;
     queue::forget_apalis_workers(&mut tx, dead).await?;
     sqlx::query(sql::FORGET_WORKERS)
@@ -208,10 +208,15 @@ pub(crate) async fn reap(
 /// whose job is already acked (an execution gives its job back while it
 /// sleeps in-process). Each such workflow gets one job, with a wake-up.
 /// Returns how many workflows go back to the queue.
-async fn release_work(conn: &mut PgConnection, worker_ids: &[String]) -> Result<u64, sqlx::Error> {
+async fn release_work(
+    conn: &mut PgConnection,
+    worker_ids: &[String],
+    died: bool,
+) -> Result<u64, sqlx::Error> {
     let released = queue::release_jobs(conn, worker_ids, None).await?;
     let owned: Vec<(String, String)> = sqlx::query_as(sql::DISOWN_RUNNING)
         .bind(worker_ids)
+        .bind(died)
         .fetch_all(&mut *conn)
         .await?;
     let without_job = owned
@@ -287,7 +292,7 @@ pub(crate) async fn release_lost(
 pub(crate) async fn leave(pool: &PgPool, me: &str) -> Result<u64, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let ids = [me.to_owned()];
-    let moved = release_work(&mut tx, &ids).await?;
+    let moved = release_work(&mut tx, &ids, false).await?;
     queue::forget_apalis_workers(&mut tx, &ids).await?;
     sqlx::query(sql::DELETE_WORKER)
         .bind(me)

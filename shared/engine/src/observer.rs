@@ -26,6 +26,12 @@ pub trait Observer: Send + Sync + 'static {
         let _ = (kind, step, took);
     }
 
+    /// A workflow of `kind` taken over from a dead worker completed its next
+    /// step here, `since_last_heartbeat` after that worker was last seen.
+    fn taken_over(&self, kind: &str, since_last_heartbeat: Duration) {
+        let _ = (kind, since_last_heartbeat);
+    }
+
     /// This worker reaped dead (or hung) workers, each `silent_for` after
     /// its last heartbeat: `workflows` of theirs went back to the queue.
     fn workers_reaped(&self, silent_for: &[Duration], workflows: u64) {

@@ -371,16 +371,17 @@ pub(crate) const CLAIM: &str = "WITH job AS (
                                FOR UPDATE SKIP LOCKED)
                  RETURNING convert_from(j.job, 'UTF8')::json ->> 'workflow_id' AS workflow_id),
              previous AS (
-                 SELECT id, status, owner FROM engine.workflows
+                 SELECT id, status, owner, orphaned_at FROM engine.workflows
                  WHERE id = coalesce($1, (SELECT workflow_id FROM job))
                  FOR UPDATE)
              UPDATE engine.workflows w SET status = 'running', owner = $2, executions = w.executions + 1,
-                 wait_topic = NULL, wait_until = NULL, updated_at = now()
+                 wait_topic = NULL, wait_until = NULL, orphaned_at = NULL, updated_at = now()
              FROM previous
              WHERE w.id = previous.id AND previous.status NOT IN ('succeeded', 'failed', 'cancelled')
              RETURNING w.id AS workflow_id, w.kind, w.queue, w.input,
                  previous.status AS previous_status, previous.owner AS previous_owner,
                  w.cancel_requested, w.executions, w.ending, w.error, w.attempts,
+                 previous.orphaned_at,
                  (SELECT coalesce(json_agg(json_build_object(
                           'step_seq', s.step_seq, 'name', s.name, 'output', s.output,
                           'finished_at', s.finished_at)

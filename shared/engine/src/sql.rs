@@ -177,11 +177,14 @@ pub(crate) const PEERS: &str = "SELECT id, queues, draining,
 /// Removes workers from the registry.
 pub(crate) const FORGET_WORKERS: &str = "DELETE FROM engine.workers WHERE id = ANY($1)";
 
-/// Hands the running workflows of the given workers back to the queue (their jobs follow).
+/// Hands the running workflows of the given workers back to the queue (their
+/// jobs follow); with `$2` (the workers died), keeps their last heartbeat as
+/// the workflows' `orphaned_at`.
 pub(crate) const DISOWN_RUNNING: &str =
-    "UPDATE engine.workflows SET status = 'enqueued', owner = NULL, updated_at = now()
-     WHERE owner = ANY($1) AND status = 'running'
-     RETURNING id, queue";
+    "UPDATE engine.workflows w SET status = 'enqueued', owner = NULL, updated_at = now(),
+         orphaned_at = CASE WHEN $2 THEN (SELECT k.last_seen FROM engine.workers k WHERE k.id = w.owner) END
+     WHERE w.owner = ANY($1) AND w.status = 'running'
+     RETURNING w.id, w.queue";
 
 /// Clears the given workers as owners of anything else.
 pub(crate) const DISOWN: &str = "UPDATE engine.workflows SET owner = NULL WHERE owner = ANY($1)";

@@ -68,6 +68,9 @@ pub struct WorkflowContext {
     pub(crate) crash: CrashCounter,
     /// Told of each completed step (metrics).
     pub(crate) observer: Arc<dyn crate::Observer>,
+    /// Taken over from a dead worker last seen then: the next step to
+    /// complete ends the takeover.
+    pub(crate) orphaned_at: Option<DateTime<Utc>>,
 }
 
 /// What the runtime lets a statement step do with a workflow it starts
@@ -300,9 +303,14 @@ impl WorkflowContext {
     }
 
     /// Reports a completed step begun at `started`.
-    fn step_done(&self, name: &str, seq: i32, started: DateTime<Utc>) {
-        let took = (Utc::now() - started).to_std().unwrap_or_default();
+    fn step_done(&mut self, name: &str, seq: i32, started: DateTime<Utc>) {
+        let now = Utc::now();
+        let took = (now - started).to_std().unwrap_or_default();
         self.observer.step_completed(self.kind.name, name, took);
+        if let Some(last_seen) = self.orphaned_at.take() {
+            let since = (now - last_seen).to_std().unwrap_or_default();
+            self.observer.taken_over(self.kind.name, since);
+        }
         tracing::debug!(step = name, seq, "step done");
     }
 

@@ -70,6 +70,8 @@ pub(super) struct Claim {
     pub(super) error: Option<String>,
     /// A failure's attempts, kept while its compensation runs.
     pub(super) attempts: i32,
+    /// Taken over from a dead worker last seen then.
+    orphaned_at: Option<DateTime<Utc>>,
     checkpoints: Value,
     /// When the workflow was started: a sleep before its first step counts
     /// from then.
@@ -124,6 +126,7 @@ impl RunsHere for StartHere {
             ending: None,
             error: None,
             attempts: 0,
+            orphaned_at: None,
             checkpoints: Value::Array(Vec::new()),
             created_at,
         };
@@ -378,6 +381,7 @@ impl Runtime {
             executions: execution,
             checkpoints,
             created_at,
+            orphaned_at,
             ..
         } = claim;
         let workflow_id = workflow_id.as_str();
@@ -435,6 +439,7 @@ impl Runtime {
             batches: inner.batches.clone(),
             crash: CrashCounter::new(inner.config.crash_at.clone()),
             observer: inner.observer.clone(),
+            orphaned_at,
         };
         inner.observer.execution_started(&kind, execution == 1);
         let span = tracing::info_span!(

@@ -41,26 +41,26 @@ export CHAOS
 # The storefront page plays the payment provider through the demo's
 # unsigned route: on unless DEMO_PAYMENTS=false is set.
 export DEMO_PAYMENTS="${DEMO_PAYMENTS:-true}"
-# Signed provider webhooks: the given secrets, else one kept in .local/.
-if [ -z "${PAYMENT_WEBHOOK_SECRETS:-}" ]; then
-  mkdir -p .local
-  if [ ! -s .local/webhook_secret ]; then
-    (umask 077; printf 'whsec_%s\n' "$(head -c 32 /dev/urandom | base64 -w0)" > .local/webhook_secret)
+# A secret the processes need: the variable $1 when set, else the content
+# of .local/$2, made once (owner-only) as printf "$3" of 32 random bytes in
+# base64; $4 tells where it is.
+keep_secret() {
+  local var="$1" file=".local/$2" format="$3" where="$4"
+  if [ -z "${!var:-}" ]; then
+    mkdir -p .local
+    if [ ! -s "$file" ]; then
+      (umask 077; printf "$format\n" "$(head -c 32 /dev/urandom | base64 -w0)" > "$file")
+    fi
+    printf -v "$var" '%s' "$(cat "$file")"
+    log "$where"
   fi
-  PAYMENT_WEBHOOK_SECRETS="$(cat .local/webhook_secret)"
-  log "signed payment webhooks: the secret is in .local/webhook_secret"
-fi
-export PAYMENT_WEBHOOK_SECRETS
-# The admin API and page: the given token, else one kept in .local/.
-if [ -z "${ADMIN_TOKEN:-}" ]; then
-  mkdir -p .local
-  if [ ! -s .local/admin_token ]; then
-    (umask 077; printf 'local=%s\n' "$(head -c 24 /dev/urandom | base64 -w0 | tr '+/' '-_')" > .local/admin_token)
-  fi
-  ADMIN_TOKEN="$(cat .local/admin_token)"
-  log "admin page: http://127.0.0.1:$PORT/admin/ (its token is after 'local=' in .local/admin_token)"
-fi
-export ADMIN_TOKEN
+  export "${var?}"
+}
+# Signed provider webhooks, and the admin API and page.
+keep_secret PAYMENT_WEBHOOK_SECRETS webhook_secret 'whsec_%s' \
+  "signed payment webhooks: the secret is in .local/webhook_secret"
+keep_secret ADMIN_TOKEN admin_token 'local=%s' \
+  "admin page: http://127.0.0.1:$PORT/admin/ (its token is after 'local=' in .local/admin_token)"
 
 PIDS=()
 cleanup() {

@@ -12,7 +12,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { chromium } from 'playwright-core';
+import { Failure, check, eventually as until, launch, runScenarios } from './harness.mjs';
 
 const BASE = process.env.BASE_URL;
 const TOKEN = process.env.ADMIN_TOKEN;
@@ -26,51 +26,20 @@ if (!BASE || !TOKEN || !ARTIFACTS) {
   process.exit(2);
 }
 
-const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'widget-chromium-'));
-const context = await chromium.launchPersistentContext(userDataDir, {
-  executablePath: CHROMIUM,
-  headless: true,
-  viewport: DESKTOP,
-  args: [
-    '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync',
-  ],
-});
-const page = context.pages()[0] ?? await context.newPage();
+const browser = await launch(CHROMIUM, DESKTOP);
+const { context, page } = browser;
 
-// Console errors and page errors, attributed to the scenario running.
-let problems = [];
-function watch(p) {
-  p.on('console', (m) => { if (m.type() === 'error') problems.push(`console: ${m.text()}`); });
-  p.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
-}
-watch(page);
 /** Waits for, then drops, the console error a refusal the scenario
  * provoked leaves (Chromium logs a 4xx answer to a fetch as "Failed to
  * load resource: ... status of 401 (Unauthorized)"). */
 async function expectRefusal(status) {
   const mine = (p) => p.startsWith('console: ') && p.includes(`status of ${status} `);
-  await eventually(`the browser reported the expected ${status}`, async () => problems.some(mine), 10000);
-  problems = problems.filter((p) => !mine(p));
+  await eventually(`the browser reported the expected ${status}`, async () => browser.problems.some(mine), 10000);
+  browser.forget(mine);
 }
 
-class Failure extends Error {}
-function check(ok, message) { if (!ok) throw new Failure(message); }
-
-/** Polls `probe` every `intervalMs` until it returns a truthy value; fails
- * with `what` and the last value seen after `timeoutMs`. */
-async function eventually(what, probe, timeoutMs = 30000, intervalMs = 100) {
-  const deadline = Date.now() + timeoutMs;
-  let last;
-  for (;;) {
-    try {
-      last = await probe();
-      if (last) return last;
-    } catch (e) { last = e.message; }
-    if (Date.now() > deadline) throw new Failure(`timed out after ${timeoutMs / 1000} s waiting for: ${what} (last: ${JSON.stringify(last)})`);
-    await new Promise((r) => setTimeout(r, intervalMs));
-  }
-}
+/** `eventually` with this suite's longer default deadline. */
+const eventually = (what, probe, timeoutMs = 30000, intervalMs = 100) => until(what, probe, timeoutMs, intervalMs);
 
 async function apiJson(p) {
   const r = await page.request.get(BASE + p);
@@ -352,7 +321,7 @@ scenario('the token stays in this tab: a reload stays signed in; another tab ask
 
   // sessionStorage is the tab's own: another tab must sign in.
   const other = await context.newPage();
-  watch(other);
+  browser.watch(other);
   try {
     await other.goto(`${BASE}/admin/`, { waitUntil: 'load' });
     await other.locator('#sign-in').waitFor({ state: 'visible', timeout: 30000 });
@@ -374,24 +343,4 @@ scenario('the token stays in this tab: a reload stays signed in; another tab ask
   await shot('admin-5-signed-out.png');
 });
 
-let passed = 0;
-let failed = 0;
-for (const [i, s] of scenarios.entries()) {
-  const n = i + 1;
-  const started = Date.now();
-  problems = [];
-  try {
-    await s.body();
-    check(problems.length === 0, `console/page errors: ${problems.join(' | ')}`);
-    passed++;
-    console.log(`[browser] PASS admin ${n} ${s.title} (${((Date.now() - started) / 1000).toFixed(1)} s)`);
-  } catch (e) {
-    failed++;
-    console.log(`[browser] FAIL admin ${n} ${s.title} (${((Date.now() - started) / 1000).toFixed(1)} s): ${e instanceof Failure ? e.message : e.stack}`);
-    await shot(`admin-${n}-FAILED.png`, { fullPage: true }).catch(() => {});
-  }
-}
-await context.close();
-fs.rmSync(userDataDir, { recursive: true, force: true });
-console.log(`browser (admin): ${passed} passed, ${failed} failed`);
-process.exit(failed === 0 ? 0 : 1);
+await runScenarios(browser, scenarios, { suite: 'admin', prefix: 'admin ', shot });

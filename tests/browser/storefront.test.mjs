@@ -6,10 +6,8 @@
 // Environment: BASE_URL, API_PID (the API process, stopped and continued
 // in scenario 5), ARTIFACTS (screenshot folder), CHROMIUM.
 
-import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
-import { chromium } from 'playwright-core';
+import { check, eventually, launch, runScenarios } from './harness.mjs';
 
 const BASE = process.env.BASE_URL;
 const API_PID = Number(process.env.API_PID);
@@ -23,22 +21,9 @@ if (!BASE || !API_PID || !ARTIFACTS) {
   process.exit(2);
 }
 
-const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'widget-chromium-'));
-const context = await chromium.launchPersistentContext(userDataDir, {
-  executablePath: CHROMIUM,
-  headless: true,
-  viewport: DESKTOP,
-  args: [
-    '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync',
-  ],
-});
-const page = context.pages()[0] ?? await context.newPage();
+const browser = await launch(CHROMIUM, DESKTOP);
+const { page } = browser;
 
-// Console errors and page errors, attributed to the scenario running.
-let problems = [];
-page.on('console', (m) => { if (m.type() === 'error') problems.push(`console: ${m.text()}`); });
-page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
 // Every idempotency key the page sent, in order.
 const checkoutKeys = [];
 page.on('request', (r) => {
@@ -46,23 +31,6 @@ page.on('request', (r) => {
   if (m && r.method() === 'POST') checkoutKeys.push(decodeURIComponent(m[1]));
 });
 
-class Failure extends Error {}
-function check(ok, message) { if (!ok) throw new Failure(message); }
-
-/** Polls `probe` every 100 ms until it returns a truthy value; fails with
- * `what` and the last value seen after `timeoutMs`. */
-async function eventually(what, probe, timeoutMs = 15000) {
-  const deadline = Date.now() + timeoutMs;
-  let last;
-  for (;;) {
-    try {
-      last = await probe();
-      if (last) return last;
-    } catch (e) { last = e.message; }
-    if (Date.now() > deadline) throw new Failure(`timed out after ${timeoutMs / 1000} s waiting for: ${what} (last: ${JSON.stringify(last)})`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
 
 const stock = async () => Number(await page.locator('#stock').getAttribute('data-inventory'));
 const orderStatus = () => page.locator('#order-status').getAttribute('data-status');
@@ -296,27 +264,7 @@ scenario('fresh key per purchase; a retry after a lost answer reuses it: one ord
   await eventually('order CANCELLED', async () => (await orderStatus()) === 'CANCELLED');
   await shot('6-retry-same-key.png', { fullPage: true });
   // The lost answer was a connection reset the browser reports as such.
-  problems = problems.filter((p) => !p.includes('ERR_CONNECTION_RESET'));
+  browser.forget((p) => p.includes('ERR_CONNECTION_RESET'));
 });
 
-let passed = 0;
-let failed = 0;
-for (const [i, s] of scenarios.entries()) {
-  const n = i + 1;
-  const started = Date.now();
-  problems = [];
-  try {
-    await s.body();
-    check(problems.length === 0, `console/page errors: ${problems.join(' | ')}`);
-    passed++;
-    console.log(`[browser] PASS ${n} ${s.title} (${((Date.now() - started) / 1000).toFixed(1)} s)`);
-  } catch (e) {
-    failed++;
-    console.log(`[browser] FAIL ${n} ${s.title} (${((Date.now() - started) / 1000).toFixed(1)} s): ${e instanceof Failure ? e.message : e.stack}`);
-    await shot(`${n}-FAILED.png`, { fullPage: true }).catch(() => {});
-  }
-}
-await context.close();
-fs.rmSync(userDataDir, { recursive: true, force: true });
-console.log(`browser (storefront): ${passed} passed, ${failed} failed`);
-process.exit(failed === 0 ? 0 : 1);
+await runScenarios(browser, scenarios, { suite: 'storefront', prefix: '', shot });

@@ -53,6 +53,22 @@ async fn admin(
     Ok((status, body))
 }
 
+/// An admin action (`cancel`, `resume`, `restart`) on workflow `id`.
+async fn act(
+    api: &Api,
+    id: &str,
+    action: &str,
+    body: Option<&str>,
+) -> anyhow::Result<(u16, Value)> {
+    admin(
+        api,
+        "POST",
+        &format!("/admin/workflows/{id}/{action}"),
+        body,
+    )
+    .await
+}
+
 fn error_code(body: &Value) -> &str {
     body["error"]["code"].as_str().unwrap_or_default()
 }
@@ -210,13 +226,7 @@ async fn an_operator_cancels_a_checkout_waiting_for_payment_and_its_unit_comes_b
     assert_eq!(inventory(&s.db.pool).await?, initial - 1);
     wait_workflow(&s.api, &payment_id, "waiting").await?;
 
-    let (status, body) = admin(
-        &s.api,
-        "POST",
-        &format!("/admin/workflows/{payment_id}/cancel"),
-        None,
-    )
-    .await?;
+    let (status, body) = act(&s.api, &payment_id, "cancel", None).await?;
     assert_eq!(
         (status, body["outcome"].as_str()),
         (202, Some("cancel_requested")),
@@ -274,21 +284,9 @@ async fn an_operator_cancels_a_checkout_waiting_for_payment_and_its_unit_comes_b
         .await?;
     assert_eq!(status, 409, "{body}");
     assert!(body.contains("checkout_ended"), "{body}");
-    let (status, body) = admin(
-        &s.api,
-        "POST",
-        &format!("/admin/workflows/{payment_id}/cancel"),
-        None,
-    )
-    .await?;
+    let (status, body) = act(&s.api, &payment_id, "cancel", None).await?;
     assert_eq!((status, error_code(&body)), (409, "already_finished"));
-    let (status, body) = admin(
-        &s.api,
-        "POST",
-        &format!("/admin/workflows/{payment_id}/resume"),
-        None,
-    )
-    .await?;
+    let (status, body) = act(&s.api, &payment_id, "resume", None).await?;
     assert_eq!((status, error_code(&body)), (409, "compensated"));
     assert_eq!(inventory(&s.db.pool).await?, initial, "nothing changed");
 
@@ -350,13 +348,7 @@ async fn a_checkout_that_fails_for_good_cancels_its_order_and_restarts_as_new() 
     sqlx::raw_sql("DROP TRIGGER refuse_paid ON orders")
         .execute(&s.db.pool)
         .await?;
-    let (status, body) = admin(
-        &s.api,
-        "POST",
-        &format!("/admin/workflows/{payment_id}/restart"),
-        Some("{}"),
-    )
-    .await?;
+    let (status, body) = act(&s.api, &payment_id, "restart", Some("{}")).await?;
     assert_eq!(status, 201, "{body}");
     let new_id = body["workflow_id"].as_str().context("new id")?.to_owned();
     assert_ne!(new_id, payment_id);
@@ -373,21 +365,9 @@ async fn a_checkout_that_fails_for_good_cancels_its_order_and_restarts_as_new() 
         .post(&format!("/payment_webhook/{new_id}/paid"))
         .await?;
     assert_eq!(status, 200, "the new id is a payment id");
-    let (status, body) = admin(
-        &s.api,
-        "POST",
-        &format!("/admin/workflows/{payment_id}/restart"),
-        Some("{\"from_step\": 99}"),
-    )
-    .await?;
+    let (status, body) = act(&s.api, &payment_id, "restart", Some("{\"from_step\": 99}")).await?;
     assert_eq!((status, error_code(&body)), (400, "invalid_from_step"));
-    let (status, body) = admin(
-        &s.api,
-        "POST",
-        &format!("/admin/workflows/{payment_id}/restart"),
-        Some("{\"step\": 1}"),
-    )
-    .await?;
+    let (status, body) = act(&s.api, &payment_id, "restart", Some("{\"step\": 1}")).await?;
     assert_eq!((status, error_code(&body)), (400, "invalid_body"));
     Ok(())
 }
@@ -420,13 +400,7 @@ async fn a_checkout_cancelled_between_reserving_and_ordering_returns_its_unit() 
         Ok(inventory(&s.db.pool).await? == initial - 1)
     })
     .await?;
-    let (status, body) = admin(
-        &s.api,
-        "POST",
-        &format!("/admin/workflows/{key}/cancel"),
-        None,
-    )
-    .await?;
+    let (status, body) = act(&s.api, &key, "cancel", None).await?;
     assert_eq!(status, 202, "{body}");
     blocker.rollback().await?;
     wait_workflow(&s.api, &key, "cancelled").await?;

@@ -8,7 +8,7 @@ use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use engine::{Engine, EngineError, Message, SendOutcome, fleet};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use store::{
     self, CHECKOUT, CheckoutInput, DEFAULT_STOCK, DISPATCH, DISPATCH_STEPS, Order, PaymentStatus,
@@ -233,15 +233,16 @@ fn wants_json(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.contains("application/json"))
 }
 
-/// Plain text by default (the demo's body), JSON on request.
-fn text_or_json(headers: &HeaderMap, status: StatusCode, field: &str, value: Value) -> Response {
+/// Plain text by default (the demo's body), `body` as JSON on request.
+fn text_or_json(
+    headers: &HeaderMap,
+    status: StatusCode,
+    text: String,
+    body: impl Serialize,
+) -> Response {
     if wants_json(headers) {
-        (status, Json(json!({ field: value }))).into_response()
+        (status, Json(body)).into_response()
     } else {
-        let text = match &value {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        };
         (
             status,
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
@@ -333,12 +334,15 @@ async fn checkout(
                     .unwrap_or("ended")
             ),
         )),
-        Some(payment_id) => Ok(text_or_json(
+        Some(Value::String(payment_id)) => Ok(text_or_json(
             &headers,
             StatusCode::OK,
-            "payment_id",
-            payment_id,
+            payment_id.clone(),
+            PaymentIdBody { payment_id },
         )),
+        Some(other) => Err(ApiError::internal(format!(
+            "the payment id event holds {other}"
+        ))),
     }
 }
 
@@ -420,7 +424,15 @@ async fn payment_webhook(
         ));
     };
     if outcome == json!(status.as_str()) {
-        Ok(text_or_json(&headers, StatusCode::OK, "order_id", order_id))
+        let order_id = order_id
+            .as_i64()
+            .ok_or_else(|| ApiError::internal(format!("the order id event holds {order_id}")))?;
+        Ok(text_or_json(
+            &headers,
+            StatusCode::OK,
+            order_id.to_string(),
+            OrderIdBody { order_id },
+        ))
     } else {
         Err(settled_otherwise(engine, &payment_id).await)
     }
@@ -477,7 +489,12 @@ fn require_chaos(state: &AppState) -> Result<(), ApiError> {
 
 /// 202 with the id of the worker told to crash.
 fn crash_requested(headers: &HeaderMap, worker_id: String) -> Response {
-    text_or_json(headers, StatusCode::ACCEPTED, "worker_id", json!(worker_id))
+    text_or_json(
+        headers,
+        StatusCode::ACCEPTED,
+        worker_id.clone(),
+        WorkerIdBody { worker_id },
+    )
 }
 
 /// Chaos only: one worker aborts on the spot.

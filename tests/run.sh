@@ -60,6 +60,16 @@ record "tests" "$tests_passed" "$tests_failed"
 # the real stack; any 5xx or answer the document does not describe fails.
 check "contract" bash -c 'tests/contract/run.sh 2>&1 | tee target/contract-output.txt; exit "${PIPESTATUS[0]}"'
 
+# The deployment files (Docker, Kubernetes with KEDA, systemd), checked
+# offline: lint, render, schemas, and the rules the three forms share.
+log "deploy files"
+tests/deploy/run.sh 2>&1 | tee target/deploy-output.txt
+deploy_status=${PIPESTATUS[0]}
+deploy_passed=$(grep -c '^\[pass\]' target/deploy-output.txt || true)
+deploy_failed=$(grep -c '^\[FAIL\]' target/deploy-output.txt || true)
+if [ "$deploy_status" != 0 ] && [ "$deploy_failed" = 0 ]; then deploy_failed=1; fi
+record "deploy" "$deploy_passed" "$deploy_failed"
+
 # The short chaos run: about a minute of kills, an API restart and one
 # PostgreSQL restart under load, then checks that it did that work and that
 # every invariant holds; each check prints [pass] or [FAIL].

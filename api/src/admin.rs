@@ -23,7 +23,8 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::error::ApiError;
 use crate::views::{
-    ActionAnswer, ActionOutcome, ErrorBody, RestartAnswer, StepView, WorkflowDetail, WorkflowPage,
+    ActionAnswer, ActionOutcome, ErrorBody, RestartAnswer, StepView, VersionView, WorkflowDetail,
+    WorkflowPage,
 };
 use crate::{AppState, secrets::Secret};
 
@@ -133,6 +134,7 @@ pub fn routes(tokens: &AdminTokens) -> OpenApiRouter<AppState> {
         .routes(routes!(resume))
         .routes(routes!(restart))
         .routes(routes!(workers))
+        .routes(routes!(versions))
         .route_layer(middleware::from_fn_with_state(tokens.clone(), authenticate));
     OpenApiRouter::new().routes(routes!(page)).merge(guarded)
 }
@@ -183,6 +185,8 @@ struct ListQuery {
     status: Option<String>,
     /// A workflow kind (checkout, dispatch).
     kind: Option<String>,
+    /// Only those pinned to this code version.
+    version: Option<String>,
     /// Only those unchanged this long (90s, 5m, 2h).
     older_than: Option<String>,
     /// The `next_cursor` of the page before.
@@ -209,6 +213,15 @@ fn parse_filter(query: ListQuery) -> Result<WorkflowFilter, ApiError> {
             ));
         }
         kind => kind.filter(|k| !k.is_empty()),
+    };
+    let version = match query.version {
+        Some(version) if version.len() > 128 => {
+            return Err(ApiError::bad_request(
+                "invalid_version",
+                "version is at most 128 characters",
+            ));
+        }
+        version => version.filter(|v| !v.is_empty()),
     };
     let older_than = match query.older_than.as_deref() {
         None | Some("") => None,
@@ -246,6 +259,7 @@ fn parse_filter(query: ListQuery) -> Result<WorkflowFilter, ApiError> {
     Ok(WorkflowFilter {
         status,
         kind,
+        version,
         older_than,
         after,
         limit,
@@ -256,7 +270,7 @@ fn parse_filter(query: ListQuery) -> Result<WorkflowFilter, ApiError> {
 #[utoipa::path(get, path = "/admin/workflows", tag = "admin", params(ListQuery),
     security(("admin_token" = [])),
     responses((status = 200, description = "OK", body = WorkflowPage),
-        (status = 400, description = "invalid_status, invalid_kind, invalid_older_than, invalid_cursor, invalid_limit", body = ErrorBody),
+        (status = 400, description = "invalid_status, invalid_kind, invalid_version, invalid_older_than, invalid_cursor, invalid_limit", body = ErrorBody),
         (status = 401, description = "missing_token, invalid_token", body = ErrorBody),
         (status = 503, description = "Database unavailable", body = ErrorBody)))]
 async fn list(
@@ -472,4 +486,25 @@ async fn restart(
         (status = 503, description = "Database unavailable", body = ErrorBody)))]
 async fn workers(State(state): State<AppState>) -> Result<Json<Vec<WorkerInfo>>, ApiError> {
     Ok(Json(fleet::list_workers(&state.pool).await?))
+}
+
+/// Unfinished workflows by code version and kind, with the live workers
+/// that can run them: a version whose workflows are all gone can be scaled
+/// to zero; `stranded` ones wait for a worker of their version.
+#[utoipa::path(get, path = "/admin/versions", tag = "admin",
+    security(("admin_token" = [])),
+    responses((status = 200, description = "OK", body = Vec<VersionView>),
+        (status = 401, description = "missing_token, invalid_token", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody)))]
+async fn versions(State(state): State<AppState>) -> Result<Json<Vec<VersionView>>, ApiError> {
+    let versions = state.engine.versions().await?;
+    Ok(Json(
+        versions
+            .into_iter()
+            .map(|v| VersionView {
+                stranded: v.stranded(),
+                in_flight: v,
+            })
+            .collect(),
+    ))
 }

@@ -42,6 +42,10 @@ pub struct Config {
     pub log: LogArgs,
     #[command(flatten)]
     pub limits: limits::LimitArgs,
+    /// Apply the database migrations and exit (a release's migration job;
+    /// the other processes then run with MIGRATIONS=wait).
+    #[arg(long)]
+    pub migrate_only: bool,
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, env = "API_ADDR", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -153,6 +157,18 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    if config.migrate_only {
+        let database = DatabaseArgs {
+            migrations: store::db::Migrations::Apply,
+            ..config.database.clone()
+        };
+        database
+            .migrated_pool("widget-migrate", Duration::from_secs(60))
+            .await
+            .context("applying the migrations")?;
+        tracing::info!("migrations applied");
+        return Ok(());
+    }
     let pool = config
         .database
         .migrated_pool("widget-api", Duration::from_secs(60))

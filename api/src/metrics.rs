@@ -49,6 +49,14 @@ struct OutcomeLabels {
 struct WorkflowLabels {
     kind: String,
     status: String,
+    /// The code version it is pinned to; `none` before its first execution.
+    version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    kind: String,
+    version: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -70,6 +78,7 @@ pub struct Metrics {
     payments: Family<OutcomeLabels, Counter>,
     refunds_due: Gauge,
     workflows: Family<WorkflowLabels, Gauge>,
+    stranded: Family<VersionLabels, Gauge>,
     ready_jobs: Family<QueueLabels, Gauge>,
     oldest_ready: Family<QueueLabels, FloatGauge>,
     /// One refresh at a time: the payment counters move by differences.
@@ -89,6 +98,9 @@ const PAYMENT_OUTCOMES: [&str; 5] = [
 /// Unfinished workflow statuses, each reported even at 0.
 const UNFINISHED: [&str; 3] = ["enqueued", "running", "waiting"];
 
+/// The version label of workflows not executed yet (pinned to none).
+const NOT_PINNED: &str = "none";
+
 impl Metrics {
     /// Every family registered, all at zero.
     pub fn new() -> Arc<Self> {
@@ -105,6 +117,7 @@ impl Metrics {
             payments: Family::default(),
             refunds_due: Gauge::default(),
             workflows: Family::default(),
+            stranded: Family::default(),
             ready_jobs: Family::default(),
             oldest_ready: Family::default(),
             refreshing: tokio::sync::Mutex::new(()),
@@ -150,8 +163,13 @@ impl Metrics {
         );
         registry.register(
             "engine_unfinished_workflows",
-            "Workflows enqueued, running or waiting (parked), by kind and status",
+            "Workflows enqueued, running or waiting (parked), by kind, status and code version",
             metrics.workflows.clone(),
+        );
+        registry.register(
+            "engine_stranded_workflows",
+            "Unfinished workflows no live worker can run (pinned to a version none runs), by kind and version",
+            metrics.stranded.clone(),
         );
         registry.register(
             "engine_ready_jobs",
@@ -175,6 +193,7 @@ impl Metrics {
         let _one_at_a_time = self.refreshing.lock().await;
         let health = store::health(&state.pool).await?;
         let workflows = state.engine.unfinished().await?;
+        let versions = state.engine.versions().await?;
         let ready = engine::ready_jobs(&state.pool).await?;
         for status in ORDER_STATUSES {
             let n = health
@@ -208,14 +227,29 @@ impl Metrics {
                     .get_or_create(&WorkflowLabels {
                         kind: kind.to_owned(),
                         status: status.to_owned(),
+                        version: NOT_PINNED.to_owned(),
                     })
                     .set(0);
             }
         }
-        for (kind, status, n) in workflows {
+        for (kind, status, version, n) in workflows {
+            let version = version.unwrap_or_else(|| NOT_PINNED.to_owned());
             self.workflows
-                .get_or_create(&WorkflowLabels { kind, status })
+                .get_or_create(&WorkflowLabels {
+                    kind,
+                    status,
+                    version,
+                })
                 .set(n);
+        }
+        self.stranded.clear();
+        for v in versions.iter().filter(|v| v.stranded()) {
+            self.stranded
+                .get_or_create(&VersionLabels {
+                    kind: v.kind.clone(),
+                    version: v.version.clone().unwrap_or_else(|| NOT_PINNED.to_owned()),
+                })
+                .set(v.unfinished);
         }
         self.ready_jobs.clear();
         self.oldest_ready.clear();

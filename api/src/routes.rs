@@ -564,6 +564,7 @@ async fn workers(State(state): State<AppState>) -> ApiResult<Json<Vec<PublicWork
         .into_iter()
         .map(|w| PublicWorker {
             id: w.id,
+            version: w.version,
             queues: w.queues,
             started_at: w.started_at,
             last_seen: w.last_seen,

@@ -152,6 +152,8 @@ pub struct TimelineView {
 pub struct PublicWorker {
     /// Its id.
     pub id: String,
+    /// The code version it runs.
+    pub version: Option<String>,
     /// The queues it consumes.
     pub queues: Vec<String>,
     /// When it started.
@@ -194,6 +196,16 @@ pub struct OrderIdBody {
 pub struct WorkerIdBody {
     /// The worker told to crash.
     pub worker_id: String,
+}
+
+/// The unfinished workflows of one code version and kind, for the admin.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VersionView {
+    /// The version, kind, count and the workers that can run them.
+    #[serde(flatten)]
+    pub in_flight: engine::VersionInFlight,
+    /// No live worker can run them: they wait for a worker of their version.
+    pub stranded: bool,
 }
 
 /// A page of the admin's workflow list.

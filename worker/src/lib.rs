@@ -12,6 +12,10 @@ use engine::{QueueConfig, Runtime, RuntimeConfig};
 use store::db::DatabaseArgs;
 use store::telemetry::LogArgs;
 
+/// The code version a worker runs unless `APP_VERSION` says otherwise: the
+/// crate's version and the build id (the commit it was built from).
+pub const BUILD_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "+", env!("WIDGET_BUILD_ID"));
+
 /// The worker's configuration: every flag also reads an environment variable.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
@@ -63,6 +67,12 @@ impl Config {
                     concurrency: self.concurrency,
                 })
                 .collect(),
+            app_version: Some(
+                self.runtime
+                    .app_version
+                    .clone()
+                    .unwrap_or_else(|| BUILD_VERSION.to_owned()),
+            ),
             ..self.runtime.clone()
         }
     }

@@ -201,8 +201,11 @@ impl Engine {
             .await?)
     }
 
-    /// Unfinished workflows (enqueued, running, waiting) by kind and status.
-    pub async fn unfinished(&self) -> Result<Vec<(String, String, i64)>, EngineError> {
+    /// Unfinished workflows (enqueued, running, waiting) by kind, status
+    /// and code version (none: not executed yet).
+    pub async fn unfinished(
+        &self,
+    ) -> Result<Vec<(String, String, Option<String>, i64)>, EngineError> {
         Ok(sqlx::query_as(sql::UNFINISHED_COUNTS)
             .fetch_all(&self.pool)
             .await?)

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::CrashPoint;
+use crate::{CrashPoint, TestRevision};
 
 /// The defaults, as a flag takes them.
 mod defaults {
@@ -68,6 +68,18 @@ pub struct RuntimeConfig {
     /// by release builds.
     #[arg(long, env = "WORKER_CRASH_AT", hide = true)]
     pub crash_at: Option<CrashPoint>,
+    /// The code version this worker runs: a workflow is pinned to the
+    /// version of the worker that first executes it, and runs only on
+    /// workers of that version unless their code declares patches for its
+    /// kind ([`Workflow::patches`](crate::Workflow::patches)). A binary
+    /// sets its build's version when the variable is unset; without one,
+    /// `unversioned`.
+    #[arg(long, env = "APP_VERSION")]
+    pub app_version: Option<String>,
+    /// Tests only: run a later revision of one kind's code, one step
+    /// inserted ([`TestRevision`]). Ignored by release builds.
+    #[arg(long, env = "WORKER_TEST_REVISION", hide = true)]
+    pub test_revision: Option<TestRevision>,
 }
 
 impl Default for RuntimeConfig {
@@ -85,6 +97,8 @@ impl Default for RuntimeConfig {
             prune_after: duration(defaults::PRUNE_AFTER),
             max_executions: defaults::MAX_EXECUTIONS,
             crash_at: None,
+            app_version: None,
+            test_revision: None,
         }
     }
 }

@@ -8,7 +8,7 @@
 use crate::sql;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -31,6 +31,11 @@ pub struct WorkerInfo {
     pub pid: i32,
     /// Queues it consumes.
     pub queues: Vec<String>,
+    /// The code version it runs.
+    pub version: Option<String>,
+    /// The kinds whose workflows of other versions it runs (its code
+    /// declares patches for them).
+    pub adopts: Vec<String>,
     /// Process start.
     pub started_at: DateTime<Utc>,
     /// Last heartbeat.
@@ -53,7 +58,12 @@ pub(crate) struct Registration {
     pub(crate) lock_key: i64,
     pub(crate) host: String,
     pub(crate) queues: Vec<String>,
+    pub(crate) version: String,
+    pub(crate) adopts: Vec<String>,
     pub(crate) heartbeat: Duration,
+    /// Set by each heartbeat: whether this worker's version is the fleet's
+    /// current one (it then takes workflows not pinned yet).
+    pub(crate) current: Arc<AtomicBool>,
 }
 
 /// Holds the worker's advisory lock and registry row until `stop` turns
@@ -98,15 +108,19 @@ pub(crate) async fn hold_membership(
                 }
             }
             let is_draining = *draining.borrow();
-            let beat = sqlx::query(sql::HEARTBEAT)
+            let beat: Result<Option<bool>, _> = sqlx::query_scalar(sql::HEARTBEAT)
                 .bind(&*me.worker_id)
                 .bind(in_flight.load(Ordering::Relaxed) as i32)
                 .bind(is_draining)
-                .execute(&mut conn)
+                .fetch_optional(&mut conn)
                 .await;
             match beat {
-                Ok(done) if done.rows_affected() == 1 => {}
-                Ok(_) => {
+                Ok(Some(current)) => {
+                    if me.current.swap(current, Ordering::Relaxed) != current {
+                        tracing::info!(version = %me.version, current, "whether this version is the fleet's current one changed");
+                    }
+                }
+                Ok(None) => {
                     // Reaped while alive (our lock connection dropped for a
                     // moment): register again. Fencing kept the duplicate
                     // executions of our workflows harmless.
@@ -142,6 +156,8 @@ async fn upsert(conn: &mut PgConnection, me: &Registration) -> Result<(), sqlx::
         .bind(std::process::id() as i32)
         .bind(&me.queues)
         .bind(me.lock_key)
+        .bind(&me.version)
+        .bind(&me.adopts)
         .execute(&mut *conn)
         .await?;
     Ok(())

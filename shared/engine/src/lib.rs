@@ -44,6 +44,7 @@ mod runtime;
 mod schema;
 mod sql;
 pub mod step;
+mod test_revision;
 
 use std::time::Duration;
 
@@ -58,13 +59,16 @@ pub use error::{EngineError, StepError, WorkflowError, is_unavailable};
 pub use events::EventListener;
 pub use observer::Observer;
 pub use operator::{
-    CancelOutcome, Cursor, EventRecord, MessageRecord, WorkflowFilter, WorkflowRecord,
-    WorkflowSummary,
+    CancelOutcome, Cursor, EventRecord, MessageRecord, VersionInFlight, WorkflowFilter,
+    WorkflowRecord, WorkflowSummary,
 };
 pub use queue::{JOB_INSERT_CHANNEL, WorkflowJob, ready_jobs};
-pub use runtime::{ENDING_STEP, EndReason, Ending, ExecutionOutcome, Runtime, Workflow};
+pub use runtime::{
+    ENDING_STEP, EndReason, Ending, ExecutionOutcome, Runtime, UNVERSIONED, Workflow,
+};
 pub use schema::{MigrateError, migrations_applied, migrator_applied, run_migrations};
 pub use step::{Effect, Final, ForEach, Statement, Transaction};
+pub use test_revision::{TEST_PATCH, TEST_REVISION_STEP, TestRevision};
 
 /// A kind of workflow and the queue its jobs go to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

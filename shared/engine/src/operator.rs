@@ -35,6 +35,8 @@ pub struct WorkflowFilter {
     pub kind: Option<String>,
     /// Only those unchanged for at least this long (stuck, long waiting).
     pub older_than: Option<Duration>,
+    /// Only those pinned to this code version.
+    pub version: Option<String>,
     /// Only those after this position of an earlier page.
     pub after: Option<Cursor>,
     /// At most this many.
@@ -80,6 +82,9 @@ pub struct WorkflowSummary {
     pub cancel_requested: bool,
     /// The worker running it now.
     pub owner: Option<String>,
+    /// The code version it is pinned to (that of the worker that first
+    /// executed it); none before its first execution.
+    pub version: Option<String>,
     /// Attempts spent on the failing step.
     pub attempts: i32,
     /// Executions started.
@@ -118,6 +123,32 @@ pub struct WorkflowRecord {
     pub input: Value,
     /// Its output once succeeded.
     pub output: Option<Value>,
+}
+
+/// The unfinished workflows of one code version and kind.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct VersionInFlight {
+    /// The version they are pinned to; none: not executed yet (any
+    /// worker takes them).
+    pub version: Option<String>,
+    /// Their kind.
+    pub kind: String,
+    /// How many are enqueued, running or waiting.
+    pub unfinished: i64,
+    /// Live workers (not draining) of that version; for workflows not
+    /// pinned yet, all live workers.
+    pub workers: i64,
+    /// Live workers of other versions whose code adopts this kind.
+    pub adopters: i64,
+}
+
+impl VersionInFlight {
+    /// Whether no live worker can run them: they wait for a worker of
+    /// their version.
+    pub fn stranded(&self) -> bool {
+        self.workers + self.adopters == 0
+    }
 }
 
 /// An event a workflow set.
@@ -162,6 +193,17 @@ impl Engine {
             .bind(after_at)
             .bind(after_id)
             .bind(filter.limit)
+            .bind(filter.version.as_deref())
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Unfinished workflows by code version and kind, each with the live
+    /// workers that can run them: an operator scales a version to zero
+    /// once none of its workflows is left, and sees those that wait for a
+    /// worker of theirs.
+    pub async fn versions(&self) -> Result<Vec<VersionInFlight>, EngineError> {
+        Ok(sqlx::query_as(sql::VERSIONS_IN_FLIGHT)
             .fetch_all(&self.pool)
             .await?)
     }

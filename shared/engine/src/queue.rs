@@ -361,23 +361,36 @@ async fn prune_finished_jobs(pool: &PgPool, older_than: Duration) -> Result<u64,
 /// marks it running (owner `$2`) unless it has finished, and returns what
 /// the execution needs, its checkpoints included. The workflow is `$1`, or
 /// the one of the job `$3`; with `$3`, the statement also takes that job
-/// (marks it done) if it is due and no other worker holds it. It commits
+/// (marks it done) if it is due and no other worker holds it. A workflow
+/// pinned to a version other than `$4`, of a kind not in `$5` (the kinds
+/// this worker adopts), is not claimed and its job is left for a worker of
+/// its version; a workflow not pinned yet is claimed only when `$6` (this
+/// worker's version is the fleet's current one), and pinned to `$4`. It commits
 /// without waiting for its WAL flush (see `Runtime::claim`).
-pub(crate) const CLAIM: &str = "WITH job AS (
+pub(crate) const CLAIM: &str = "WITH candidate AS (
+                 SELECT id, convert_from(job, 'UTF8')::json ->> 'workflow_id' AS workflow_id
+                 FROM apalis.jobs
+                 WHERE id = $3 AND status = 'Pending' AND run_at <= now()
+                 FOR UPDATE SKIP LOCKED),
+             previous AS (
+                 SELECT id, status, owner, orphaned_at,
+                     status IN ('succeeded', 'failed', 'cancelled') AS finished,
+                     (version IS NULL AND $6) OR version = $4 OR kind = ANY ($5) AS runs_here
+                 FROM engine.workflows
+                 WHERE id = coalesce($1, (SELECT workflow_id FROM candidate))
+                 FOR UPDATE),
+             job AS (
                  UPDATE apalis.jobs j SET status = 'Done', attempts = j.attempts + 1,
                      lock_at = now(), done_at = now()
-                 WHERE j.id = (SELECT id FROM apalis.jobs
-                               WHERE id = $3 AND status = 'Pending' AND run_at <= now()
-                               FOR UPDATE SKIP LOCKED)
-                 RETURNING convert_from(j.job, 'UTF8')::json ->> 'workflow_id' AS workflow_id),
-             previous AS (
-                 SELECT id, status, owner, orphaned_at FROM engine.workflows
-                 WHERE id = coalesce($1, (SELECT workflow_id FROM job))
-                 FOR UPDATE)
+                 FROM candidate
+                 WHERE j.id = candidate.id
+                   AND coalesce((SELECT finished OR runs_here FROM previous), true))
              UPDATE engine.workflows w SET status = 'running', owner = $2, executions = w.executions + 1,
-                 wait_topic = NULL, wait_until = NULL, orphaned_at = NULL, updated_at = now()
+                 wait_topic = NULL, wait_until = NULL, orphaned_at = NULL, updated_at = now(),
+                 version = coalesce(w.version, $4)
              FROM previous
-             WHERE w.id = previous.id AND previous.status NOT IN ('succeeded', 'failed', 'cancelled')
+             WHERE w.id = previous.id AND NOT previous.finished AND previous.runs_here
+               AND ($1::text IS NOT NULL OR EXISTS (SELECT FROM candidate))
              RETURNING w.id AS workflow_id, w.kind, w.queue, w.input,
                  previous.status AS previous_status, previous.owner AS previous_owner,
                  w.cancel_requested, w.executions, w.ending, w.error, w.attempts,

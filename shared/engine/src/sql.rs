@@ -43,23 +43,29 @@ pub(crate) const RESTART_SOURCE: &str = "SELECT w.kind, w.queue, w.input,
           FROM engine.workflow_steps s WHERE s.workflow_id = w.id)
      FROM engine.workflows w WHERE w.id = $1";
 
-/// Copies workflow `$1`'s checkpoints before step `$3` to workflow `$2`.
-pub(crate) const COPY_CHECKPOINTS: &str = "INSERT INTO engine.workflow_steps
-         (workflow_id, step_seq, name, output, worker_id, started_at, finished_at)
-     SELECT $2, step_seq, name, output, worker_id, started_at, finished_at
-     FROM engine.workflow_steps WHERE workflow_id = $1 AND step_seq < $3";
+/// Copies workflow `$1`'s checkpoints before step `$3` to workflow `$2`,
+/// which is then pinned to `$1`'s version when any was copied (its history
+/// is that code's).
+pub(crate) const COPY_CHECKPOINTS: &str = "WITH copied AS (
+         INSERT INTO engine.workflow_steps
+             (workflow_id, step_seq, name, output, worker_id, started_at, finished_at)
+         SELECT $2, step_seq, name, output, worker_id, started_at, finished_at
+         FROM engine.workflow_steps WHERE workflow_id = $1 AND step_seq < $3
+         RETURNING 1)
+     UPDATE engine.workflows SET version = (SELECT version FROM engine.workflows WHERE id = $1)
+     WHERE id = $2 AND EXISTS (SELECT FROM copied)";
 
 /// The columns of an operator's workflow summary.
 macro_rules! summary_columns {
     () => {
-        "id, kind, status, ending, cancel_requested, owner, attempts, executions, error,
+        "id, kind, status, ending, cancel_requested, owner, version, attempts, executions, error,
          wait_topic, wait_until, created_at, updated_at"
     };
 }
 
 /// Workflows newest first: status `$1`, kind `$2`, unchanged for `$3`
-/// seconds, after the cursor (`$4`, `$5`), at most `$6` (each filter off
-/// when NULL).
+/// seconds, after the cursor (`$4`, `$5`), at most `$6`, pinned to version
+/// `$7` (each filter off when NULL).
 pub(crate) const LIST_WORKFLOWS: &str = concat!(
     "SELECT ",
     summary_columns!(),
@@ -67,6 +73,7 @@ pub(crate) const LIST_WORKFLOWS: &str = concat!(
      WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR kind = $2)
        AND ($3::float8 IS NULL OR updated_at <= now() - make_interval(secs => $3))
        AND ($4::timestamptz IS NULL OR (created_at, id) < ($4, $5::text))
+       AND ($7::text IS NULL OR version = $7)
      ORDER BY created_at DESC, id DESC LIMIT $6"
 );
 
@@ -91,9 +98,22 @@ pub(crate) const WORKFLOW_INFO: &str =
     "SELECT id, kind, status, output, error, attempts, executions, owner, created_at, updated_at
      FROM engine.workflows WHERE id = $1";
 
-/// Unfinished workflows by kind and status.
-pub(crate) const UNFINISHED_COUNTS: &str = "SELECT kind, status, count(*) FROM engine.workflows
-     WHERE status IN ('enqueued', 'running', 'waiting') GROUP BY kind, status";
+/// Unfinished workflows by kind, status and version.
+pub(crate) const UNFINISHED_COUNTS: &str =
+    "SELECT kind, status, version, count(*) FROM engine.workflows
+     WHERE status IN ('enqueued', 'running', 'waiting') GROUP BY kind, status, version";
+
+/// Unfinished workflows by version (NULL: not executed yet, any worker's)
+/// and kind, with the live workers (not draining) of that version, and of
+/// other versions adopting that kind.
+pub(crate) const VERSIONS_IN_FLIGHT: &str = "SELECT w.version, w.kind, count(*) AS unfinished,
+         (SELECT count(*) FROM engine.workers k
+          WHERE NOT k.draining AND (w.version IS NULL OR k.version = w.version)) AS workers,
+         (SELECT count(*) FROM engine.workers k
+          WHERE NOT k.draining AND w.version IS NOT NULL AND k.version IS DISTINCT FROM w.version
+            AND w.kind = ANY (k.adopts)) AS adopters
+     FROM engine.workflows w WHERE w.status IN ('enqueued', 'running', 'waiting')
+     GROUP BY w.version, w.kind ORDER BY w.version NULLS FIRST, w.kind";
 
 /// A workflow's checkpoints in step order.
 pub(crate) const WORKFLOW_STEPS: &str =
@@ -156,16 +176,19 @@ pub(crate) const FINISH: &str = "SELECT engine.workflow_finish($1, $2, $3, $4, $
 
 /// The live workers, oldest first.
 pub(crate) const LIST_WORKERS: &str =
-    "SELECT id, host, pid, queues, started_at, last_seen, in_flight, draining
+    "SELECT id, host, pid, queues, version, adopts, started_at, last_seen, in_flight, draining
      FROM engine.workers ORDER BY started_at, id";
 
-/// A worker's heartbeat.
+/// A worker's heartbeat; returns whether its version is the fleet's current
+/// one (no row: the worker was reaped).
 pub(crate) const HEARTBEAT: &str =
-    "UPDATE engine.workers SET last_seen = now(), in_flight = $2, draining = $3 WHERE id = $1";
+    "UPDATE engine.workers SET last_seen = now(), in_flight = $2, draining = $3 WHERE id = $1
+     RETURNING version IS NOT DISTINCT FROM engine.current_version()";
 
 /// Registers a worker process.
 pub(crate) const REGISTER_WORKER: &str =
-    "INSERT INTO engine.workers (id, host, pid, queues, lock_key) VALUES ($1, $2, $3, $4, $5)
+    "INSERT INTO engine.workers (id, host, pid, queues, lock_key, version, adopts)
+     VALUES ($1, $2, $3, $4, $5, $6, $7)
      ON CONFLICT (id) DO UPDATE SET last_seen = now()";
 
 /// The other workers, each with whether it is dead (its advisory lock free, or its heartbeat stale).

@@ -48,6 +48,20 @@ pub struct DatabaseArgs {
         value_parser = humantime::parse_duration
     )]
     pub acquire_timeout: Duration,
+    /// At start-up, `apply` the migrations (safe from many processes at
+    /// once: each takes sqlx's migration lock), or `wait` until they are
+    /// applied by someone else (a release's migration job).
+    #[arg(long, env = "MIGRATIONS", value_enum, default_value_t = Migrations::Apply)]
+    pub migrations: Migrations,
+}
+
+/// What a process does with the migrations at start-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Migrations {
+    /// Applies those not applied yet.
+    Apply,
+    /// Waits until they are all applied, applying none.
+    Wait,
 }
 
 impl DatabaseArgs {
@@ -58,6 +72,7 @@ impl DatabaseArgs {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             acquire_timeout: humantime::parse_duration(DEFAULT_ACQUIRE_TIMEOUT)
                 .expect("a valid default"),
+            migrations: Migrations::Apply,
         }
     }
 
@@ -77,7 +92,10 @@ impl DatabaseArgs {
         let pool = self
             .pool(application_name)
             .map_err(MigrateError::Settings)?;
-        migrate_with_retry(&pool, wait).await?;
+        match self.migrations {
+            Migrations::Apply => migrate_with_retry(&pool, wait).await?,
+            Migrations::Wait => wait_for_migrations(&pool).await,
+        }
         Ok(pool)
     }
 
@@ -151,6 +169,27 @@ async fn migrate_with_retry(pool: &PgPool, give_up_after: Duration) -> Result<()
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// Waits, however long it takes, until the migrations are all applied
+/// (by a release's migration job), saying so every 10 s.
+async fn wait_for_migrations(pool: &PgPool) {
+    let mut waited = Duration::ZERO;
+    let step = Duration::from_millis(500);
+    loop {
+        match migrations_applied(pool).await {
+            Ok(true) => return,
+            Ok(false) if waited.as_millis().is_multiple_of(10_000) => {
+                tracing::info!(waited = ?waited, "waiting for the migrations to be applied (MIGRATIONS=wait)")
+            }
+            Err(e) if waited.as_millis().is_multiple_of(10_000) => {
+                tracing::warn!(error = %error_chain(&e), "database not ready; waiting for the migrations")
+            }
+            _ => {}
+        }
+        tokio::time::sleep(step).await;
+        waited += step;
     }
 }
 

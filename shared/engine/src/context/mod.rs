@@ -1,6 +1,7 @@
 //! What a workflow function sees: the replaying, checkpointing context.
 
 mod failure;
+mod patches;
 mod replay;
 mod statement;
 mod unit_of_work;
@@ -71,6 +72,10 @@ pub struct WorkflowContext {
     /// Taken over from a dead worker last seen then: the next step to
     /// complete ends the takeover.
     pub(crate) orphaned_at: Option<DateTime<Utc>>,
+    /// The patches its kind declares ([`WorkflowContext::patched`]).
+    pub(crate) patches: Vec<&'static str>,
+    /// A test revision of its kind's code, until its step is inserted.
+    pub(crate) revision: Option<crate::TestRevision>,
 }
 
 /// What the runtime lets a statement step do with a workflow it starts
@@ -126,6 +131,9 @@ impl WorkflowContext {
     where
         S: DatabaseStep<T>,
     {
+        if self.revision.is_some() {
+            Box::pin(self.revise_before(name)).await?;
+        }
         // Boxed: a workflow's future then stays small while it waits
         // (thousands of sleeping dispatches live in one worker).
         Box::pin(step.run(self, name)).await

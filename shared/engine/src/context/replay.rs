@@ -89,6 +89,15 @@ impl ReplayCursor {
         self.resumed_after.take()
     }
 
+    /// Whether the history went past the next step without a checkpoint
+    /// named `marker` there: a patch the code that wrote it did not have.
+    /// At the end of the history the patch is new to it: `false`.
+    pub(crate) fn predates(&self, marker: &str) -> bool {
+        self.checkpoints
+            .front()
+            .is_some_and(|front| !(front.step_seq == self.next_seq && front.name == marker))
+    }
+
     /// The workflow's last step has ended it: no step may follow.
     pub(crate) fn finish(&mut self) {
         self.finished = true;
@@ -165,6 +174,36 @@ mod tests {
             output,
             finished_at: at(second),
         }
+    }
+
+    #[test]
+    fn a_patch_is_new_unless_the_history_went_past_it_without_its_marker() {
+        let history = || {
+            vec![
+                checkpoint(0, "reserve", json!(true), 1),
+                checkpoint(1, "$patch:audit", json!(true), 2),
+                checkpoint(3, "create", json!(42), 3),
+            ]
+        };
+        let mut cursor = ReplayCursor::new(history(), at(0));
+        assert!(cursor.predates("$patch:audit"), "step 0 is another step");
+        let seq = cursor.take_seq();
+        cursor.replay::<bool>(seq, "reserve").unwrap();
+        assert!(!cursor.predates("$patch:audit"), "its marker is next");
+        assert!(cursor.predates("$patch:other"), "another patch's is not");
+        let seq = cursor.take_seq();
+        cursor.replay::<bool>(seq, "$patch:audit").unwrap();
+        cursor.take_seq(); // an in-process sleep: no checkpoint
+        assert!(
+            cursor.predates("$patch:late"),
+            "a checkpoint further on: the history went past this point"
+        );
+        let seq = cursor.take_seq();
+        cursor.replay::<i64>(seq, "create").unwrap();
+        assert!(
+            !cursor.predates("$patch:late"),
+            "at the end of the history a patch is new"
+        );
     }
 
     #[test]

@@ -162,7 +162,9 @@ impl Inner {
     /// job then costs one attempt instead of one per worker; when every
     /// worker tried, the losers' attempts cost more than they saved at 32
     /// clients. A worker that died since the last reap may still be
-    /// chosen: its jobs then wait for a fetch (the poll interval).
+    /// chosen: its jobs then wait for a fetch (the poll interval), and so
+    /// does a job a worker of another version was chosen for (its claim
+    /// leaves the job of a workflow pinned to a version it does not run).
     fn takes_notified(&self, queue: &str, job_id: &str) -> bool {
         let score = |worker_id: &str| {
             let mut hasher = DefaultHasher::new();

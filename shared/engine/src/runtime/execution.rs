@@ -337,6 +337,9 @@ impl Runtime {
             .bind(workflow_id)
             .bind(&*self.inner.worker_id)
             .bind(job_id)
+            .bind(&*self.inner.version)
+            .bind(self.inner.adopted_kinds())
+            .bind(self.inner.current.load(Ordering::Relaxed))
             .fetch_optional(&self.inner.pool)
             .await
     }
@@ -440,6 +443,12 @@ impl Runtime {
             crash: CrashCounter::new(inner.config.crash_at.clone()),
             observer: inner.observer.clone(),
             orphaned_at,
+            patches: inner.patches(&kind),
+            revision: inner
+                .config
+                .test_revision
+                .clone()
+                .filter(|revision| revision.kind == kind),
         };
         inner.observer.execution_started(&kind, execution == 1);
         let span = tracing::info_span!(

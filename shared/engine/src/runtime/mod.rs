@@ -18,8 +18,8 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use apalis::prelude::{
@@ -69,6 +69,16 @@ pub trait Workflow: Send + Sync + 'static {
         None
     }
 
+    /// The patches this code guards its changes with
+    /// ([`WorkflowContext::patched`] refuses any other name). A kind with
+    /// patches declares that this code replays histories of any version
+    /// (those from before a patch take its old path), so its workers adopt
+    /// workflows of other versions; a kind without runs only the workflows
+    /// its own version started. The default: none.
+    fn patches(&self) -> &'static [&'static str] {
+        &[]
+    }
+
     /// The workflow function. It must be deterministic apart from its steps:
     /// every execution replays it from the top.
     fn run<'a>(
@@ -101,6 +111,7 @@ pub trait Workflow: Send + Sync + 'static {
 trait ErasedWorkflow: Send + Sync {
     fn kind(&self) -> WorkflowKind;
     fn retry_policy(&self) -> RetryPolicy;
+    fn patches(&self) -> &'static [&'static str];
     fn run_json<'a>(
         &'a self,
         ctx: &'a mut WorkflowContext,
@@ -126,6 +137,9 @@ impl<W: Workflow> ErasedWorkflow for W {
     }
     fn retry_policy(&self) -> RetryPolicy {
         Workflow::retry_policy(self)
+    }
+    fn patches(&self) -> &'static [&'static str] {
+        Workflow::patches(self)
     }
     fn run_json<'a>(
         &'a self,
@@ -170,6 +184,13 @@ struct Inner {
     pool: PgPool,
     connect: PgConnectOptions,
     worker_id: Arc<str>,
+    /// The code version it runs ([`RuntimeConfig::app_version`]).
+    version: Arc<str>,
+    /// [`Inner::adopted_kinds`], once the workflows are registered.
+    adopts: OnceLock<Vec<String>>,
+    /// Whether its version is the fleet's current one, as the last
+    /// heartbeat saw: only then does it claim workflows not pinned yet.
+    current: Arc<AtomicBool>,
     lock_key: i64,
     workflows: HashMap<&'static str, Arc<dyn ErasedWorkflow>>,
     /// Executions running in this process, each with a sender dropped when
@@ -202,6 +223,14 @@ struct QueueSlots {
 impl Runtime {
     /// A runtime on `pool`; `connect` opens its registry connection.
     pub fn new(pool: PgPool, connect: PgConnectOptions, mut config: RuntimeConfig) -> Self {
+        if let Some(revision) = &config.test_revision {
+            if cfg!(debug_assertions) {
+                tracing::warn!(test_revision = %revision, "test revision: this worker runs changed code");
+            } else {
+                tracing::warn!(test_revision = %revision, "test revisions are for test builds: ignored");
+                config.test_revision = None;
+            }
+        }
         if let Some(point) = &config.crash_at {
             if cfg!(debug_assertions) {
                 tracing::warn!(crash_point = %point, "test crash point armed: this worker dies there");
@@ -215,12 +244,16 @@ impl Runtime {
         let worker_id = format!("w-{:012x}", rand::random::<u64>() >> 16);
         let (drain, _) = watch::channel(false);
         let worker_id: Arc<str> = Arc::from(worker_id);
+        let version = Arc::from(config.app_version.as_deref().unwrap_or(UNVERSIONED));
         Self {
             inner: Arc::new(Inner {
                 batches: StepBatches::new(pool.clone(), worker_id.clone()),
                 pool,
                 connect,
                 worker_id,
+                version,
+                adopts: OnceLock::new(),
+                current: Arc::new(AtomicBool::new(true)),
                 lock_key: rand::random::<i64>(),
                 workflows: HashMap::new(),
                 in_flight: Mutex::new(HashMap::new()),
@@ -266,6 +299,11 @@ impl Runtime {
         &self.inner.worker_id
     }
 
+    /// The code version this worker runs.
+    pub fn version(&self) -> &str {
+        &self.inner.version
+    }
+
     /// Runs until `shutdown` completes, then drains: stops claiming, lets
     /// running steps finish (up to the drain timeout), hands unfinished
     /// workflows back to the queue and leaves the registry.
@@ -278,7 +316,10 @@ impl Runtime {
             lock_key: inner.lock_key,
             host: hostname(),
             queues: inner.config.queues.iter().map(|q| q.name.clone()).collect(),
+            version: inner.version.to_string(),
+            adopts: inner.adopted_kinds().to_vec(),
             heartbeat: inner.config.heartbeat,
+            current: inner.current.clone(),
         };
         let membership = tokio::spawn(fleet::hold_membership(
             inner.connect.clone(),
@@ -311,6 +352,8 @@ impl Runtime {
             worker_id = %inner.worker_id,
             host = hostname(),
             pid = std::process::id(),
+            version = %inner.version,
+            adopts = ?inner.adopted_kinds(),
             queues = ?inner.config.queues.iter().map(|q| (&q.name, q.concurrency)).collect::<Vec<_>>(),
             "worker started"
         );
@@ -356,4 +399,38 @@ fn hostname() -> String {
         .filter(|h| !h.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// The version of a worker given none ([`RuntimeConfig::app_version`]).
+pub const UNVERSIONED: &str = "unversioned";
+
+impl Inner {
+    /// The patches its code declares for `kind`, a test revision's included.
+    fn patches(&self, kind: &str) -> Vec<&'static str> {
+        let declared = self
+            .workflows
+            .get(kind)
+            .map_or(&[][..], |definition| definition.patches());
+        let revised = self
+            .config
+            .test_revision
+            .as_ref()
+            .map_or(&[][..], |revision| revision.patches_of(kind));
+        declared.iter().chain(revised).copied().collect()
+    }
+
+    /// The kinds whose histories of any version this worker runs: those
+    /// whose code declares patches.
+    fn adopted_kinds(&self) -> &[String] {
+        self.adopts.get_or_init(|| {
+            let mut kinds: Vec<String> = self
+                .workflows
+                .keys()
+                .filter(|kind| !self.patches(kind).is_empty())
+                .map(|kind| (*kind).to_owned())
+                .collect();
+            kinds.sort();
+            kinds
+        })
+    }
 }

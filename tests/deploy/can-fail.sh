@@ -17,6 +17,7 @@ BREAKAGES=(
   "k8s-render|deploy/k8s/base/kustomization.yaml|s#  - api.yaml#  - missing.yaml#|a missing resource"
   "k8s-schemas|deploy/k8s/base/api.yaml|s#revisionHistoryLimit:#revisionHistoryLimits:#|an unknown Deployment field"
   "keda-schema|deploy/k8s/base/worker-scaledobject.yaml|s#targetQueryValue: \"1\"#targetQueryValue: 1#|a trigger setting that is not a string"
+  "keda-schema|deploy/k8s/base/worker-scaledobject.yaml|s#pollingInterval:#pollingIntervals:#|an unknown ScaledObject field"
   "keda-query|deploy/k8s/base/kustomization.yaml|/^replacements:/,\$d|the query no longer copied from keda-backlog.sql"
   "keda-query|deploy/k8s/base/config.env|s#WORKER_CONCURRENCY=32#WORKER_CONCURRENCY=16#|WORKER_CONCURRENCY no longer the query's divisor"
   "k8s-lifecycle|deploy/k8s/base/worker.yaml|s#terminationGracePeriodSeconds: 30#terminationGracePeriodSeconds: 5#|worker killed before its drain ends"

@@ -46,9 +46,11 @@ check "clippy" cargo clippy --workspace --all-targets --quiet -- -D warnings
 # The tests build what they spawn themselves; building here first makes a
 # broken build one clear failure.
 check "build" cargo build --workspace --bins --tests --quiet
+# The release build that ships (the image build runs the same script).
+check "release" deploy/build-release.sh --quiet
 
 log "rust tests"
-cargo test --workspace --quiet -- --test-threads="${TEST_THREADS:-2}" "$@" 2>&1 | tee target/test-output.txt
+cargo test --workspace --quiet --no-fail-fast -- --test-threads="${TEST_THREADS:-2}" "$@" 2>&1 | tee target/test-output.txt
 test_status=${PIPESTATUS[0]}
 tests_passed=$(grep -Eo '[0-9]+ passed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
 tests_failed=$(grep -Eo '[0-9]+ failed' target/test-output.txt | awk '{s+=$1} END {print s+0}')

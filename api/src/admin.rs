@@ -13,7 +13,7 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::{Extension, Json};
 use engine::fleet::{self, WorkerInfo};
-use engine::{CancelOutcome, Cursor, EngineError, WorkflowFilter, WorkflowStatus};
+use engine::{CancelOutcome, Cursor, DeleteOutcome, EngineError, WorkflowFilter, WorkflowStatus};
 use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -129,7 +129,7 @@ pub fn routes(tokens: &AdminTokens) -> OpenApiRouter<AppState> {
     }
     let guarded = OpenApiRouter::new()
         .routes(routes!(list))
-        .routes(routes!(detail))
+        .routes(routes!(detail, delete))
         .routes(routes!(cancel))
         .routes(routes!(resume))
         .routes(routes!(restart))
@@ -377,6 +377,43 @@ async fn cancel(
         }),
     )
         .into_response())
+}
+
+/// Deletes a finished workflow now, with its steps, events and messages
+/// (retention does after `WORKFLOW_RETENTION`); orders and payments stay.
+#[utoipa::path(delete, path = "/admin/workflows/{id}", tag = "admin",
+    params(("id" = String, Path, description = "The workflow's id")),
+    security(("admin_token" = [])),
+    responses((status = 200, description = "Deleted", body = ActionAnswer),
+        (status = 401, description = "missing_token, invalid_token", body = ErrorBody),
+        (status = 404, description = "unknown_workflow", body = ErrorBody),
+        (status = 409, description = "not_finished, child_unfinished", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody)))]
+async fn delete(
+    State(state): State<AppState>,
+    Extension(Operator(operator)): Extension<Operator>,
+    Path(id): Path<String>,
+) -> Result<Json<ActionAnswer>, ApiError> {
+    let outcome = state
+        .engine
+        .delete(&id)
+        .await
+        .map_err(|e| admin_error(&id, e))?;
+    tracing::info!(admin = operator, action = "delete", workflow_id = id, outcome = ?outcome, "admin action");
+    match outcome {
+        DeleteOutcome::Deleted => Ok(Json(ActionAnswer {
+            workflow_id: id,
+            outcome: ActionOutcome::Deleted,
+        })),
+        DeleteOutcome::Unfinished(status) => Err(ApiError::conflict(
+            "not_finished",
+            format!("workflow is {}; cancel it first", status.as_str()),
+        )),
+        DeleteOutcome::ChildUnfinished => Err(ApiError::conflict(
+            "child_unfinished",
+            "a workflow it started has not finished yet",
+        )),
+    }
 }
 
 /// Runs a failed or cancelled workflow again from its last checkpoint.

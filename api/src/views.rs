@@ -240,9 +240,11 @@ pub enum ActionOutcome {
     Ending,
     /// It runs again from its last checkpoint.
     Resumed,
+    /// Deleted, with its steps, events and messages.
+    Deleted,
 }
 
-/// The answer of cancel and resume.
+/// The answer of cancel, resume and delete.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ActionAnswer {
     /// The workflow.

@@ -31,7 +31,7 @@ done
 ensure_postgres "${WIDGET_DB:-widget_store}"
 if [ "$PROFILE" = release ]; then
   log "building release binaries (first time takes a few minutes)"
-  cargo build --release --quiet --bin widget-api --bin widget-worker
+  deploy/build-release.sh --quiet
 else
   log "building debug binaries"
   cargo build --quiet --bin widget-api --bin widget-worker

@@ -32,9 +32,12 @@ def dockerfile():
     elif build.rsplit("-", 1)[1] not in stages[-1]:
         problems.append("build and runtime stages on different Debian releases (glibc)")
     runs = " ".join(a for i, a in steps if i == "RUN")
+    if "deploy/build-release.sh" not in runs:
+        problems.append("the image does not build with deploy/build-release.sh (what CI runs)")
+    script = (ROOT / "deploy" / "build-release.sh").read_text()
     for needed in ("SQLX_OFFLINE=true", "--release", "--locked", "--bin widget-api", "--bin widget-worker"):
-        if needed not in runs:
-            problems.append(f"the cargo build lacks {needed}")
+        if needed not in script:
+            problems.append(f"deploy/build-release.sh: the cargo build lacks {needed}")
     final = steps[max(n for n, (i, _) in enumerate(steps) if i == "FROM"):]
     last = {i: a for i, a in final}
     if not re.fullmatch(r"[1-9]\d*(:[1-9]\d*)?", last.get("USER", "")):

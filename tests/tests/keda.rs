@@ -1,7 +1,7 @@
 //! The query KEDA scales the workers on (`deploy/k8s/base/keda-backlog.sql`)
 //! against a real database: 0 when idle, rising with the backlog of
 //! checkouts no worker has taken yet, and back to 0 once a worker has run
-//! them (parked for payment, they hold no slot).
+//! them all (parked for payment, they hold no slot).
 
 use std::time::Duration;
 
@@ -45,15 +45,23 @@ async fn the_keda_query_rises_with_the_backlog_and_falls_to_zero_when_idle() -> 
 
     let _worker = spawn_store_worker(&db, "keda-worker", &[("PAYMENT_TIMEOUT", "10m")])?;
     wait_workers(&db.pool, 1).await?;
-    wait_until("the backlog taken", Duration::from_secs(60), || async {
-        Ok(workers_needed(&db.pool).await? == 0)
-    })
-    .await?;
-    let parked: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM engine.workflows WHERE kind = 'checkout' AND status = 'waiting'",
+    wait_until(
+        "every checkout run and parked",
+        Duration::from_secs(60),
+        || async {
+            let parked: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM engine.workflows WHERE kind = 'checkout' AND status = 'waiting'",
+        )
+        .fetch_one(&db.pool)
+        .await?;
+            Ok(parked == 100)
+        },
     )
-    .fetch_one(&db.pool)
     .await?;
-    assert_eq!(parked, 100, "each checkout ran and parked for its payment");
+    assert_eq!(
+        workers_needed(&db.pool).await?,
+        0,
+        "idle again: parked checkouts hold no slot"
+    );
     db.drop_database().await
 }

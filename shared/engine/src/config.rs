@@ -17,6 +17,8 @@ mod defaults {
     pub const DRAIN_TIMEOUT: &str = "10s";
     pub const PRUNE_AFTER: &str = "5m";
     pub const MAX_EXECUTIONS: i32 = 100;
+    pub const RETENTION: &str = "7d";
+    pub const RETENTION_FAILED: &str = "30d";
 }
 
 /// One queue a worker consumes.
@@ -63,6 +65,15 @@ pub struct RuntimeConfig {
     /// crash loop is a dead letter, not an endless loop).
     #[arg(long, env = "WORKER_MAX_EXECUTIONS", default_value_t = defaults::MAX_EXECUTIONS)]
     pub max_executions: i32,
+    /// Finished workflows (succeeded or cancelled) are deleted this long
+    /// after they ended, with their steps, events and messages (0: kept for
+    /// ever). Business records (orders, payments) are the store's and stay.
+    #[arg(long, env = "WORKFLOW_RETENTION", default_value = defaults::RETENTION, value_parser = humantime::parse_duration)]
+    pub retention: Duration,
+    /// Failed workflows are deleted this long after they failed (0: kept
+    /// for ever).
+    #[arg(long, env = "WORKFLOW_RETENTION_FAILED", default_value = defaults::RETENTION_FAILED, value_parser = humantime::parse_duration)]
+    pub retention_failed: Duration,
     /// Tests only: die with SIGKILL right before or after a step commits,
     /// `before:<step>[#n]` or `after:<step>[#n]` ([`CrashPoint`]). Ignored
     /// by release builds.
@@ -82,6 +93,17 @@ pub struct RuntimeConfig {
     pub test_revision: Option<TestRevision>,
 }
 
+impl RuntimeConfig {
+    /// What retention deletes, and after how long.
+    pub(crate) fn retention(&self) -> crate::retention::Retention {
+        let kept = |d: Duration| (!d.is_zero()).then_some(d);
+        crate::retention::Retention {
+            finished: kept(self.retention),
+            failed: kept(self.retention_failed),
+        }
+    }
+}
+
 impl Default for RuntimeConfig {
     /// The flags' defaults, without reading the environment.
     fn default() -> Self {
@@ -96,6 +118,8 @@ impl Default for RuntimeConfig {
             drain_timeout: duration(defaults::DRAIN_TIMEOUT),
             prune_after: duration(defaults::PRUNE_AFTER),
             max_executions: defaults::MAX_EXECUTIONS,
+            retention: duration(defaults::RETENTION),
+            retention_failed: duration(defaults::RETENTION_FAILED),
             crash_at: None,
             app_version: None,
             test_revision: None,

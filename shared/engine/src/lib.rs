@@ -40,6 +40,7 @@ pub mod fleet;
 mod observer;
 mod operator;
 mod queue;
+mod retention;
 mod runtime;
 mod schema;
 mod sql;
@@ -59,8 +60,8 @@ pub use error::{EngineError, StepError, WorkflowError, is_unavailable};
 pub use events::EventListener;
 pub use observer::Observer;
 pub use operator::{
-    CancelOutcome, Cursor, EventRecord, MessageRecord, VersionInFlight, WorkflowFilter,
-    WorkflowRecord, WorkflowSummary,
+    CancelOutcome, Cursor, DeleteOutcome, EventRecord, MessageRecord, VersionInFlight,
+    WorkflowFilter, WorkflowRecord, WorkflowSummary,
 };
 pub use queue::{JOB_INSERT_CHANNEL, WorkflowJob, ready_jobs};
 pub use runtime::{

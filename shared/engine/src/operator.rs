@@ -26,6 +26,17 @@ pub enum CancelOutcome {
     Finished(WorkflowStatus),
 }
 
+/// What [`Engine::delete`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    /// Deleted, with its steps, events and messages.
+    Deleted,
+    /// Not finished: nothing changed.
+    Unfinished(WorkflowStatus),
+    /// A workflow it started is unfinished: nothing changed.
+    ChildUnfinished,
+}
+
 /// Which workflows [`Engine::list`] returns, newest first.
 #[derive(Debug, Clone, Default)]
 pub struct WorkflowFilter {
@@ -196,6 +207,35 @@ impl Engine {
             .bind(filter.version.as_deref())
             .fetch_all(&self.pool)
             .await?)
+    }
+
+    /// Deletes a finished workflow now, with its steps, events and messages
+    /// (what retention does once it is old enough), unless a workflow it
+    /// started is unfinished.
+    pub async fn delete(&self, workflow_id: &str) -> Result<DeleteOutcome, EngineError> {
+        let deleted: Option<String> = sqlx::query_scalar(sql::DELETE_FINISHED)
+            .bind(workflow_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        if deleted.is_some() {
+            return Ok(DeleteOutcome::Deleted);
+        }
+        let row: Option<(String, bool)> = sqlx::query_as(sql::STATUS_AND_CHILDREN)
+            .bind(workflow_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        let (status, child_unfinished) =
+            row.ok_or_else(|| EngineError::UnknownWorkflow(workflow_id.to_owned()))?;
+        let status = WorkflowStatus::parse(&status)
+            .ok_or_else(|| EngineError::UnknownWorkflow(workflow_id.to_owned()))?;
+        Ok(if !status.is_terminal() {
+            DeleteOutcome::Unfinished(status)
+        } else if child_unfinished {
+            DeleteOutcome::ChildUnfinished
+        } else {
+            // Deleted meanwhile by retention or another operator.
+            DeleteOutcome::Deleted
+        })
     }
 
     /// Unfinished workflows by code version and kind, each with the live

@@ -172,6 +172,42 @@ pub(crate) const HAND_BACK: &str = "WITH handed AS (
 /// Records a terminal status (`engine.workflow_finish()`).
 pub(crate) const FINISH: &str = "SELECT engine.workflow_finish($1, $2, $3, $4, $5)";
 
+// ---- Retention (retention.rs, operator.rs)
+
+/// Deletes at most `$3` finished workflows older than their retention
+/// (`$1` seconds for succeeded and cancelled ones, `$2` for failed ones;
+/// NULL: kept), none a still unfinished workflow was started by; their
+/// steps, events and messages cascade.
+pub(crate) const DELETE_EXPIRED: &str = "WITH doomed AS (
+         SELECT w.id FROM engine.workflows w
+         WHERE w.status IN ('succeeded', 'failed', 'cancelled')
+           AND w.updated_at < now() - make_interval(
+                   secs => CASE WHEN w.status = 'failed' THEN $2::float8 ELSE $1::float8 END)
+           AND NOT EXISTS (SELECT FROM engine.workflows c
+                           WHERE c.parent_id = w.id AND c.status IN ('enqueued', 'running', 'waiting'))
+         ORDER BY w.updated_at LIMIT $3
+         FOR UPDATE SKIP LOCKED)
+     DELETE FROM engine.workflows w USING doomed WHERE w.id = doomed.id";
+
+/// The tables retention deletes from, vacuumed.
+pub(crate) const VACUUM_WORKFLOWS: &str =
+    "VACUUM (ANALYZE) engine.workflows, engine.workflow_steps,
+     engine.workflow_events, engine.workflow_messages";
+
+/// Deletes workflow `$1` if it has finished and no workflow it started is
+/// unfinished; else returns nothing.
+pub(crate) const DELETE_FINISHED: &str = "DELETE FROM engine.workflows w
+     WHERE w.id = $1 AND w.status IN ('succeeded', 'failed', 'cancelled')
+       AND NOT EXISTS (SELECT FROM engine.workflows c
+                       WHERE c.parent_id = w.id AND c.status IN ('enqueued', 'running', 'waiting'))
+     RETURNING w.id";
+
+/// A workflow's status and whether a workflow it started is unfinished.
+pub(crate) const STATUS_AND_CHILDREN: &str =
+    "SELECT w.status, EXISTS (SELECT FROM engine.workflows c
+         WHERE c.parent_id = w.id AND c.status IN ('enqueued', 'running', 'waiting'))
+     FROM engine.workflows w WHERE w.id = $1";
+
 // ---- The fleet registry (fleet.rs)
 
 /// The live workers, oldest first.
@@ -246,8 +282,8 @@ pub(crate) const DELETE_WORKER: &str = "DELETE FROM engine.workers WHERE id = $1
 /// SELECT outcome.output,
 ///     engine.workflow_checkpoint($2, $3, $4, array_append($5::jsonb[], coalesce(outcome.output, 'null'::jsonb)), $6, $7, false),
 ///     engine.workflow_set_events($2, $8, $9, $10, $11),
-///     engine.workflow_start($12, $13, $14, $15, $16, $17, $18) AS started, now() AS started_at,
-///     engine.workflow_finish($2, 'succeeded', $19, NULL, 0)
+///     engine.workflow_start($12, $13, $14, $15, $16, $17, $18, $19) AS started, now() AS started_at,
+///     engine.workflow_finish($2, 'succeeded', $20, NULL, 0)
 /// FROM outcome
 /// ```
 pub(crate) fn step_with_checkpoint(
@@ -272,7 +308,7 @@ pub(crate) fn step_events(id: &str, list: &str) -> String {
     format!(", engine.workflow_set_events({id}, {list})")
 }
 
-/// Columns that start a workflow with the step (its seven placeholders in
+/// Columns that start a workflow with the step (its eight placeholders in
 /// `list`): whether it started, and when.
 pub(crate) fn step_start(list: &str) -> String {
     format!(", engine.workflow_start({list}) AS started, now() AS started_at")

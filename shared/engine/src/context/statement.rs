@@ -46,14 +46,14 @@ impl CheckpointRows {
 }
 
 /// `workflow_start()`'s arguments, appended to a statement step's: with
-/// `owner`, the workflow starts claimed by that worker, without a job.
+/// `owner`, the workflow starts claimed by that worker, without a job;
+/// `parent` is the workflow whose step starts it.
 pub(super) fn bind_start(
     arguments: &mut PgArguments,
-    kind: WorkflowKind,
-    id: &str,
-    input: &Value,
+    (kind, id, input): (WorkflowKind, &str, &Value),
     job_id: &str,
     owner: Option<&str>,
+    parent: &str,
 ) -> Result<(), sqlx::error::BoxDynError> {
     arguments.add(id)?;
     arguments.add(kind.name)?;
@@ -61,7 +61,8 @@ pub(super) fn bind_start(
     arguments.add(input)?;
     arguments.add(job_id)?;
     arguments.add(JOB_MAX_ATTEMPTS)?;
-    arguments.add(owner)
+    arguments.add(owner)?;
+    arguments.add(parent)
 }
 
 /// A statement step's output as the type its caller asked for.
@@ -217,7 +218,7 @@ impl WorkflowContext {
             also += &sql::step_events(&id, &placeholders(4));
         }
         if statement.start.is_some() {
-            also += &sql::step_start(&placeholders(7));
+            also += &sql::step_start(&placeholders(8));
         }
         // After the checkpoint, which refuses a finished workflow.
         if finish.is_some() {
@@ -263,7 +264,13 @@ impl WorkflowContext {
             }
             if let (true, Some((kind, id, input))) = (bound.is_ok(), &statement.start) {
                 let owner = start_here.is_some().then_some(&*self.worker_id);
-                bound = bind_start(&mut arguments, *kind, id, input, &start_job, owner);
+                bound = bind_start(
+                    &mut arguments,
+                    (*kind, id, input),
+                    &start_job,
+                    owner,
+                    &self.workflow_id,
+                );
             }
             if let (true, Some(output)) = (bound.is_ok(), finish) {
                 bound = arguments.add(output);

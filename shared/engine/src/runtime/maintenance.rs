@@ -1,5 +1,6 @@
 //! What live workers do for the fleet: reap dead workers, hand back
-//! workflows lost by a live one, prune finished jobs.
+//! workflows lost by a live one, prune finished jobs, delete finished
+//! workflows past their retention.
 
 use super::*;
 
@@ -62,6 +63,33 @@ pub(super) async fn prune_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool
             Ok(0) => {}
             Ok(pruned) => tracing::debug!(pruned, "pruned finished jobs"),
             Err(e) => tracing::debug!(error = %e, "prune failed"),
+        }
+    }
+}
+
+/// Deletes finished workflows past their retention, every quarter of the
+/// shortest retention (1 s to 1 min).
+pub(super) async fn retention_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    let retention = inner.config.retention();
+    let Some(shortest) = [retention.finished, retention.failed]
+        .into_iter()
+        .flatten()
+        .min()
+    else {
+        return;
+    };
+    let period = (shortest / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = crate::until_true(&mut stop) => return,
+        }
+        match crate::retention::delete_expired(&inner.pool, retention).await {
+            Ok(0) => {}
+            Ok(deleted) => {
+                tracing::debug!(deleted, "deleted finished workflows past their retention")
+            }
+            Err(e) => tracing::debug!(error = %e, "retention pass failed"),
         }
     }
 }

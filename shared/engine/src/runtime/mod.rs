@@ -12,7 +12,7 @@ use ending::ExecutionResult;
 pub use ending::{ENDING_STEP, EndReason, Ending};
 pub use execution::ExecutionOutcome;
 use execution::spawn_in_slot;
-use maintenance::{prune_loop, reap_loop};
+use maintenance::{prune_loop, reap_loop, retention_loop};
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -340,6 +340,7 @@ impl Runtime {
         let background = [
             tokio::spawn(reap_loop(inner.clone(), stop_rx.clone())),
             tokio::spawn(prune_loop(inner.clone(), stop_rx.clone())),
+            tokio::spawn(retention_loop(inner.clone(), stop_rx.clone())),
             tokio::spawn(job_notice_loop(inner.clone())),
         ];
         let queues: Vec<_> = inner

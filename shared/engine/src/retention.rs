@@ -1,0 +1,78 @@
+//! Retention: finished workflows are deleted once they are old enough, with
+//! their checkpoints, events and messages (the foreign keys cascade), in
+//! small batches, so the engine's tables stay bounded under constant load.
+//! A finished workflow a still unfinished one was started by is kept until
+//! that one finishes. Queue jobs go by the queue janitor
+//! (`queue::prune_jobs`).
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+use crate::sql;
+
+/// Rows one statement deletes at most: each batch is a short transaction,
+/// so the hot path never waits long on it.
+const BATCH: i64 = 500;
+
+/// Advisory lock key of the retention pass's VACUUM (one worker at a time).
+const VACUUM_LOCK_KEY: i64 = 0x454E_4749_4E45_5245; // "ENGINERE"
+
+/// How long finished workflows are kept; `None`: for ever.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Retention {
+    /// Succeeded and cancelled ones.
+    pub(crate) finished: Option<Duration>,
+    /// Failed ones.
+    pub(crate) failed: Option<Duration>,
+}
+
+/// Deletes the finished workflows older than their retention, a batch at a
+/// time, then vacuums the engine's tables when it deleted any. Returns how
+/// many it deleted.
+pub(crate) async fn delete_expired(
+    pool: &PgPool,
+    retention: Retention,
+) -> Result<u64, sqlx::Error> {
+    let seconds = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
+    let mut deleted = 0;
+    loop {
+        let batch = sqlx::query(sql::DELETE_EXPIRED)
+            .bind(seconds(retention.finished))
+            .bind(seconds(retention.failed))
+            .bind(BATCH)
+            .execute(pool)
+            .await?
+            .rows_affected();
+        deleted += batch;
+        if batch < BATCH as u64 {
+            break;
+        }
+        // Let the hot path in between batches.
+        tokio::task::yield_now().await;
+    }
+    if deleted > 0 {
+        vacuum(pool).await?;
+    }
+    Ok(deleted)
+}
+
+/// VACUUM (ANALYZE) of the tables retention deletes from, by one worker at
+/// a time: a server may run with autovacuum off, and deleted rows then
+/// never leave.
+async fn vacuum(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(VACUUM_LOCK_KEY)
+        .fetch_one(&mut *conn)
+        .await?;
+    if !locked {
+        return Ok(());
+    }
+    let vacuumed = sqlx::query(sql::VACUUM_WORKFLOWS).execute(&mut *conn).await;
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(VACUUM_LOCK_KEY)
+        .execute(&mut *conn)
+        .await?;
+    vacuumed.map(|_| ())
+}

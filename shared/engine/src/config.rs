@@ -11,7 +11,7 @@ use crate::{CrashPoint, TestRevision};
 mod defaults {
     pub const HEARTBEAT: &str = "1s";
     pub const REAP_INTERVAL: &str = "200ms";
-    pub const STALE_AFTER: &str = "30s";
+    pub const STALE_AFTER: &str = "3s";
     pub const POLL_INTERVAL: &str = "200ms";
     pub const HOLD_THRESHOLD: &str = "5s";
     pub const DRAIN_TIMEOUT: &str = "10s";

@@ -12,6 +12,10 @@
 //!   dies and the database rolls it back.
 //! - **after**: the step's checkpoint (and everything before it) has just
 //!   been committed; the process dies before doing anything else.
+//! - **freeze**: where `before` dies, the process stops itself with SIGSTOP
+//!   instead, its transaction open and its locks held (a stalled VM), and
+//!   goes on where it was after SIGCONT (once per process: the replay that
+//!   follows runs through).
 //!
 //! A recv counts as completing when it takes a message or times out (a
 //! recv that parks has not completed); a sleep dies before or after its
@@ -30,6 +34,8 @@ pub enum CrashWhen {
     Before,
     /// Right after the step's commit.
     After,
+    /// Stopped (SIGSTOP) where `Before` dies.
+    Freeze,
 }
 
 /// Where a test build's worker dies: see the module documentation.
@@ -48,11 +54,14 @@ impl FromStr for CrashPoint {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let usage = || format!("{text:?}: expected before:<step>[#n] or after:<step>[#n]");
+        let usage = || {
+            format!("{text:?}: expected before:<step>[#n], after:<step>[#n] or freeze:<step>[#n]")
+        };
         let (when, rest) = text.split_once(':').ok_or_else(usage)?;
         let when = match when {
             "before" => CrashWhen::Before,
             "after" => CrashWhen::After,
+            "freeze" => CrashWhen::Freeze,
             _ => return Err(usage()),
         };
         let (step, occurrence) = match rest.rsplit_once('#') {
@@ -75,6 +84,7 @@ impl fmt::Display for CrashPoint {
         let when = match self.when {
             CrashWhen::Before => "before",
             CrashWhen::After => "after",
+            CrashWhen::Freeze => "freeze",
         };
         write!(f, "{when}:{}#{}", self.step, self.occurrence)
     }
@@ -119,6 +129,23 @@ pub(crate) fn crash_now(point: &str) -> ! {
     std::process::abort()
 }
 
+/// Stops the process (SIGSTOP) until someone sends SIGCONT, the first time
+/// only: the replay after it goes through.
+pub(crate) fn freeze_now(point: &str) {
+    static FROZE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if FROZE.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
+    tracing::error!(
+        crash_point = point,
+        "crash point reached: stopping with SIGSTOP"
+    );
+    let pid = std::process::id().to_string();
+    let _ = std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,6 +165,8 @@ mod tests {
         assert_eq!(tenth.to_string(), "after:update_progress#10");
         let recv: CrashPoint = "after:recv:payment_status".parse().unwrap();
         assert_eq!(recv.step, "recv:payment_status");
+        let freeze: CrashPoint = "freeze:reserve_inventory".parse().unwrap();
+        assert_eq!(freeze.when, CrashWhen::Freeze);
         for bad in ["", "during:x", "before:", "after:x#0", "after:x#ten", "x"] {
             assert!(bad.parse::<CrashPoint>().is_err(), "{bad}");
         }

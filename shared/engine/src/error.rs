@@ -146,6 +146,11 @@ pub enum WorkflowError {
     /// The worker is draining: the workflow is handed to another worker.
     #[error("worker draining")]
     Draining,
+    /// This worker was silent longer than `WORKER_STALE_AFTER` (stopped,
+    /// cut off): its workflows may be running elsewhere now, so this
+    /// execution stops at its next step.
+    #[error("this worker was presumed dead; its execution stops")]
+    Lost,
     /// The workflow failed for good: its status becomes `failed`.
     #[error("{error}")]
     Failed {
@@ -210,8 +215,9 @@ fn is_concurrency_conflict(error: &sqlx::Error) -> bool {
         if db.code().is_some_and(|code| matches!(code.as_ref(), "40P01" | "40001")))
 }
 
-/// True when the error says the database could not be reached (as opposed to
-/// a query the database refused): callers answer 503 or retry later.
+/// True when the error says the database could not serve the request now
+/// (unreachable, or a timeout), as opposed to a query it refused: callers
+/// answer 503 or retry later.
 pub fn is_unavailable(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Io(_)
@@ -224,11 +230,18 @@ pub fn is_unavailable(error: &sqlx::Error) -> bool {
             // 08xxx connection exceptions; 57P0x shutdown or not yet
             // accepting; 53300 too many connections; 55000 database not
             // accepting connections; 3D000 database missing; 28xxx login
-            // refused. None of them is the client's fault.
+            // refused; and the sessions' timeouts: 55P03 a lock not
+            // granted in time (its holder may be a stopped process), 57014
+            // a statement cancelled, 25P03 a session ended idle in its
+            // transaction. None of them is the client's fault; retrying
+            // later works.
             code.starts_with("08")
                 || code.starts_with("57P0")
                 || code.starts_with("28")
-                || matches!(code.as_ref(), "53300" | "55000" | "3D000")
+                || matches!(
+                    code.as_ref(),
+                    "53300" | "55000" | "3D000" | "55P03" | "57014" | "25P03"
+                )
         }),
         _ => false,
     }

@@ -8,7 +8,7 @@
 use crate::sql;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -64,6 +64,11 @@ pub(crate) struct Registration {
     /// Set by each heartbeat: whether this worker's version is the fleet's
     /// current one (it then takes workflows not pinned yet).
     pub(crate) current: Arc<AtomicBool>,
+    /// Bumped when this worker finds it was silent longer than
+    /// `stale_after`: peers may have taken its workflows over, so its
+    /// executions in flight stop at their next step.
+    pub(crate) lost: Arc<AtomicU64>,
+    pub(crate) stale_after: Duration,
 }
 
 /// Holds the worker's advisory lock and registry row until `stop` turns
@@ -79,6 +84,20 @@ pub(crate) async fn hold_membership(
 ) {
     let mut registered = Some(registered);
     let mut delay = Duration::from_millis(100);
+    // When a heartbeat last went through: a longer silence than
+    // `stale_after` (the process stopped, the network cut) means peers may
+    // have reaped this worker.
+    let mut last_beat = std::time::Instant::now();
+    let silent_too_long = |last_beat: std::time::Instant| {
+        let silent = last_beat.elapsed();
+        if silent > me.stale_after {
+            me.lost.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                silent = ?silent,
+                "this worker was silent past WORKER_STALE_AFTER (stopped or cut off): its workflows may run elsewhere; its executions in flight stop"
+            );
+        }
+    };
     loop {
         if *stop.borrow() {
             return;
@@ -114,6 +133,10 @@ pub(crate) async fn hold_membership(
                 .bind(is_draining)
                 .fetch_optional(&mut conn)
                 .await;
+            if beat.is_ok() {
+                silent_too_long(last_beat);
+                last_beat = std::time::Instant::now();
+            }
             match beat {
                 Ok(Some(current)) => {
                     if me.current.swap(current, Ordering::Relaxed) != current {
@@ -124,7 +147,8 @@ pub(crate) async fn hold_membership(
                     // Reaped while alive (our lock connection dropped for a
                     // moment): register again. Fencing kept the duplicate
                     // executions of our workflows harmless.
-                    tracing::warn!(worker_id = %me.worker_id, "registry row gone; registering again");
+                    tracing::warn!(worker_id = %me.worker_id, "registry row gone (reaped): executions in flight stop; registering again");
+                    me.lost.fetch_add(1, Ordering::Relaxed);
                     if let Err(e) = upsert(&mut conn, &me).await {
                         tracing::warn!(error = %e, "re-registration failed");
                         break;

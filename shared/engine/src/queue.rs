@@ -321,28 +321,9 @@ pub(crate) async fn prune_jobs(pool: &PgPool, older_than: Duration) -> Result<u6
     .execute(pool)
     .await?;
     if pruned > 0 {
-        vacuum_queue(pool).await?;
+        crate::retention::vacuum(pool, VACUUM_LOCK_KEY, "VACUUM (ANALYZE) apalis.jobs").await?;
     }
     Ok(pruned)
-}
-
-async fn vacuum_queue(pool: &PgPool) -> Result<(), sqlx::Error> {
-    let mut conn = pool.acquire().await?;
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(VACUUM_LOCK_KEY)
-        .fetch_one(&mut *conn)
-        .await?;
-    if !locked {
-        return Ok(());
-    }
-    let vacuumed = sqlx::query("VACUUM (ANALYZE) apalis.jobs")
-        .execute(&mut *conn)
-        .await;
-    sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(VACUUM_LOCK_KEY)
-        .execute(&mut *conn)
-        .await?;
-    vacuumed.map(|_| ())
 }
 
 async fn prune_finished_jobs(pool: &PgPool, older_than: Duration) -> Result<u64, sqlx::Error> {

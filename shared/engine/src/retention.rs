@@ -52,26 +52,36 @@ pub(crate) async fn delete_expired(
         tokio::task::yield_now().await;
     }
     if deleted > 0 {
-        vacuum(pool).await?;
+        vacuum(pool, VACUUM_LOCK_KEY, sql::VACUUM_WORKFLOWS).await?;
     }
     Ok(deleted)
 }
 
-/// VACUUM (ANALYZE) of the tables retention deletes from, by one worker at
-/// a time: a server may run with autovacuum off, and deleted rows then
-/// never leave.
-async fn vacuum(pool: &PgPool) -> Result<(), sqlx::Error> {
+/// Runs `vacuum` (a VACUUM statement) unless another worker is running the
+/// one under `lock_key`, without the session's statement timeout: a server
+/// may run with autovacuum off, and deleted rows then never leave.
+pub(crate) async fn vacuum(
+    pool: &PgPool,
+    lock_key: i64,
+    vacuum: &'static str,
+) -> Result<(), sqlx::Error> {
     let mut conn = pool.acquire().await?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(VACUUM_LOCK_KEY)
+        .bind(lock_key)
         .fetch_one(&mut *conn)
         .await?;
     if !locked {
         return Ok(());
     }
-    let vacuumed = sqlx::query(sql::VACUUM_WORKFLOWS).execute(&mut *conn).await;
+    sqlx::query("SET statement_timeout = 0")
+        .execute(&mut *conn)
+        .await?;
+    let vacuumed = sqlx::query(vacuum).execute(&mut *conn).await;
+    sqlx::query("RESET statement_timeout")
+        .execute(&mut *conn)
+        .await?;
     sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(VACUUM_LOCK_KEY)
+        .bind(lock_key)
         .execute(&mut *conn)
         .await?;
     vacuumed.map(|_| ())

@@ -21,6 +21,13 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 8;
 /// How long a request waits for a pooled connection by default.
 const DEFAULT_ACQUIRE_TIMEOUT: &str = "3s";
 
+/// The server-side limits every session gets by default: no statement
+/// runs, waits for a lock, or sits idle inside a transaction (a stopped or
+/// cut-off process holding row locks) longer than these.
+const DEFAULT_STATEMENT_TIMEOUT: &str = "30s";
+const DEFAULT_LOCK_TIMEOUT: &str = "2s";
+const DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT: &str = "3s";
+
 /// Connection settings shared by every binary (flatten it into a clap struct).
 #[derive(Debug, Clone, clap::Args)]
 pub struct DatabaseArgs {
@@ -48,6 +55,32 @@ pub struct DatabaseArgs {
         value_parser = humantime::parse_duration
     )]
     pub acquire_timeout: Duration,
+    /// Longest a statement may run; the server cancels it then (0: no limit).
+    #[arg(
+        long = "db-statement-timeout",
+        env = "DB_STATEMENT_TIMEOUT",
+        default_value = DEFAULT_STATEMENT_TIMEOUT,
+        value_parser = humantime::parse_duration
+    )]
+    pub statement_timeout: Duration,
+    /// Longest a statement waits for a row or table lock (0: no limit).
+    #[arg(
+        long = "db-lock-timeout",
+        env = "DB_LOCK_TIMEOUT",
+        default_value = DEFAULT_LOCK_TIMEOUT,
+        value_parser = humantime::parse_duration
+    )]
+    pub lock_timeout: Duration,
+    /// A session idle inside an open transaction this long is ended by the
+    /// server, and its locks with it: a stopped or cut-off process holds
+    /// none longer (0: no limit).
+    #[arg(
+        long = "db-idle-in-transaction-timeout",
+        env = "DB_IDLE_IN_TRANSACTION_TIMEOUT",
+        default_value = DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT,
+        value_parser = humantime::parse_duration
+    )]
+    pub idle_in_transaction_timeout: Duration,
     /// At start-up, `apply` the migrations (safe from many processes at
     /// once: each takes sqlx's migration lock), or `wait` until they are
     /// applied by someone else (a release's migration job).
@@ -70,16 +103,27 @@ impl DatabaseArgs {
         Self {
             url: url.into(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
-            acquire_timeout: humantime::parse_duration(DEFAULT_ACQUIRE_TIMEOUT)
-                .expect("a valid default"),
+            acquire_timeout: duration(DEFAULT_ACQUIRE_TIMEOUT),
+            statement_timeout: duration(DEFAULT_STATEMENT_TIMEOUT),
+            lock_timeout: duration(DEFAULT_LOCK_TIMEOUT),
+            idle_in_transaction_timeout: duration(DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT),
             migrations: Migrations::Apply,
         }
     }
 
-    /// Parsed connect options, tagged with `application_name`.
+    /// Parsed connect options, tagged with `application_name`, with the
+    /// session's timeouts.
     pub fn connect_options(&self, application_name: &str) -> Result<PgConnectOptions, sqlx::Error> {
         let options: PgConnectOptions = self.url.parse()?;
-        Ok(options.application_name(application_name))
+        let millis = |d: Duration| d.as_millis().to_string();
+        Ok(options.application_name(application_name).options([
+            ("statement_timeout", millis(self.statement_timeout)),
+            ("lock_timeout", millis(self.lock_timeout)),
+            (
+                "idle_in_transaction_session_timeout",
+                millis(self.idle_in_transaction_timeout),
+            ),
+        ]))
     }
 
     /// The pool of a process at start-up: created, then the migrations
@@ -93,7 +137,22 @@ impl DatabaseArgs {
             .pool(application_name)
             .map_err(MigrateError::Settings)?;
         match self.migrations {
-            Migrations::Apply => migrate_with_retry(&pool, wait).await?,
+            Migrations::Apply => {
+                // Without the sessions' timeouts: a migration may run long
+                // or wait for another process's migration lock.
+                let unlimited = DatabaseArgs {
+                    statement_timeout: Duration::ZERO,
+                    lock_timeout: Duration::ZERO,
+                    idle_in_transaction_timeout: Duration::ZERO,
+                    max_connections: 1,
+                    ..self.clone()
+                };
+                let migrating = unlimited
+                    .pool(application_name)
+                    .map_err(MigrateError::Settings)?;
+                migrate_with_retry(&migrating, wait).await?;
+                migrating.close().await;
+            }
             Migrations::Wait => wait_for_migrations(&pool).await,
         }
         Ok(pool)
@@ -121,6 +180,10 @@ impl DatabaseArgs {
             })
             .connect_lazy_with(self.connect_options(application_name)?))
     }
+}
+
+fn duration(text: &str) -> Duration {
+    humantime::parse_duration(text).expect("a valid default")
 }
 
 /// A pooled connection idle this long is checked before use.

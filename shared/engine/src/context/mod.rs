@@ -28,7 +28,7 @@ use sqlx::{Arguments, AssertSqlSafe, PgConnection, PgPool, Postgres, Row, Transa
 use tokio::sync::{OwnedSemaphorePermit, oneshot, watch};
 
 use super::batch::{Batched, BatchedStep, StepBatches};
-use super::crash_point::{CrashCounter, CrashWhen, crash_now};
+use super::crash_point::{CrashCounter, CrashWhen, crash_now, freeze_now};
 use super::events::{EVENTS_CHANNEL, EventListener};
 use super::queue::{JOB_MAX_ATTEMPTS, new_job_id};
 use super::step::Transaction as TransactionStep;
@@ -72,6 +72,12 @@ pub struct WorkflowContext {
     /// Taken over from a dead worker last seen then: the next step to
     /// complete ends the takeover.
     pub(crate) orphaned_at: Option<DateTime<Utc>>,
+    /// Bumped each time this worker finds it was silent past the stale
+    /// bound (its workflows may have been taken over).
+    pub(crate) lost: Arc<std::sync::atomic::AtomicU64>,
+    /// Its value at this execution's claim: once it moves, the execution
+    /// stops at its next step.
+    pub(crate) lost_at_claim: u64,
     /// The patches its kind declares ([`WorkflowContext::patched`]).
     pub(crate) patches: Vec<&'static str>,
     /// A test revision of its kind's code, until its step is inserted.
@@ -293,6 +299,7 @@ impl WorkflowContext {
             return Ok(Begin::Replayed(value));
         }
         self.check_draining()?;
+        self.check_not_lost()?;
         Ok(Begin::Run { seq, crash })
     }
 
@@ -320,6 +327,14 @@ impl WorkflowContext {
             self.observer.taken_over(self.kind.name, since);
         }
         tracing::debug!(step = name, seq, "step done");
+    }
+
+    fn check_not_lost(&self) -> Result<(), WorkflowError> {
+        if self.lost.load(std::sync::atomic::Ordering::Relaxed) != self.lost_at_claim {
+            Err(WorkflowError::Lost)
+        } else {
+            Ok(())
+        }
     }
 
     fn check_draining(&self) -> Result<(), WorkflowError> {

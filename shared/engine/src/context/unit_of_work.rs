@@ -16,8 +16,12 @@ impl WorkflowContext {
     /// The test-only crash point, before the step's commit: the step has
     /// run in a transaction not yet committed.
     pub(super) fn crash_before_commit(&self, crash: Option<CrashWhen>, name: &str) {
-        if crash == Some(CrashWhen::Before) {
-            crash_now(&format!("before:{name} of {}", self.workflow_id));
+        match crash {
+            Some(CrashWhen::Before) => crash_now(&format!("before:{name} of {}", self.workflow_id)),
+            Some(CrashWhen::Freeze) => {
+                freeze_now(&format!("freeze:{name} of {}", self.workflow_id))
+            }
+            _ => {}
         }
     }
 

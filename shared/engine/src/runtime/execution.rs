@@ -443,6 +443,8 @@ impl Runtime {
             crash: CrashCounter::new(inner.config.crash_at.clone()),
             observer: inner.observer.clone(),
             orphaned_at,
+            lost: inner.lost.clone(),
+            lost_at_claim: inner.lost.load(Ordering::Relaxed),
             patches: inner.patches(&kind),
             revision: inner
                 .config
@@ -566,6 +568,7 @@ impl Runtime {
             Ok(Err(
                 e @ (WorkflowError::Parked
                 | WorkflowError::Fenced { .. }
+                | WorkflowError::Lost
                 | WorkflowError::Draining
                 | WorkflowError::Unavailable(_)
                 | WorkflowError::RetryUnbatched),
@@ -603,6 +606,12 @@ impl Runtime {
                 tracing::info!(
                     step, step_name = %name,
                     "fenced: another execution checkpointed this step first; this execution stops"
+                );
+                ExecutionOutcome::Fenced
+            }
+            WorkflowError::Lost => {
+                tracing::warn!(
+                    "this worker was silent past WORKER_STALE_AFTER: its workflow may run elsewhere now; this execution stops"
                 );
                 ExecutionOutcome::Fenced
             }

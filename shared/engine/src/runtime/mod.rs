@@ -191,6 +191,10 @@ struct Inner {
     /// Whether its version is the fleet's current one, as the last
     /// heartbeat saw: only then does it claim workflows not pinned yet.
     current: Arc<AtomicBool>,
+    /// Bumped when the heartbeat finds this worker was silent past
+    /// `stale_after` (see [`fleet::hold_membership`]): executions claimed
+    /// before stop at their next step.
+    lost: Arc<std::sync::atomic::AtomicU64>,
     lock_key: i64,
     workflows: HashMap<&'static str, Arc<dyn ErasedWorkflow>>,
     /// Executions running in this process, each with a sender dropped when
@@ -254,6 +258,7 @@ impl Runtime {
                 version,
                 adopts: OnceLock::new(),
                 current: Arc::new(AtomicBool::new(true)),
+                lost: Arc::new(std::sync::atomic::AtomicU64::new(0)),
                 lock_key: rand::random::<i64>(),
                 workflows: HashMap::new(),
                 in_flight: Mutex::new(HashMap::new()),
@@ -320,6 +325,8 @@ impl Runtime {
             adopts: inner.adopted_kinds().to_vec(),
             heartbeat: inner.config.heartbeat,
             current: inner.current.clone(),
+            lost: inner.lost.clone(),
+            stale_after: inner.config.stale_after,
         };
         let membership = tokio::spawn(fleet::hold_membership(
             inner.connect.clone(),

@@ -1,0 +1,131 @@
+//! A hung worker under load: one of three workers frozen with SIGSTOP for
+//! 40 s while shoppers buy (checkout, payment, a dispatch of ten steps).
+//! Its advisory lock stays held, but its heartbeat stops: the others take
+//! its workflows over after `WORKER_STALE_AFTER` (3 s), so no flow takes
+//! more than 5 s beyond its normal time; woken, it learns it was silent too
+//! long and its executions in flight stop; every dispatch step applied once.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use harness::{
+    Api, TestDb, assert_progress_applied_once, spawn_store_worker, wait_until, wait_workers,
+};
+use serde_json::Value;
+
+const FROZEN_FOR: Duration = Duration::from_secs(40);
+const CLIENTS: usize = 4;
+
+/// One shopper's flow: checkout, paid, dispatched. Returns the order and
+/// how long the flow took.
+async fn flow(api: &Api) -> anyhow::Result<(i64, Duration)> {
+    let started = Instant::now();
+    let key = uuid::Uuid::new_v4().simple().to_string();
+    let (status, payment_id) = api.post(&format!("/checkout/{key}")).await?;
+    anyhow::ensure!(status == 200, "checkout: {status} {payment_id}");
+    let (status, order_id) = api
+        .post(&format!("/payment_webhook/{payment_id}/paid"))
+        .await?;
+    anyhow::ensure!(status == 200, "payment: {status} {order_id}");
+    let order_id: i64 = order_id.parse()?;
+    wait_until("dispatched", Duration::from_secs(60), || async {
+        let order: Value = api.get_json(&format!("/order/{order_id}")).await?;
+        Ok(order["status"] == "DISPATCHED")
+    })
+    .await?;
+    Ok((order_id, started.elapsed()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_worker_is_taken_over_within_seconds_and_stops_what_it_lost() -> anyhow::Result<()>
+{
+    let db = TestDb::create().await?;
+    let api = Arc::new(Api::start(&db, &[]).await?);
+    let (status, body) = api
+        .call("POST", "/restock", Some(r#"{"inventory": 100000}"#))
+        .await?;
+    anyhow::ensure!(status == 200, "restock: {status} {body}");
+    let env = [("DISPATCH_INTERVAL", "100ms")];
+    let frozen = spawn_store_worker(&db, "hung", &env)?;
+    let _others = [
+        spawn_store_worker(&db, "hung-peer-a", &env)?,
+        spawn_store_worker(&db, "hung-peer-b", &env)?,
+    ];
+    wait_workers(&db.pool, 3).await?;
+
+    // Normal latency first, with nothing frozen.
+    let mut normal = Duration::ZERO;
+    for _ in 0..5 {
+        normal = normal.max(flow(&api).await?.1);
+    }
+    let load_until = Instant::now() + FROZEN_FOR + Duration::from_secs(4);
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let api = api.clone();
+        clients.push(tokio::spawn(async move {
+            let mut flows = Vec::new();
+            while Instant::now() < load_until {
+                flows.push(flow(&api).await?);
+            }
+            anyhow::Ok(flows)
+        }));
+    }
+    let frozen_id: String = sqlx::query_scalar("SELECT id FROM engine.workers WHERE pid = $1")
+        .bind(frozen.pid() as i32)
+        .fetch_one(&db.pool)
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await; // mid-load
+    frozen.signal("STOP")?;
+    tokio::time::sleep(FROZEN_FOR).await; // the freeze itself
+    let woken_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&db.pool)
+        .await?;
+    frozen.signal("CONT")?;
+
+    let mut flows = Vec::new();
+    for client in clients {
+        flows.extend(client.await??);
+    }
+    let slowest = flows
+        .iter()
+        .map(|(_, took)| *took)
+        .max()
+        .unwrap_or_default();
+    eprintln!(
+        "{} flows during a {FROZEN_FOR:?} freeze; slowest {slowest:?}, normal up to {normal:?}",
+        flows.len()
+    );
+    anyhow::ensure!(
+        slowest <= normal + Duration::from_secs(5),
+        "a flow took {slowest:?}: more than 5 s beyond its normal {normal:?}"
+    );
+    for (order_id, _) in &flows {
+        assert_progress_applied_once(&db.pool, *order_id).await?;
+    }
+    // Woken, it found itself silent too long; none of its old executions
+    // wrote a step after another worker had taken their workflow over.
+    wait_until(
+        "the woken worker knows",
+        Duration::from_secs(10),
+        || async {
+            Ok(std::fs::read_to_string(&frozen.log)?.contains("silent past WORKER_STALE_AFTER"))
+        },
+    )
+    .await?;
+    let late: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM engine.workflow_steps a
+         WHERE a.worker_id = $1 AND a.finished_at > $2 AND a.finished_at < $2 + interval '2 seconds'
+           AND EXISTS (SELECT FROM engine.workflow_steps b
+                       WHERE b.workflow_id = a.workflow_id AND b.worker_id <> $1
+                         AND b.finished_at < $2 AND b.step_seq < a.step_seq)",
+    )
+    .bind(&frozen_id)
+    .bind(woken_at)
+    .fetch_one(&db.pool)
+    .await?;
+    assert_eq!(
+        late, 0,
+        "the woken worker went on with workflows taken from it"
+    );
+    db.drop_database().await
+}

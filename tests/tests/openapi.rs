@@ -36,7 +36,11 @@ fn readme_routes() -> anyhow::Result<BTreeSet<String>> {
         .lines()
         .filter_map(|line| line.strip_prefix("| `"))
         .filter_map(|line| line.split('`').next())
-        .filter(|route| route.starts_with("GET ") || route.starts_with("POST "))
+        .filter(|route| {
+            ["GET ", "POST ", "DELETE "]
+                .iter()
+                .any(|m| route.starts_with(m))
+        })
         .map(|route| route.split('?').next().unwrap_or(route).to_owned())
         .collect())
 }

@@ -8,7 +8,7 @@
 use crate::sql;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -61,9 +61,6 @@ pub(crate) struct Registration {
     pub(crate) version: String,
     pub(crate) adopts: Vec<String>,
     pub(crate) heartbeat: Duration,
-    /// Set by each heartbeat: whether this worker's version is the fleet's
-    /// current one (it then takes workflows not pinned yet).
-    pub(crate) current: Arc<AtomicBool>,
     /// Bumped when this worker finds it was silent longer than
     /// `stale_after`: peers may have taken its workflows over, so its
     /// executions in flight stop at their next step.
@@ -127,23 +124,19 @@ pub(crate) async fn hold_membership(
                 }
             }
             let is_draining = *draining.borrow();
-            let beat: Result<Option<bool>, _> = sqlx::query_scalar(sql::HEARTBEAT)
+            let beat = sqlx::query(sql::HEARTBEAT)
                 .bind(&*me.worker_id)
                 .bind(in_flight.load(Ordering::Relaxed) as i32)
                 .bind(is_draining)
-                .fetch_optional(&mut conn)
+                .execute(&mut conn)
                 .await;
             if beat.is_ok() {
                 silent_too_long(last_beat);
                 last_beat = std::time::Instant::now();
             }
             match beat {
-                Ok(Some(current)) => {
-                    if me.current.swap(current, Ordering::Relaxed) != current {
-                        tracing::info!(version = %me.version, current, "whether this version is the fleet's current one changed");
-                    }
-                }
-                Ok(None) => {
+                Ok(done) if done.rows_affected() == 1 => {}
+                Ok(_) => {
                     // Reaped while alive (our lock connection dropped for a
                     // moment): register again. Fencing kept the duplicate
                     // executions of our workflows harmless.

@@ -345,8 +345,9 @@ async fn prune_finished_jobs(pool: &PgPool, older_than: Duration) -> Result<u64,
 /// (marks it done) if it is due and no other worker holds it. A workflow
 /// pinned to a version other than `$4`, of a kind not in `$5` (the kinds
 /// this worker adopts), is not claimed and its job is left for a worker of
-/// its version; a workflow not pinned yet is claimed only when `$6` (this
-/// worker's version is the fleet's current one), and pinned to `$4`. It commits
+/// its version; a workflow not pinned yet is claimed only when `$4` is the
+/// fleet's current version (`engine.current_version()`, the rule apalis'
+/// fetch applies too), and pinned to `$4`. It commits
 /// without waiting for its WAL flush (see `Runtime::claim`).
 pub(crate) const CLAIM: &str = "WITH candidate AS (
                  SELECT id, convert_from(job, 'UTF8')::json ->> 'workflow_id' AS workflow_id
@@ -356,7 +357,8 @@ pub(crate) const CLAIM: &str = "WITH candidate AS (
              previous AS (
                  SELECT id, status, owner, orphaned_at,
                      status IN ('succeeded', 'failed', 'cancelled') AS finished,
-                     (version IS NULL AND $6) OR version = $4 OR kind = ANY ($5) AS runs_here
+                     CASE WHEN version IS NULL THEN engine.current_version() IS NOT DISTINCT FROM $4
+                          ELSE version = $4 OR kind = ANY ($5) END AS runs_here
                  FROM engine.workflows
                  WHERE id = coalesce($1, (SELECT workflow_id FROM candidate))
                  FOR UPDATE),

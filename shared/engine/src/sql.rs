@@ -215,11 +215,9 @@ pub(crate) const LIST_WORKERS: &str =
     "SELECT id, host, pid, queues, version, adopts, started_at, last_seen, in_flight, draining
      FROM engine.workers ORDER BY started_at, id";
 
-/// A worker's heartbeat; returns whether its version is the fleet's current
-/// one (no row: the worker was reaped).
+/// A worker's heartbeat (no row: the worker was reaped).
 pub(crate) const HEARTBEAT: &str =
-    "UPDATE engine.workers SET last_seen = now(), in_flight = $2, draining = $3 WHERE id = $1
-     RETURNING version IS NOT DISTINCT FROM engine.current_version()";
+    "UPDATE engine.workers SET last_seen = now(), in_flight = $2, draining = $3 WHERE id = $1";
 
 /// Registers a worker process.
 pub(crate) const REGISTER_WORKER: &str =

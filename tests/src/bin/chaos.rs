@@ -769,17 +769,20 @@ async fn restock(pool: &PgPool, amount: i32) -> anyhow::Result<()> {
 enum Action {
     WorkerKill,
     WorkerTerm,
+    /// SIGSTOP, then SIGCONT a few seconds later: a hung worker.
+    WorkerFreeze,
     CrashEndpoint,
     ApiKill,
 }
 
 /// Actions are drawn from shuffled decks rather than picked independently,
-/// so every kind comes up within each run of five actions: a 60 s run (an
+/// so every kind comes up within each run of six actions: a 60 s run (an
 /// action every ~3 s) deals several decks.
-const DECK: [Action; 5] = [
+const DECK: [Action; 6] = [
     Action::WorkerKill,
     Action::WorkerKill,
     Action::WorkerTerm,
+    Action::WorkerFreeze,
     Action::CrashEndpoint,
     Action::ApiKill,
 ];
@@ -807,6 +810,7 @@ impl Deck {
 struct Kills {
     sigkill: u64,
     sigterm: u64,
+    sigstop: u64,
     crash_endpoint: u64,
     api_kill: u64,
     db_restart: u64,
@@ -936,7 +940,9 @@ async fn main() -> anyhow::Result<()> {
         }
         let action = deck.draw();
         match action {
-            Action::WorkerKill | Action::WorkerTerm if fleet.workers.is_empty() => {
+            Action::WorkerKill | Action::WorkerTerm | Action::WorkerFreeze
+                if fleet.workers.is_empty() =>
+            {
                 deck.put_back(action)
             }
             Action::WorkerKill => {
@@ -958,6 +964,22 @@ async fn main() -> anyhow::Result<()> {
                 victim.signal("TERM")?;
                 fleet.draining.push(victim);
                 kills.sigterm += 1;
+            }
+            Action::WorkerFreeze => {
+                // Frozen past the stale bound (3 s), so its workflows are
+                // taken over, then woken while the load goes on.
+                let index = rand::rng().random_range(0..fleet.workers.len());
+                let victim = &fleet.workers[index];
+                victim.signal("STOP")?;
+                kills.sigstop += 1;
+                let pid = victim.pid().to_string();
+                let frozen_for = rand::rng().random_range(4_000..=8_000);
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(frozen_for)).await;
+                    let _ = std::process::Command::new("kill")
+                        .args(["-CONT", &pid])
+                        .status();
+                });
             }
             Action::CrashEndpoint => {
                 // Counts only when a worker was told to crash (202); tried
@@ -1056,9 +1078,10 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("webhook 409s: {:?}", records.webhook_409);
     println!(
-        "kills: SIGKILL {}, SIGTERM {}, crash endpoint {}, API kills {}, PostgreSQL restarts {}, crashed workers replaced {}",
+        "kills: SIGKILL {}, SIGTERM {}, SIGSTOP {}, crash endpoint {}, API kills {}, PostgreSQL restarts {}, crashed workers replaced {}",
         kills.sigkill,
         kills.sigterm,
+        kills.sigstop,
         kills.crash_endpoint,
         kills.api_kill,
         kills.db_restart,
@@ -1100,7 +1123,7 @@ async fn main() -> anyhow::Result<()> {
             "paid_late": records.paid_late,
             "webhook_409": records.webhook_409,
             "stock": { "initial": args.stock, "restocks": restock_count, "restocked_units": restock_units },
-            "kills": { "sigkill": kills.sigkill, "sigterm": kills.sigterm, "crash_endpoint": kills.crash_endpoint,
+            "kills": { "sigkill": kills.sigkill, "sigterm": kills.sigterm, "sigstop": kills.sigstop, "crash_endpoint": kills.crash_endpoint,
                        "api": kills.api_kill, "db_restart": kills.db_restart },
             "errors": records.errors,
             "takeover_ms": takeovers.iter().map(|d| d.as_millis() as u64).collect::<Vec<_>>(),
@@ -1210,6 +1233,11 @@ fn work_checks(
         at_least("work: restocks", restocks, args.min_restocks),
         at_least("kills: worker SIGKILLs", kills.sigkill, 1),
         at_least("kills: worker SIGTERMs", kills.sigterm, 1),
+        at_least(
+            "kills: workers frozen (SIGSTOP, then SIGCONT)",
+            kills.sigstop,
+            1,
+        ),
         at_least(
             "kills: crashes through POST /crash_application answered 202",
             kills.crash_endpoint,

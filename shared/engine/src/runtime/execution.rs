@@ -339,7 +339,6 @@ impl Runtime {
             .bind(job_id)
             .bind(&*self.inner.version)
             .bind(self.inner.adopted_kinds())
-            .bind(self.inner.current.load(Ordering::Relaxed))
             .fetch_optional(&self.inner.pool)
             .await
     }

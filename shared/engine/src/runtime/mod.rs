@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -188,9 +188,6 @@ struct Inner {
     version: Arc<str>,
     /// [`Inner::adopted_kinds`], once the workflows are registered.
     adopts: OnceLock<Vec<String>>,
-    /// Whether its version is the fleet's current one, as the last
-    /// heartbeat saw: only then does it claim workflows not pinned yet.
-    current: Arc<AtomicBool>,
     /// Bumped when the heartbeat finds this worker was silent past
     /// `stale_after` (see [`fleet::hold_membership`]): executions claimed
     /// before stop at their next step.
@@ -257,7 +254,6 @@ impl Runtime {
                 worker_id,
                 version,
                 adopts: OnceLock::new(),
-                current: Arc::new(AtomicBool::new(true)),
                 lost: Arc::new(std::sync::atomic::AtomicU64::new(0)),
                 lock_key: rand::random::<i64>(),
                 workflows: HashMap::new(),
@@ -324,7 +320,6 @@ impl Runtime {
             version: inner.version.to_string(),
             adopts: inner.adopted_kinds().to_vec(),
             heartbeat: inner.config.heartbeat,
-            current: inner.current.clone(),
             lost: inner.lost.clone(),
             stale_after: inner.config.stale_after,
         };

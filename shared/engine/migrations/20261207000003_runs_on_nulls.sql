@@ -1,0 +1,14 @@
+-- engine.workflow_runs_on() compares versions NULL-safely: a worker row
+-- without a version runs only workflows without one.
+CREATE OR REPLACE FUNCTION engine.workflow_runs_on(p_kind text, p_version text, p_worker text)
+RETURNS boolean
+LANGUAGE sql
+STABLE
+AS $$
+    SELECT coalesce(
+        (SELECT CASE WHEN p_version IS NULL
+                     THEN k.version IS NOT DISTINCT FROM engine.current_version()
+                     ELSE k.version IS NOT DISTINCT FROM p_version OR p_kind = ANY (k.adopts) END
+         FROM engine.workers k WHERE k.id = split_part(p_worker, '/', 1)),
+        true)
+$$;

@@ -14,6 +14,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
+pub mod postgres;
 pub mod provider;
 pub mod workflows;
 
@@ -68,8 +69,17 @@ impl TestDb {
         Self::with_schema(Schema::Engine).await
     }
 
+    /// A fresh database with the store's schema on the server whose
+    /// `postgres` database is at `admin` (a private cluster).
+    pub async fn create_on(admin: &str) -> anyhow::Result<Self> {
+        Self::with_schema_on(admin.to_owned(), Schema::Store).await
+    }
+
     async fn with_schema(schema: Schema) -> anyhow::Result<Self> {
-        let admin = admin_url();
+        Self::with_schema_on(admin_url(), schema).await
+    }
+
+    async fn with_schema_on(admin: String, schema: Schema) -> anyhow::Result<Self> {
         let name = format!(
             "widget_t_{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]

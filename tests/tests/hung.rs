@@ -129,3 +129,84 @@ async fn a_frozen_worker_is_taken_over_within_seconds_and_stops_what_it_lost() -
     );
     db.drop_database().await
 }
+
+/// A live but slow fleet: both cores saturated by a CPU hog for a minute
+/// under load. A worker starved past `WORKER_STALE_AFTER` would be taken
+/// over while alive; the test counts such takeovers (reported, not
+/// forbidden) and requires them harmless: every order dispatched, each
+/// progress step applied once, no workflow failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_machine_takes_over_no_live_worker_harmfully() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let api = Arc::new(Api::start(&db, &[]).await?);
+    let (status, body) = api
+        .call("POST", "/restock", Some(r#"{"inventory": 100000}"#))
+        .await?;
+    anyhow::ensure!(status == 200, "restock: {status} {body}");
+    let env = [("DISPATCH_INTERVAL", "100ms")];
+    let workers = [
+        spawn_store_worker(&db, "hog-a", &env)?,
+        spawn_store_worker(&db, "hog-b", &env)?,
+        spawn_store_worker(&db, "hog-c", &env)?,
+    ];
+    wait_workers(&db.pool, 3).await?;
+    // One busy process per core, at the workers' own priority.
+    let hogs: Vec<_> = (0..2)
+        .map(|_| {
+            std::process::Command::new("sh")
+                .args(["-c", "while :; do :; done"])
+                .spawn()
+        })
+        .collect::<Result<_, _>>()?;
+    let load_until = Instant::now() + Duration::from_secs(60);
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let api = api.clone();
+        clients.push(tokio::spawn(async move {
+            let mut flows = Vec::new();
+            while Instant::now() < load_until {
+                flows.push(flow(&api).await?);
+            }
+            anyhow::Ok(flows)
+        }));
+    }
+    let mut flows = Vec::new();
+    let mut failure = None;
+    for client in clients {
+        match client.await? {
+            Ok(done) => flows.extend(done),
+            Err(e) => failure = Some(e),
+        }
+    }
+    for mut hog in hogs {
+        let _ = hog.kill();
+        let _ = hog.wait();
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let mut live_takeovers = 0;
+    for worker in &workers {
+        live_takeovers += std::fs::read_to_string(&worker.log)?
+            .matches("silent past WORKER_STALE_AFTER")
+            .count();
+    }
+    let slowest = flows
+        .iter()
+        .map(|(_, took)| *took)
+        .max()
+        .unwrap_or_default();
+    eprintln!(
+        "{} flows in 60 s on saturated cores; slowest {slowest:?}; live workers taken over: {live_takeovers}",
+        flows.len()
+    );
+    for (order_id, _) in &flows {
+        assert_progress_applied_once(&db.pool, *order_id).await?;
+    }
+    let failed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM engine.workflows WHERE status = 'failed'")
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!(failed, 0, "no workflow failed");
+    db.drop_database().await
+}

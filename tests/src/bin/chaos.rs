@@ -15,13 +15,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
 use chrono::{DateTime, Utc};
 use clap::Parser;
+use harness::postgres::{PrivatePostgres, free_port, is_root};
 use harness::{Proc, bin, wait_until};
 use rand::Rng;
 use rand::seq::{IndexedRandom, SliceRandom};
@@ -138,127 +137,6 @@ impl Args {
 
 /// How long a checkout waits for its payment.
 const PAYMENT_TIMEOUT: Duration = Duration::from_millis(4000);
-
-// ---------------------------------------------------------------- PostgreSQL
-
-/// A private cluster this runner owns (and may restart).
-struct Postgres {
-    bin: PathBuf,
-    dir: PathBuf,
-    port: u16,
-    /// Leave the stopped cluster on disk when dropped, for a post-mortem.
-    keep: bool,
-}
-
-impl Postgres {
-    fn create() -> anyhow::Result<Self> {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .context("PostgreSQL binaries not found under /usr/lib/postgresql (apt-get install postgresql)")?
-            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
-            .filter(|p| p.join("initdb").exists())
-            .max()
-            .context("no initdb found")?;
-        let dir =
-            std::env::temp_dir().join(format!("widget-chaos-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir)?;
-        let port = free_port()?;
-        let pg = Self {
-            bin,
-            dir,
-            port,
-            keep: false,
-        };
-        if is_root() {
-            run(Command::new("chown").arg("postgres").arg(&pg.dir))?;
-        }
-        run(pg
-            .command("initdb")
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "-D"])
-            .arg(pg.data()))?;
-        pg.start()?;
-        Ok(pg)
-    }
-
-    fn data(&self) -> PathBuf {
-        self.dir.join("data")
-    }
-
-    fn command(&self, program: &str) -> Command {
-        let path = self.bin.join(program);
-        if is_root() {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(path);
-            c
-        } else {
-            Command::new(path)
-        }
-    }
-
-    fn start(&self) -> anyhow::Result<()> {
-        let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=400",
-            self.port,
-            self.dir.display()
-        );
-        run(self
-            .command("pg_ctl")
-            .arg("-D")
-            .arg(self.data())
-            .arg("-l")
-            .arg(self.dir.join("server.log"))
-            .args(["-w", "-t", "60", "-o", &options, "start"]))
-    }
-
-    fn stop_immediate(&self) -> anyhow::Result<()> {
-        run(self.command("pg_ctl").arg("-D").arg(self.data()).args([
-            "-m",
-            "immediate",
-            "-w",
-            "stop",
-        ]))
-    }
-
-    fn url(&self, database: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
-    }
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        let _ = self.stop_immediate();
-        if !self.keep {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
-fn is_root() -> bool {
-    std::env::var("USER").map(|u| u == "root").unwrap_or(false)
-        || Command::new("id")
-            .arg("-u")
-            .output()
-            .map(|o| o.stdout.starts_with(b"0"))
-            .unwrap_or(false)
-}
-
-fn run(command: &mut Command) -> anyhow::Result<()> {
-    let output = command
-        .output()
-        .with_context(|| format!("running {command:?}"))?;
-    if !output.status.success() {
-        bail!(
-            "{command:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(())
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
 
 // ------------------------------------------------------------------ the fleet
 
@@ -844,7 +722,7 @@ async fn main() -> anyhow::Result<()> {
         args.duration, args.workers, args.kill_every_ms, args.clients, args.stock, args.restock
     );
     let run_started = Instant::now();
-    let pg = Postgres::create()?;
+    let pg = PrivatePostgres::create()?;
     let admin = PgPoolOptions::new()
         .max_connections(2)
         .connect(&pg.url("postgres"))

@@ -1,0 +1,209 @@
+//! A worker cut off from PostgreSQL by the network, under load: it runs in
+//! a network namespace of its own, reaching a private PostgreSQL over a
+//! veth pair, and the link is taken down for 40 s (packets dropped, no
+//! reset), then brought back. Its heartbeat stops, so the others take its
+//! workflows over after `WORKER_STALE_AFTER`; its open transactions end
+//! with `DB_IDLE_IN_TRANSACTION_TIMEOUT`; healed, it learns it was silent
+//! too long. Every flow completes within 5 s of its normal time, each
+//! dispatch step applied once.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use harness::postgres::{PrivatePostgres, is_root, run};
+use harness::{
+    Api, Proc, TestDb, assert_progress_applied_once, bin, spawn_store_worker, wait_until,
+    wait_workers, worker_env,
+};
+use serde_json::Value;
+
+const CUT_FOR: Duration = Duration::from_secs(40);
+const CLIENTS: usize = 4;
+
+/// A network namespace joined to the host by a veth pair: the host side
+/// `10.231.<n>.1`, the namespace side `10.231.<n>.2`. Removed when dropped.
+struct Namespace {
+    name: String,
+    host_link: String,
+    host_address: String,
+}
+
+impl Namespace {
+    fn create() -> anyhow::Result<Self> {
+        if Command::new("ip").arg("-V").output().is_err() {
+            run(Command::new("apt-get").args(["install", "-y", "-qq", "iproute2"]))?;
+        }
+        let tag = &uuid::Uuid::new_v4().simple().to_string()[..6];
+        let n = 1 + rand::random::<u8>() % 250;
+        let namespace = Namespace {
+            name: format!("wpart{tag}"),
+            host_link: format!("vh{tag}"),
+            host_address: format!("10.231.{n}.1"),
+        };
+        let inner_link = format!("vn{tag}");
+        let ip = |args: &[&str]| run(Command::new("ip").args(args));
+        ip(&["netns", "add", &namespace.name])?;
+        ip(&[
+            "link",
+            "add",
+            &namespace.host_link,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &inner_link,
+        ])?;
+        ip(&["link", "set", &inner_link, "netns", &namespace.name])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", namespace.host_address),
+            "dev",
+            &namespace.host_link,
+        ])?;
+        ip(&["link", "set", &namespace.host_link, "up"])?;
+        let inside = format!("10.231.{n}.2/24");
+        ip(&[
+            "-n",
+            &namespace.name,
+            "addr",
+            "add",
+            &inside,
+            "dev",
+            &inner_link,
+        ])?;
+        ip(&["-n", &namespace.name, "link", "set", &inner_link, "up"])?;
+        ip(&["-n", &namespace.name, "link", "set", "lo", "up"])?;
+        Ok(namespace)
+    }
+
+    /// Takes the host's side of the link down (`false`) or up: down, every
+    /// packet either way is dropped, and no connection is reset.
+    fn link(&self, up: bool) -> anyhow::Result<()> {
+        let state = if up { "up" } else { "down" };
+        run(Command::new("ip").args(["link", "set", &self.host_link, state]))
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_link])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// One shopper's flow: checkout, paid, dispatched; the order and its time.
+async fn flow(api: &Api) -> anyhow::Result<(i64, Duration)> {
+    let started = Instant::now();
+    let key = uuid::Uuid::new_v4().simple().to_string();
+    let (status, payment_id) = api.post(&format!("/checkout/{key}")).await?;
+    anyhow::ensure!(status == 200, "checkout: {status} {payment_id}");
+    let (status, order_id) = api
+        .post(&format!("/payment_webhook/{payment_id}/paid"))
+        .await?;
+    anyhow::ensure!(status == 200, "payment: {status} {order_id}");
+    let order_id: i64 = order_id.parse()?;
+    wait_until("dispatched", Duration::from_secs(60), || async {
+        let order: Value = api.get_json(&format!("/order/{order_id}")).await?;
+        Ok(order["status"] == "DISPATCHED")
+    })
+    .await?;
+    Ok((order_id, started.elapsed()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cut_off_by_the_network_is_taken_over_within_seconds() -> anyhow::Result<()> {
+    anyhow::ensure!(is_root(), "network namespaces need root (CI runs as root)");
+    let namespace = Namespace::create()?;
+    let pg = PrivatePostgres::listening_on(&[&namespace.host_address])?;
+    let db = TestDb::create_on(&pg.url("postgres")).await?;
+    let api = Arc::new(Api::start(&db, &[]).await?);
+    let (status, body) = api
+        .call("POST", "/restock", Some(r#"{"inventory": 100000}"#))
+        .await?;
+    anyhow::ensure!(status == 200, "restock: {status} {body}");
+    let extra = [("DISPATCH_INTERVAL", "100ms")];
+    let _peers = [
+        spawn_store_worker(&db, "partition-peer-a", &extra)?,
+        spawn_store_worker(&db, "partition-peer-b", &extra)?,
+    ];
+    // The third worker, inside the namespace, reaches PostgreSQL over the veth.
+    let mut env = worker_env(&db, &extra);
+    env.retain(|(key, _)| *key != "DATABASE_URL");
+    env.push(("DATABASE_URL", pg.url_at(&namespace.host_address, &db.name)));
+    let worker = bin("widget-worker");
+    let cut_off = Proc::spawn(
+        "partition-cut-off",
+        Path::new("ip"),
+        &["netns", "exec", &namespace.name, &worker.to_string_lossy()],
+        &env,
+    )?;
+    wait_workers(&db.pool, 3).await?;
+
+    let mut normal = Duration::ZERO;
+    for _ in 0..5 {
+        normal = normal.max(flow(&api).await?.1);
+    }
+    let load_until = Instant::now() + CUT_FOR + Duration::from_secs(4);
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let api = api.clone();
+        clients.push(tokio::spawn(async move {
+            let mut flows = Vec::new();
+            while Instant::now() < load_until {
+                flows.push(flow(&api).await?);
+            }
+            anyhow::Ok(flows)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await; // mid-load
+    namespace.link(false)?;
+    tokio::time::sleep(CUT_FOR).await; // the partition itself
+    namespace.link(true)?;
+
+    let mut flows = Vec::new();
+    for client in clients {
+        flows.extend(client.await??);
+    }
+    let slowest = flows
+        .iter()
+        .map(|(_, took)| *took)
+        .max()
+        .unwrap_or_default();
+    eprintln!(
+        "{} flows during a {CUT_FOR:?} partition; slowest {slowest:?}, normal up to {normal:?}",
+        flows.len()
+    );
+    anyhow::ensure!(
+        slowest <= normal + Duration::from_secs(5),
+        "a flow took {slowest:?}: more than 5 s beyond its normal {normal:?}"
+    );
+    for (order_id, _) in &flows {
+        assert_progress_applied_once(&db.pool, *order_id).await?;
+    }
+    // Healed (TCP retransmits back off, so allow them a while), it finds
+    // it was silent too long.
+    wait_until(
+        "the healed worker knows",
+        Duration::from_secs(90),
+        || async {
+            Ok(std::fs::read_to_string(&cut_off.log)?.contains("silent past WORKER_STALE_AFTER"))
+        },
+    )
+    .await?;
+    let failed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM engine.workflows WHERE status = 'failed'")
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!(failed, 0, "no workflow failed");
+    drop(cut_off);
+    // The private cluster, and the database with it, go when `pg` drops.
+    db.pool.close().await;
+    Ok(())
+}

@@ -4,11 +4,7 @@
 -- records its parent.
 ALTER TABLE engine.workflows ADD COLUMN parent_id text;
 
-CREATE INDEX workflows_parent_idx ON engine.workflows (parent_id) WHERE parent_id IS NOT NULL;
-
--- The retention pass reads the oldest finished workflows first.
-CREATE INDEX workflows_finished_idx ON engine.workflows (updated_at)
-    WHERE status IN ('succeeded', 'failed', 'cancelled');
+-- Its indexes are built without blocking writes by the next two migrations.
 
 -- workflow_start() with the parent (the workflow whose step starts it).
 DROP FUNCTION engine.workflow_start(text, text, text, jsonb, text, integer, text);

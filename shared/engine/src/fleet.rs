@@ -60,6 +60,9 @@ pub(crate) struct Registration {
     pub(crate) queues: Vec<String>,
     pub(crate) version: String,
     pub(crate) adopts: Vec<String>,
+    /// When the process started: a re-registration after a reap keeps it,
+    /// so the fleet's current version does not move back to this one.
+    pub(crate) started_at: DateTime<Utc>,
     pub(crate) heartbeat: Duration,
     /// Bumped when this worker finds it was silent longer than
     /// `stale_after`: peers may have taken its workflows over, so its
@@ -175,6 +178,7 @@ async fn upsert(conn: &mut PgConnection, me: &Registration) -> Result<(), sqlx::
         .bind(me.lock_key)
         .bind(&me.version)
         .bind(&me.adopts)
+        .bind(me.started_at)
         .execute(&mut *conn)
         .await?;
     Ok(())

@@ -343,11 +343,12 @@ async fn prune_finished_jobs(pool: &PgPool, older_than: Duration) -> Result<u64,
 /// the execution needs, its checkpoints included. The workflow is `$1`, or
 /// the one of the job `$3`; with `$3`, the statement also takes that job
 /// (marks it done) if it is due and no other worker holds it. A workflow
-/// pinned to a version other than `$4`, of a kind not in `$5` (the kinds
-/// this worker adopts), is not claimed and its job is left for a worker of
-/// its version; a workflow not pinned yet is claimed only when `$4` is the
-/// fleet's current version (`engine.current_version()`, the rule apalis'
-/// fetch applies too), and pinned to `$4`. It commits
+/// pinned to a version other than `$4` is not claimed, and its job is left
+/// for a worker of its version, unless its kind is in `$5` (the kinds this
+/// worker adopts) and `$4` is the fleet's current version (an older worker
+/// never adopts a newer history); a workflow not pinned yet is claimed
+/// only when `$4` is the fleet's current version (`engine.current_version()`,
+/// the rule apalis' fetch applies too), and pinned to `$4`. It commits
 /// without waiting for its WAL flush (see `Runtime::claim`).
 pub(crate) const CLAIM: &str = "WITH candidate AS (
                  SELECT id, convert_from(job, 'UTF8')::json ->> 'workflow_id' AS workflow_id
@@ -358,7 +359,8 @@ pub(crate) const CLAIM: &str = "WITH candidate AS (
                  SELECT id, status, owner, orphaned_at,
                      status IN ('succeeded', 'failed', 'cancelled') AS finished,
                      CASE WHEN version IS NULL THEN engine.current_version() IS NOT DISTINCT FROM $4
-                          ELSE version = $4 OR kind = ANY ($5) END AS runs_here
+                          ELSE version = $4 OR (kind = ANY ($5)
+                              AND engine.current_version() IS NOT DISTINCT FROM $4) END AS runs_here
                  FROM engine.workflows
                  WHERE id = coalesce($1, (SELECT workflow_id FROM candidate))
                  FOR UPDATE),

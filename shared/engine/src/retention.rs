@@ -58,7 +58,7 @@ pub(crate) async fn delete_expired(
 }
 
 /// Runs `vacuum` (a VACUUM statement) unless another worker is running the
-/// one under `lock_key`, without the session's statement timeout: a server
+/// one under `lock_key`, without the session's statement and lock timeouts: a server
 /// may run with autovacuum off, and deleted rows then never leave.
 pub(crate) async fn vacuum(
     pool: &PgPool,
@@ -73,11 +73,11 @@ pub(crate) async fn vacuum(
     if !locked {
         return Ok(());
     }
-    sqlx::query("SET statement_timeout = 0")
+    sqlx::query("SET statement_timeout = 0; SET lock_timeout = 0")
         .execute(&mut *conn)
         .await?;
     let vacuumed = sqlx::query(vacuum).execute(&mut *conn).await;
-    sqlx::query("RESET statement_timeout")
+    sqlx::query("RESET statement_timeout; RESET lock_timeout")
         .execute(&mut *conn)
         .await?;
     sqlx::query("SELECT pg_advisory_unlock($1)")

@@ -105,13 +105,14 @@ pub(crate) const UNFINISHED_COUNTS: &str =
 
 /// Unfinished workflows by version (NULL: not executed yet, any worker's)
 /// and kind, with the live workers (not draining) of that version, and of
-/// other versions adopting that kind.
+/// the current version if it adopts that kind.
 pub(crate) const VERSIONS_IN_FLIGHT: &str = "SELECT w.version, w.kind, count(*) AS unfinished,
          (SELECT count(*) FROM engine.workers k
           WHERE NOT k.draining AND (w.version IS NULL OR k.version = w.version)) AS workers,
          (SELECT count(*) FROM engine.workers k
           WHERE NOT k.draining AND w.version IS NOT NULL AND k.version IS DISTINCT FROM w.version
-            AND w.kind = ANY (k.adopts)) AS adopters
+            AND w.kind = ANY (k.adopts)
+            AND k.version IS NOT DISTINCT FROM engine.current_version()) AS adopters
      FROM engine.workflows w WHERE w.status IN ('enqueued', 'running', 'waiting')
      GROUP BY w.version, w.kind ORDER BY w.version NULLS FIRST, w.kind";
 
@@ -169,6 +170,13 @@ pub(crate) const HAND_BACK: &str = "WITH handed AS (
          WHERE id = $2 AND status = 'running')
      SELECT engine.workflow_enqueue($1, $2, $3, NULL, 0, $4)";
 
+/// A job due now for workflow `$1` when it waits for one (enqueued or
+/// parked): after a claim refused it (another version's), the job that
+/// brought it here is acked, and a worker that may run it takes this one.
+pub(crate) const HAND_ON_REFUSED: &str =
+    "SELECT engine.workflow_enqueue(queue, id, $2, NULL, 0, $3) FROM engine.workflows
+     WHERE id = $1 AND status IN ('enqueued', 'waiting')";
+
 /// Records a terminal status (`engine.workflow_finish()`).
 pub(crate) const FINISH: &str = "SELECT engine.workflow_finish($1, $2, $3, $4, $5)";
 
@@ -221,8 +229,8 @@ pub(crate) const HEARTBEAT: &str =
 
 /// Registers a worker process.
 pub(crate) const REGISTER_WORKER: &str =
-    "INSERT INTO engine.workers (id, host, pid, queues, lock_key, version, adopts)
-     VALUES ($1, $2, $3, $4, $5, $6, $7)
+    "INSERT INTO engine.workers (id, host, pid, queues, lock_key, version, adopts, started_at)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
      ON CONFLICT (id) DO UPDATE SET last_seen = now()";
 
 /// The other workers, each with whether it is dead (its advisory lock free, or its heartbeat stale).

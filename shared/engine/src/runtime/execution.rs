@@ -355,8 +355,20 @@ impl Runtime {
         // Boxed, like every call below but the workflow's own future: the
         // execution's future then stays small through a long sleep.
         let Some(claim) = Box::pin(self.claim(Some(workflow_id), job_id)).await? else {
-            // Finished already (a late or duplicate job), or no such
-            // workflow. A job this took is done.
+            // Finished already (a late or duplicate job), no such workflow,
+            // or one this worker may not run (another version's). A job
+            // this took is done; the job apalis fetched for it is acked
+            // when this returns, so an unfinished workflow gets another.
+            if job_id.is_none() {
+                Box::pin(
+                    sqlx::query(sql::HAND_ON_REFUSED)
+                        .bind(workflow_id)
+                        .bind(new_job_id())
+                        .bind(JOB_MAX_ATTEMPTS)
+                        .execute(&self.inner.pool),
+                )
+                .await?;
+            }
             return Ok(Some(ExecutionOutcome::Skipped));
         };
         Box::pin(self.run_claimed(claim, slot, batch)).await

@@ -319,6 +319,7 @@ impl Runtime {
             queues: inner.config.queues.iter().map(|q| q.name.clone()).collect(),
             version: inner.version.to_string(),
             adopts: inner.adopted_kinds().to_vec(),
+            started_at: Utc::now(),
             heartbeat: inner.config.heartbeat,
             lost: inner.lost.clone(),
             stale_after: inner.config.stale_after,

@@ -482,6 +482,65 @@ impl Api {
     }
 }
 
+/// A checkout under a fresh key; its payment id.
+pub async fn checkout(api: &Api) -> anyhow::Result<String> {
+    let key = uuid::Uuid::new_v4().simple().to_string();
+    let (status, payment_id) = api.post(&format!("/checkout/{key}")).await?;
+    anyhow::ensure!(status == 200, "checkout: {status} {payment_id}");
+    Ok(payment_id)
+}
+
+/// The demo's payment webhook, `paid` or `failed`; the order id.
+pub async fn pay(api: &Api, payment_id: &str, outcome: &str) -> anyhow::Result<i64> {
+    let (status, order_id) = api
+        .post(&format!("/payment_webhook/{payment_id}/{outcome}"))
+        .await?;
+    anyhow::ensure!(status == 200, "payment {outcome}: {status} {order_id}");
+    Ok(order_id.parse()?)
+}
+
+/// One shopper's whole flow: checkout, paid, dispatched (watched through
+/// `GET /order/{id}`). The order and how long the flow took.
+pub async fn shopper_flow(api: &Api) -> anyhow::Result<(i64, Duration)> {
+    let started = Instant::now();
+    let payment_id = checkout(api).await?;
+    let order_id = pay(api, &payment_id, "paid").await?;
+    wait_until("dispatched", Duration::from_secs(60), || async {
+        let order = api.get_json(&format!("/order/{order_id}")).await?;
+        Ok(order["status"] == "DISPATCHED")
+    })
+    .await?;
+    Ok((order_id, started.elapsed()))
+}
+
+/// `clients` shoppers running [`shopper_flow`] back to back until `until`:
+/// every flow's order and time, once all have stopped.
+pub fn shoppers_until(
+    api: std::sync::Arc<Api>,
+    clients: usize,
+    until: Instant,
+) -> tokio::task::JoinHandle<anyhow::Result<Vec<(i64, Duration)>>> {
+    tokio::spawn(async move {
+        let tasks: Vec<_> = (0..clients)
+            .map(|_| {
+                let api = api.clone();
+                tokio::spawn(async move {
+                    let mut flows = Vec::new();
+                    while Instant::now() < until {
+                        flows.push(shopper_flow(&api).await?);
+                    }
+                    anyhow::Ok(flows)
+                })
+            })
+            .collect();
+        let mut flows = Vec::new();
+        for task in tasks {
+            flows.extend(task.await??);
+        }
+        Ok(flows)
+    })
+}
+
 /// The outputs of an order's dispatch progress steps in step order: each is
 /// the progress left after that step, so a dispatch that applied each step
 /// once reads exactly [`EXPECTED_PROGRESS`]. A step applied twice shows as

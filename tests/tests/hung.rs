@@ -6,35 +6,16 @@
 //! long and its executions in flight stop; every dispatch step applied once.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use harness::{
-    Api, TestDb, assert_progress_applied_once, spawn_store_worker, wait_until, wait_workers,
+    Api, TestDb, assert_progress_applied_once, shopper_flow, shoppers_until, spawn_store_worker,
+    wait_until, wait_workers,
 };
-use serde_json::Value;
+use tokio::time::Instant;
 
 const FROZEN_FOR: Duration = Duration::from_secs(40);
 const CLIENTS: usize = 4;
-
-/// One shopper's flow: checkout, paid, dispatched. Returns the order and
-/// how long the flow took.
-async fn flow(api: &Api) -> anyhow::Result<(i64, Duration)> {
-    let started = Instant::now();
-    let key = uuid::Uuid::new_v4().simple().to_string();
-    let (status, payment_id) = api.post(&format!("/checkout/{key}")).await?;
-    anyhow::ensure!(status == 200, "checkout: {status} {payment_id}");
-    let (status, order_id) = api
-        .post(&format!("/payment_webhook/{payment_id}/paid"))
-        .await?;
-    anyhow::ensure!(status == 200, "payment: {status} {order_id}");
-    let order_id: i64 = order_id.parse()?;
-    wait_until("dispatched", Duration::from_secs(60), || async {
-        let order: Value = api.get_json(&format!("/order/{order_id}")).await?;
-        Ok(order["status"] == "DISPATCHED")
-    })
-    .await?;
-    Ok((order_id, started.elapsed()))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_worker_is_taken_over_within_seconds_and_stops_what_it_lost() -> anyhow::Result<()>
@@ -56,20 +37,13 @@ async fn a_frozen_worker_is_taken_over_within_seconds_and_stops_what_it_lost() -
     // Normal latency first, with nothing frozen.
     let mut normal = Duration::ZERO;
     for _ in 0..5 {
-        normal = normal.max(flow(&api).await?.1);
+        normal = normal.max(shopper_flow(&api).await?.1);
     }
-    let load_until = Instant::now() + FROZEN_FOR + Duration::from_secs(4);
-    let mut clients = Vec::new();
-    for _ in 0..CLIENTS {
-        let api = api.clone();
-        clients.push(tokio::spawn(async move {
-            let mut flows = Vec::new();
-            while Instant::now() < load_until {
-                flows.push(flow(&api).await?);
-            }
-            anyhow::Ok(flows)
-        }));
-    }
+    let load = shoppers_until(
+        api.clone(),
+        CLIENTS,
+        Instant::now() + FROZEN_FOR + Duration::from_secs(4),
+    );
     let frozen_id: String = sqlx::query_scalar("SELECT id FROM engine.workers WHERE pid = $1")
         .bind(frozen.pid() as i32)
         .fetch_one(&db.pool)
@@ -82,10 +56,7 @@ async fn a_frozen_worker_is_taken_over_within_seconds_and_stops_what_it_lost() -
         .await?;
     frozen.signal("CONT")?;
 
-    let mut flows = Vec::new();
-    for client in clients {
-        flows.extend(client.await??);
-    }
+    let flows = load.await??;
     let slowest = flows
         .iter()
         .map(|(_, took)| *took)
@@ -158,33 +129,17 @@ async fn a_saturated_machine_takes_over_no_live_worker_harmfully() -> anyhow::Re
                 .spawn()
         })
         .collect::<Result<_, _>>()?;
-    let load_until = Instant::now() + Duration::from_secs(60);
-    let mut clients = Vec::new();
-    for _ in 0..CLIENTS {
-        let api = api.clone();
-        clients.push(tokio::spawn(async move {
-            let mut flows = Vec::new();
-            while Instant::now() < load_until {
-                flows.push(flow(&api).await?);
-            }
-            anyhow::Ok(flows)
-        }));
-    }
-    let mut flows = Vec::new();
-    let mut failure = None;
-    for client in clients {
-        match client.await? {
-            Ok(done) => flows.extend(done),
-            Err(e) => failure = Some(e),
-        }
-    }
+    let load = shoppers_until(
+        api.clone(),
+        CLIENTS,
+        Instant::now() + Duration::from_secs(60),
+    );
+    let flows = load.await?;
     for mut hog in hogs {
         let _ = hog.kill();
         let _ = hog.wait();
     }
-    if let Some(e) = failure {
-        return Err(e);
-    }
+    let flows = flows?;
     let mut live_takeovers = 0;
     for worker in &workers {
         live_takeovers += std::fs::read_to_string(&worker.log)?

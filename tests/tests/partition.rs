@@ -10,14 +10,14 @@
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use harness::postgres::{PrivatePostgres, is_root, run};
 use harness::{
-    Api, Proc, TestDb, assert_progress_applied_once, bin, spawn_store_worker, wait_until,
-    wait_workers, worker_env,
+    Api, Proc, TestDb, assert_progress_applied_once, bin, shopper_flow, shoppers_until,
+    spawn_store_worker, wait_until, wait_workers, worker_env,
 };
-use serde_json::Value;
+use tokio::time::Instant;
 
 const CUT_FOR: Duration = Duration::from_secs(40);
 const CLIENTS: usize = 4;
@@ -98,25 +98,6 @@ impl Drop for Namespace {
     }
 }
 
-/// One shopper's flow: checkout, paid, dispatched; the order and its time.
-async fn flow(api: &Api) -> anyhow::Result<(i64, Duration)> {
-    let started = Instant::now();
-    let key = uuid::Uuid::new_v4().simple().to_string();
-    let (status, payment_id) = api.post(&format!("/checkout/{key}")).await?;
-    anyhow::ensure!(status == 200, "checkout: {status} {payment_id}");
-    let (status, order_id) = api
-        .post(&format!("/payment_webhook/{payment_id}/paid"))
-        .await?;
-    anyhow::ensure!(status == 200, "payment: {status} {order_id}");
-    let order_id: i64 = order_id.parse()?;
-    wait_until("dispatched", Duration::from_secs(60), || async {
-        let order: Value = api.get_json(&format!("/order/{order_id}")).await?;
-        Ok(order["status"] == "DISPATCHED")
-    })
-    .await?;
-    Ok((order_id, started.elapsed()))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_cut_off_by_the_network_is_taken_over_within_seconds() -> anyhow::Result<()> {
     anyhow::ensure!(is_root(), "network namespaces need root (CI runs as root)");
@@ -148,29 +129,19 @@ async fn a_worker_cut_off_by_the_network_is_taken_over_within_seconds() -> anyho
 
     let mut normal = Duration::ZERO;
     for _ in 0..5 {
-        normal = normal.max(flow(&api).await?.1);
+        normal = normal.max(shopper_flow(&api).await?.1);
     }
-    let load_until = Instant::now() + CUT_FOR + Duration::from_secs(4);
-    let mut clients = Vec::new();
-    for _ in 0..CLIENTS {
-        let api = api.clone();
-        clients.push(tokio::spawn(async move {
-            let mut flows = Vec::new();
-            while Instant::now() < load_until {
-                flows.push(flow(&api).await?);
-            }
-            anyhow::Ok(flows)
-        }));
-    }
+    let load = shoppers_until(
+        api.clone(),
+        CLIENTS,
+        Instant::now() + CUT_FOR + Duration::from_secs(4),
+    );
     tokio::time::sleep(Duration::from_secs(2)).await; // mid-load
     namespace.link(false)?;
     tokio::time::sleep(CUT_FOR).await; // the partition itself
     namespace.link(true)?;
 
-    let mut flows = Vec::new();
-    for client in clients {
-        flows.extend(client.await??);
-    }
+    let flows = load.await??;
     let slowest = flows
         .iter()
         .map(|(_, took)| *took)

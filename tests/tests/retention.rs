@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use harness::{Api, Proc, TestDb, spawn_store_worker, wait_until, wait_workers};
+use harness::{Api, Proc, TestDb, checkout, pay, spawn_store_worker, wait_until, wait_workers};
 use serde_json::Value;
 use sqlx::PgPool;
 
@@ -31,21 +31,6 @@ fn worker(db: &TestDb, label: &str, queues: &str) -> anyhow::Result<Proc> {
     let mut env = RETENTION.to_vec();
     env.push(("WORKER_QUEUES", queues));
     spawn_store_worker(db, label, &env)
-}
-
-async fn checkout(api: &Api) -> anyhow::Result<String> {
-    let key = uuid::Uuid::new_v4().simple().to_string();
-    let (status, payment_id) = api.post(&format!("/checkout/{key}")).await?;
-    anyhow::ensure!(status == 200, "checkout: {status} {payment_id}");
-    Ok(payment_id)
-}
-
-async fn pay(api: &Api, payment_id: &str, outcome: &str) -> anyhow::Result<i64> {
-    let (status, order_id) = api
-        .post(&format!("/payment_webhook/{payment_id}/{outcome}"))
-        .await?;
-    anyhow::ensure!(status == 200, "payment: {status} {order_id}");
-    Ok(order_id.parse()?)
 }
 
 async fn exists(pool: &PgPool, workflow_id: &str) -> anyhow::Result<bool> {

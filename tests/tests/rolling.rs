@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use harness::{Api, Proc, TestDb, inventory, spawn_store_worker, wait_until, wait_workers};
+use harness::{
+    Api, Proc, TestDb, checkout, inventory, pay, spawn_store_worker, wait_until, wait_workers,
+};
 use serde_json::Value;
 use sqlx::PgPool;
 
@@ -49,21 +51,6 @@ async fn stop(mut worker: Proc) -> anyhow::Result<()> {
     worker.signal("TERM")?;
     let code = worker.wait_exit(Duration::from_secs(30)).await?;
     anyhow::ensure!(code == Some(0), "a drained worker exits 0, got {code:?}");
-    Ok(())
-}
-
-async fn checkout(api: &Api) -> anyhow::Result<String> {
-    let key = uuid::Uuid::new_v4().simple().to_string();
-    let (status, payment_id) = api.post(&format!("/checkout/{key}")).await?;
-    anyhow::ensure!(status == 200, "checkout: {status} {payment_id}");
-    Ok(payment_id)
-}
-
-async fn pay(api: &Api, payment_id: &str, outcome: &str) -> anyhow::Result<()> {
-    let (status, body) = api
-        .post(&format!("/payment_webhook/{payment_id}/{outcome}"))
-        .await?;
-    anyhow::ensure!(status == 200, "payment {outcome}: {status} {body}");
     Ok(())
 }
 

@@ -9,16 +9,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use harness::{Api, TestDb, inventory, spawn_store_worker, wait_until, wait_workers};
+use harness::{Api, TestDb, checkout, inventory, spawn_store_worker, wait_until, wait_workers};
 
 const PATIENCE: Duration = Duration::from_secs(30);
-
-async fn checkout(api: &Api) -> anyhow::Result<String> {
-    let key = uuid::Uuid::new_v4().simple().to_string();
-    let (status, payment_id) = api.post(&format!("/checkout/{key}")).await?;
-    anyhow::ensure!(status == 200, "checkout: {status} {payment_id}");
-    Ok(payment_id)
-}
 
 /// Whether process `pid` is stopped (state `T` in /proc).
 fn stopped(pid: u32) -> anyhow::Result<bool> {

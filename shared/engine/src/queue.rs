@@ -348,7 +348,8 @@ async fn prune_finished_jobs(pool: &PgPool, older_than: Duration) -> Result<u64,
 /// worker adopts) and `$4` is the fleet's current version (an older worker
 /// never adopts a newer history); a workflow not pinned yet is claimed
 /// only when `$4` is the fleet's current version (`engine.current_version()`,
-/// the rule apalis' fetch applies too), and pinned to `$4`. It commits
+/// the rule apalis' fetch applies too; with no live worker registered, any
+/// version is), and pinned to `$4`. It commits
 /// without waiting for its WAL flush (see `Runtime::claim`).
 pub(crate) const CLAIM: &str = "WITH candidate AS (
                  SELECT id, convert_from(job, 'UTF8')::json ->> 'workflow_id' AS workflow_id
@@ -358,9 +359,9 @@ pub(crate) const CLAIM: &str = "WITH candidate AS (
              previous AS (
                  SELECT id, status, owner, orphaned_at,
                      status IN ('succeeded', 'failed', 'cancelled') AS finished,
-                     CASE WHEN version IS NULL THEN engine.current_version() IS NOT DISTINCT FROM $4
+                     CASE WHEN version IS NULL THEN coalesce(engine.current_version(), $4) = $4
                           ELSE version = $4 OR (kind = ANY ($5)
-                              AND engine.current_version() IS NOT DISTINCT FROM $4) END AS runs_here
+                              AND coalesce(engine.current_version(), $4) = $4) END AS runs_here
                  FROM engine.workflows
                  WHERE id = coalesce($1, (SELECT workflow_id FROM candidate))
                  FOR UPDATE),

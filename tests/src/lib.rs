@@ -482,6 +482,14 @@ impl Api {
     }
 }
 
+/// `POST /restock` to `inventory` units: a long load never runs out.
+pub async fn restock(api: &Api, inventory: i64) -> anyhow::Result<()> {
+    let body = format!(r#"{{"inventory": {inventory}}}"#);
+    let (status, answer) = api.call("POST", "/restock", Some(&body)).await?;
+    anyhow::ensure!(status == 200, "restock: {status} {answer}");
+    Ok(())
+}
+
 /// A checkout under a fresh key; its payment id.
 pub async fn checkout(api: &Api) -> anyhow::Result<String> {
     let key = uuid::Uuid::new_v4().simple().to_string();

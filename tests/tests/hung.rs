@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use harness::{
-    Api, TestDb, assert_progress_applied_once, shopper_flow, shoppers_until, spawn_store_worker,
-    wait_until, wait_workers,
+    Api, TestDb, assert_progress_applied_once, restock, shopper_flow, shoppers_until,
+    spawn_store_worker, wait_until, wait_workers,
 };
 use tokio::time::Instant;
 
@@ -22,10 +22,7 @@ async fn a_frozen_worker_is_taken_over_within_seconds_and_stops_what_it_lost() -
 {
     let db = TestDb::create().await?;
     let api = Arc::new(Api::start(&db, &[]).await?);
-    let (status, body) = api
-        .call("POST", "/restock", Some(r#"{"inventory": 100000}"#))
-        .await?;
-    anyhow::ensure!(status == 200, "restock: {status} {body}");
+    restock(&api, 100_000).await?;
     let env = [("DISPATCH_INTERVAL", "100ms")];
     let frozen = spawn_store_worker(&db, "hung", &env)?;
     let _others = [
@@ -110,10 +107,7 @@ async fn a_frozen_worker_is_taken_over_within_seconds_and_stops_what_it_lost() -
 async fn a_saturated_machine_takes_over_no_live_worker_harmfully() -> anyhow::Result<()> {
     let db = TestDb::create().await?;
     let api = Arc::new(Api::start(&db, &[]).await?);
-    let (status, body) = api
-        .call("POST", "/restock", Some(r#"{"inventory": 100000}"#))
-        .await?;
-    anyhow::ensure!(status == 200, "restock: {status} {body}");
+    restock(&api, 100_000).await?;
     let env = [("DISPATCH_INTERVAL", "100ms")];
     let workers = [
         spawn_store_worker(&db, "hog-a", &env)?,

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use harness::postgres::{PrivatePostgres, is_root, run};
 use harness::{
-    Api, Proc, TestDb, assert_progress_applied_once, bin, shopper_flow, shoppers_until,
+    Api, Proc, TestDb, assert_progress_applied_once, bin, restock, shopper_flow, shoppers_until,
     spawn_store_worker, wait_until, wait_workers, worker_env,
 };
 use tokio::time::Instant;
@@ -105,10 +105,7 @@ async fn a_worker_cut_off_by_the_network_is_taken_over_within_seconds() -> anyho
     let pg = PrivatePostgres::listening_on(&[&namespace.host_address])?;
     let db = TestDb::create_on(&pg.url("postgres")).await?;
     let api = Arc::new(Api::start(&db, &[]).await?);
-    let (status, body) = api
-        .call("POST", "/restock", Some(r#"{"inventory": 100000}"#))
-        .await?;
-    anyhow::ensure!(status == 200, "restock: {status} {body}");
+    restock(&api, 100_000).await?;
     let extra = [("DISPATCH_INTERVAL", "100ms")];
     let _peers = [
         spawn_store_worker(&db, "partition-peer-a", &extra)?,

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use harness::{Api, Proc, TestDb, checkout, pay, spawn_store_worker, wait_until, wait_workers};
+use harness::{
+    Api, Proc, TestDb, checkout, pay, restock, spawn_store_worker, wait_until, wait_workers,
+};
 use serde_json::Value;
 use sqlx::PgPool;
 
@@ -57,10 +59,7 @@ async fn retention_keeps_the_tables_bounded_and_deletes_nothing_still_needed() -
 {
     let db = TestDb::create().await?;
     let api = Arc::new(Api::start(&db, &[]).await?);
-    let (status, body) = api
-        .call("POST", "/restock", Some(r#"{"inventory": 100000}"#))
-        .await?;
-    anyhow::ensure!(status == 200, "restock: {status} {body}");
+    restock(&api, 100_000).await?;
     // Checkouts only, at first: a paid checkout's dispatch waits in its queue.
     let _checkouts = worker(&db, "retention-checkout", "checkout")?;
     wait_workers(&db.pool, 1).await?;

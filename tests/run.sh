@@ -33,6 +33,18 @@ record() {
   failed=$((failed + $3))
   stages+=("$(printf '%-10s %4d passed, %d failed' "$1" "$2" "$3")")
 }
+# A stage whose output has one line per check: $1 the stage, $2 its exit
+# status, $3 its output file, $4 and $5 the patterns of a passed and a
+# failed check. A stage that failed before any check counts once.
+record_checks() {
+  # Not named passed/failed: record adds to those, and bash would find
+  # these locals instead.
+  local ok ko
+  ok=$(grep -c "$4" "$3" || true)
+  ko=$(grep -c "$5" "$3" || true)
+  if [ "$2" != 0 ] && [ "$ko" = 0 ]; then ko=1; fi
+  record "$1" "$ok" "$ko"
+}
 # A stage that is one check: passes when the command succeeds.
 check() {
   local name=$1
@@ -66,11 +78,7 @@ check "contract" bash -c 'tests/contract/run.sh 2>&1 | tee target/contract-outpu
 # offline: lint, render, schemas, and the rules the three forms share.
 log "deploy files"
 tests/deploy/run.sh 2>&1 | tee target/deploy-output.txt
-deploy_status=${PIPESTATUS[0]}
-deploy_passed=$(grep -c '^\[pass\]' target/deploy-output.txt || true)
-deploy_failed=$(grep -c '^\[FAIL\]' target/deploy-output.txt || true)
-if [ "$deploy_status" != 0 ] && [ "$deploy_failed" = 0 ]; then deploy_failed=1; fi
-record "deploy" "$deploy_passed" "$deploy_failed"
+record_checks "deploy" "${PIPESTATUS[0]}" target/deploy-output.txt '^\[pass\]' '^\[FAIL\]'
 
 # The short chaos run: about a minute of kills, an API restart and one
 # PostgreSQL restart under load, then checks that it did that work and that
@@ -78,11 +86,7 @@ record "deploy" "$deploy_passed" "$deploy_failed"
 log "chaos (short form)"
 cargo run --quiet -p widget-tests --bin chaos -- --duration "${CHAOS_DURATION:-60}" --workers 3 \
   --json target/chaos-summary.json 2>&1 | tee target/chaos-output.txt
-chaos_status=${PIPESTATUS[0]}
-chaos_passed=$(grep -c '^  \[pass\]' target/chaos-output.txt || true)
-chaos_failed=$(grep -c '^  \[FAIL\]' target/chaos-output.txt || true)
-if [ "$chaos_status" != 0 ] && [ "$chaos_failed" = 0 ]; then chaos_failed=1; fi
-record "chaos" "$chaos_passed" "$chaos_failed"
+record_checks "chaos" "${PIPESTATUS[0]}" target/chaos-output.txt '^  \[pass\]' '^  \[FAIL\]'
 
 # The storefront in headless Chromium against the real stack (installs
 # Chromium and playwright-core itself under CI=true). SKIP_BROWSER=1 skips it.
@@ -95,11 +99,7 @@ else
   tests/browser/run.sh 2>&1 | tee target/browser-output.txt
   browser_status=${PIPESTATUS[0]}
 fi
-browser_passed=$(grep -c '^\[browser\] PASS' target/browser-output.txt || true)
-browser_failed=$(grep -c '^\[browser\] FAIL' target/browser-output.txt || true)
-# A stage that failed before its scenarios (no Chromium, stack down) counts once.
-if [ "$browser_status" != 0 ] && [ "$browser_failed" = 0 ]; then browser_failed=1; fi
-record "browser" "$browser_passed" "$browser_failed"
+record_checks "browser" "$browser_status" target/browser-output.txt '^\[browser\] PASS' '^\[browser\] FAIL'
 
 echo
 for stage in "${stages[@]}"; do echo "  $stage"; done

@@ -549,6 +549,45 @@ pub fn shoppers_until(
     })
 }
 
+/// After a worker was taken out under load (`what`: how), prints the
+/// flows' figures and fails unless every flow took at most 5 s beyond
+/// `normal` and every dispatch applied each progress step once.
+pub async fn assert_flows_taken_over(
+    pool: &PgPool,
+    flows: &[(i64, Duration)],
+    normal: Duration,
+    what: &str,
+) -> anyhow::Result<()> {
+    let slowest = flows
+        .iter()
+        .map(|(_, took)| *took)
+        .max()
+        .unwrap_or_default();
+    eprintln!(
+        "{} flows during {what}; slowest {slowest:?}, normal up to {normal:?}",
+        flows.len()
+    );
+    anyhow::ensure!(
+        slowest <= normal + Duration::from_secs(5),
+        "a flow took {slowest:?}: more than 5 s beyond its normal {normal:?}"
+    );
+    for (order_id, _) in flows {
+        assert_progress_applied_once(pool, *order_id).await?;
+    }
+    Ok(())
+}
+
+/// Waits until `proc`'s log holds `needle`.
+pub async fn wait_for_log(proc: &Proc, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+    wait_until(
+        &format!("{} logs {needle:?}", proc.label),
+        timeout,
+        || async { Ok(std::fs::read_to_string(&proc.log)?.contains(needle)) },
+    )
+    .await?;
+    Ok(())
+}
+
 /// The outputs of an order's dispatch progress steps in step order: each is
 /// the progress left after that step, so a dispatch that applied each step
 /// once reads exactly [`EXPECTED_PROGRESS`]. A step applied twice shows as

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use harness::{
-    Api, TestDb, assert_progress_applied_once, restock, shopper_flow, shoppers_until,
-    spawn_store_worker, wait_until, wait_workers,
+    Api, TestDb, assert_flows_taken_over, assert_progress_applied_once, restock, shopper_flow,
+    shoppers_until, spawn_store_worker, wait_for_log, wait_workers,
 };
 use tokio::time::Instant;
 
@@ -54,30 +54,19 @@ async fn a_frozen_worker_is_taken_over_within_seconds_and_stops_what_it_lost() -
     frozen.signal("CONT")?;
 
     let flows = load.await??;
-    let slowest = flows
-        .iter()
-        .map(|(_, took)| *took)
-        .max()
-        .unwrap_or_default();
-    eprintln!(
-        "{} flows during a {FROZEN_FOR:?} freeze; slowest {slowest:?}, normal up to {normal:?}",
-        flows.len()
-    );
-    anyhow::ensure!(
-        slowest <= normal + Duration::from_secs(5),
-        "a flow took {slowest:?}: more than 5 s beyond its normal {normal:?}"
-    );
-    for (order_id, _) in &flows {
-        assert_progress_applied_once(&db.pool, *order_id).await?;
-    }
+    assert_flows_taken_over(
+        &db.pool,
+        &flows,
+        normal,
+        &format!("a {FROZEN_FOR:?} freeze"),
+    )
+    .await?;
     // Woken, it found itself silent too long; none of its old executions
     // wrote a step after another worker had taken their workflow over.
-    wait_until(
-        "the woken worker knows",
+    wait_for_log(
+        &frozen,
+        "silent past WORKER_STALE_AFTER",
         Duration::from_secs(10),
-        || async {
-            Ok(std::fs::read_to_string(&frozen.log)?.contains("silent past WORKER_STALE_AFTER"))
-        },
     )
     .await?;
     let late: i64 = sqlx::query_scalar(

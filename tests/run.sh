@@ -10,7 +10,11 @@
 # non-zero when M > 0.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if [ "${CI:-}" = true ]; then export INSTALL_POSTGRES=1; fi
+if [ "${CI:-}" = true ]; then
+  export INSTALL_POSTGRES=1
+  # A clean clone builds once: incremental data would only take disk.
+  export CARGO_INCREMENTAL=0
+fi
 source deploy/local/postgres.sh
 # sqlx macros (ours and apalis-postgres') would check their SQL against
 # DATABASE_URL at compile time; build from the committed offline data.

@@ -14,6 +14,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
+pub mod bench;
 pub mod postgres;
 pub mod provider;
 pub mod workflows;

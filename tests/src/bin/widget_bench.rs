@@ -14,7 +14,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
-use harness::{Api, Proc, TestDb, first_step_elsewhere, wait_until};
+use harness::bench::{
+    Stack, cpu_seconds, ensure_release_built, machine, memory_mb, one_flow, percentile,
+    postgres_cpu_seconds, shopper_client,
+};
+use harness::{first_step_elsewhere, wait_until};
 use rand::Rng;
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -42,54 +46,6 @@ struct Args {
     /// Where to write latest.json, latest.md and throughput.svg.
     #[arg(long, default_value = "docs/benchmarks")]
     out: PathBuf,
-}
-
-fn release(name: &str) -> PathBuf {
-    harness::target_dir().join("release").join(name)
-}
-
-// ------------------------------------------------------------ process stats
-
-/// CPU seconds (user + system) a process has used.
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    let Some(after) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    ticks / 100.0
-}
-
-/// CPU seconds of every PostgreSQL server process on the machine.
-fn postgres_cpu_seconds() -> f64 {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0.0;
-    };
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|c| c.trim() == "postgres")
-        })
-        .map(cpu_seconds)
-        .sum()
-}
-
-/// A memory figure from /proc/<pid>/status in MB (VmRSS now, VmHWM peak).
-fn memory_mb(pid: u32, field: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
 }
 
 // ------------------------------------------------------------ the ceiling
@@ -196,13 +152,6 @@ impl Samples {
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[(((p / 100.0) * (sorted.len() - 1) as f64).round() as usize).min(sorted.len() - 1)]
-}
-
 fn summary(values: &mut [f64]) -> Value {
     values.sort_by(f64::total_cmp);
     json!({
@@ -218,46 +167,19 @@ async fn run_flows(base: &str, clients: usize, duration: Duration) -> Samples {
         .map(|_| {
             let base = base.to_owned();
             tokio::spawn(async move {
-                let http = reqwest::Client::builder()
-                    .pool_max_idle_per_host(1)
-                    .build()
-                    .expect("client");
+                let http = shopper_client();
                 let mut s = Samples::default();
                 while Instant::now() < until {
-                    let key = uuid::Uuid::new_v4().simple().to_string();
                     let paid = rand::rng().random_bool(0.8);
-                    let t0 = Instant::now();
-                    let Ok(r) = http.post(format!("{base}/checkout/{key}")).send().await else {
-                        s.error("checkout transport".into());
-                        continue;
-                    };
-                    let status = r.status();
-                    let payment_id = r.text().await.unwrap_or_default();
-                    let t1 = Instant::now();
-                    if !status.is_success() {
-                        s.error(format!("checkout {}", status.as_u16()));
-                        continue;
+                    match one_flow(&http, &base, paid).await {
+                        Ok(flow) => {
+                            s.checkout.push(flow.checkout_ms);
+                            s.webhook.push(flow.webhook_ms);
+                            s.flow.push(flow.checkout_ms + flow.webhook_ms);
+                            s.paid += u64::from(paid);
+                        }
+                        Err(kind) => s.error(kind),
                     }
-                    let status = if paid { "paid" } else { "failed" };
-                    let Ok(r) = http
-                        .post(format!("{base}/payment_webhook/{payment_id}/{status}"))
-                        .send()
-                        .await
-                    else {
-                        s.error("webhook transport".into());
-                        continue;
-                    };
-                    let status = r.status();
-                    let _ = r.bytes().await;
-                    let t2 = Instant::now();
-                    if !status.is_success() {
-                        s.error(format!("webhook {}", status.as_u16()));
-                        continue;
-                    }
-                    s.checkout.push((t1 - t0).as_secs_f64() * 1000.0);
-                    s.webhook.push((t2 - t1).as_secs_f64() * 1000.0);
-                    s.flow.push((t2 - t0).as_secs_f64() * 1000.0);
-                    s.paid += u64::from(paid);
                 }
                 s
             })
@@ -287,83 +209,12 @@ async fn commits(pool: &PgPool) -> anyhow::Result<i64> {
     .await?)
 }
 
-// ------------------------------------------------------------ the stack
-
-struct Stack {
-    db: TestDb,
-    api: Api,
-    workers: Vec<Proc>,
-    /// Pool size of each process.
-    pool_size: u32,
-}
-
-/// The production defaults (chaos off: its crash listener would be one more
-/// connection that PostgreSQL wakes at every notification), but for the
-/// pool, the concurrency and a payment timeout longer than any level.
-fn env(db: &TestDb, pool_size: u32) -> Vec<(&'static str, String)> {
-    vec![
-        ("DATABASE_URL", db.url.clone()),
-        ("DB_MAX_CONNECTIONS", pool_size.to_string()),
-        ("WORKER_CONCURRENCY", "64".into()),
-        ("DISPATCH_INTERVAL", "1000ms".into()),
-        ("PAYMENT_TIMEOUT", "600000ms".into()),
-        ("DEMO_PAYMENTS", "true".into()),
-        // Every client here is 127.0.0.1: no per-client limits.
-        ("CHECKOUT_RATE", "0".into()),
-        ("MAX_PENDING_CHECKOUTS", "0".into()),
-        ("RUST_LOG", "warn".into()),
-    ]
-}
-
-fn spawn_worker(db: &TestDb, pool_size: u32) -> anyhow::Result<Proc> {
-    Proc::spawn(
-        "bench-store-worker",
-        &release("widget-worker"),
-        &[],
-        &env(db, pool_size),
-    )
-}
-
-async fn stack(workers: usize, pool_size: u32) -> anyhow::Result<Stack> {
-    let db = TestDb::create().await?;
-    sqlx::query("UPDATE products SET inventory = 1000000")
-        .execute(&db.pool)
-        .await?;
-    let api = Api::launch(&release("widget-api"), env(&db, pool_size)).await?;
-    let workers = (0..workers)
-        .map(|_| spawn_worker(&db, pool_size))
-        .collect::<Result<Vec<_>, _>>()?;
-    let expected = workers.len() as i64;
-    wait_until("workers registered", Duration::from_secs(60), || async {
-        Ok(harness::live_workers(&db.pool).await? == expected)
-    })
-    .await?;
-    Ok(Stack {
-        db,
-        api,
-        workers,
-        pool_size,
-    })
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    anyhow::ensure!(
-        release("widget-api").exists(),
-        "build first: cargo build --release --bins"
-    );
-    let mut s = stack(args.workers, args.db_max_connections).await?;
-    let machine = format!(
-        "{} cores, {:.0} GiB, PostgreSQL {}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
-        total_memory_gib(),
-        sqlx::query_scalar::<_, String>("SHOW server_version")
-            .fetch_one(&s.db.pool)
-            .await?
-    );
+    ensure_release_built()?;
+    let mut s = Stack::start(args.workers, args.db_max_connections, &[]).await?;
+    let machine = machine(&s.db.pool).await?;
     println!("widget-bench: {} worker(s); {machine}", args.workers);
 
     let Ceiling {
@@ -476,26 +327,7 @@ async fn main() -> anyhow::Result<()> {
         "wrote {}/latest.json, latest.md, throughput.svg",
         args.out.display()
     );
-    let Stack {
-        db, api, workers, ..
-    } = s;
-    drop((api, workers));
-    db.drop_database().await
-}
-
-fn total_memory_gib() -> f64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .next()?
-                .split_whitespace()
-                .nth(1)?
-                .parse::<f64>()
-                .ok()
-        })
-        .map(|kb| kb / 1024.0 / 1024.0)
-        .unwrap_or(0.0)
+    s.stop().await
 }
 
 /// SIGKILLs a worker during load (8 clients) and times, for each workflow
@@ -526,7 +358,7 @@ async fn takeover(s: &mut Stack, kills: usize) -> anyhow::Result<Value> {
             .fetch_one(&s.db.pool)
             .await?;
         drop(dead);
-        s.workers.push(spawn_worker(&s.db, s.pool_size)?);
+        s.workers.push(s.spawn_worker()?);
         for id in owned {
             let first = wait_for_step(&s.db.pool, &id, &victim, at).await?;
             if let Some(first) = first {

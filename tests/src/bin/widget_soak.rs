@@ -1,0 +1,471 @@
+//! The soak benchmark: a million store flows (checkout, then its payment
+//! webhook) by closed-loop clients against the release stack with a short
+//! retention, printing throughput and p99 per decile of the run and the
+//! engine's and the queue's table sizes over time. The run is flat when
+//! the last decile's throughput is within 10 % of the second's (the first
+//! warms caches and fills the tables up to what retention keeps).
+//!
+//!   cargo build --release --bins
+//!   ./target/release/widget-soak --flows 1000000 --out docs/benchmarks
+//!
+//! Writes soak-<date>.{json,md,svg} into `--out`. PostgreSQL:
+//! WIDGET_TEST_ADMIN_URL, as for `widget-bench`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use harness::bench::{Stack, ensure_release_built, machine, one_flow, percentile, shopper_client};
+use rand::Rng;
+use serde::Serialize;
+use sqlx::PgPool;
+
+#[derive(Parser)]
+struct Args {
+    /// Flows to complete.
+    #[arg(long, default_value_t = 1_000_000)]
+    flows: u64,
+    /// Closed-loop clients.
+    #[arg(long, default_value_t = 32)]
+    clients: usize,
+    /// Worker processes.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// WORKFLOW_RETENTION (and WORKER_PRUNE_AFTER for queue jobs) of the
+    /// stack: short, so the tables reach their bounded size early.
+    #[arg(long, default_value = "1m")]
+    retention: String,
+    /// Seconds between two samples of throughput and table sizes.
+    #[arg(long, default_value_t = 10)]
+    sample_every: u64,
+    /// Pool size of the API and of each worker (DB_MAX_CONNECTIONS).
+    #[arg(long, default_value_t = store::db::DEFAULT_MAX_CONNECTIONS)]
+    db_max_connections: u32,
+    /// Where to write soak-<date>.{json,md,svg}.
+    #[arg(long, default_value = "docs/benchmarks")]
+    out: PathBuf,
+}
+
+/// One tenth of the run, by flows completed.
+#[derive(Serialize)]
+struct Decile {
+    decile: usize,
+    flows: usize,
+    seconds: f64,
+    flows_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+/// The stack at one moment of the run.
+#[derive(Serialize)]
+struct Sample {
+    at_s: f64,
+    flows: u64,
+    /// Flows/s since the previous sample.
+    flows_per_s: f64,
+    /// Rows (PostgreSQL's live-tuple estimate) and bytes (with indexes and
+    /// TOAST) per table of the engine and the queue.
+    tables: Vec<Table>,
+    /// Workflows in the engine's table by status.
+    workflows_by_status: Vec<(String, i64)>,
+}
+
+#[derive(Serialize, sqlx::FromRow)]
+struct Table {
+    name: String,
+    rows: i64,
+    bytes: i64,
+}
+
+impl Sample {
+    fn engine_mb(&self) -> f64 {
+        self.tables.iter().map(|t| t.bytes).sum::<i64>() as f64 / 1e6
+    }
+    fn engine_rows(&self) -> i64 {
+        self.tables.iter().map(|t| t.rows).sum()
+    }
+}
+
+#[derive(Serialize)]
+struct Report {
+    date: String,
+    machine: String,
+    flows: u64,
+    clients: usize,
+    workers: usize,
+    retention: String,
+    seconds: f64,
+    errors: u64,
+    deciles: Vec<Decile>,
+    /// The last decile's throughput over the second's.
+    last_over_second: f64,
+    samples: Vec<Sample>,
+    /// The store's own records at the end (they are kept: business records).
+    orders: i64,
+}
+
+/// What the clients share: flows done, when each decile ended, errors.
+struct Progress {
+    target: u64,
+    done: AtomicU64,
+    started: Instant,
+    /// Microseconds from the start at which each decile's last flow ended.
+    decile_ends: Vec<AtomicU64>,
+}
+
+impl Progress {
+    fn decile_of(&self, index: u64) -> usize {
+        (index * 10 / self.target) as usize
+    }
+}
+
+/// One client: flows until the target is reached. Its latencies by decile,
+/// and its errors by decile.
+async fn client(base: String, progress: Arc<Progress>) -> (Vec<Vec<f64>>, Vec<u64>) {
+    let http = shopper_client();
+    let mut latencies = vec![Vec::new(); 10];
+    let mut errors = vec![0u64; 10];
+    while progress.done.load(Ordering::Relaxed) < progress.target {
+        let paid = rand::rng().random_bool(0.8);
+        let result = one_flow(&http, &base, paid).await;
+        let index = match &result {
+            Ok(_) => progress.done.fetch_add(1, Ordering::Relaxed),
+            Err(_) => progress.done.load(Ordering::Relaxed),
+        };
+        if index >= progress.target {
+            break;
+        }
+        let decile = progress.decile_of(index);
+        match result {
+            Ok(flow) => {
+                latencies[decile].push(flow.checkout_ms + flow.webhook_ms);
+                if progress.decile_of(index + 1) != decile || index + 1 == progress.target {
+                    progress.decile_ends[decile].store(
+                        progress.started.elapsed().as_micros() as u64,
+                        Ordering::Relaxed,
+                    );
+                }
+            }
+            Err(kind) => {
+                errors[decile] += 1;
+                if errors.iter().sum::<u64>() % 1000 == 1 {
+                    eprintln!("widget-soak: a flow failed: {kind}");
+                }
+            }
+        }
+    }
+    (latencies, errors)
+}
+
+async fn sample(
+    pool: &PgPool,
+    at: Duration,
+    flows: u64,
+    previous: Option<&Sample>,
+) -> anyhow::Result<Sample> {
+    let tables: Vec<Table> = sqlx::query_as(
+        "SELECT s.schemaname || '.' || s.relname AS name, s.n_live_tup AS rows,
+                pg_total_relation_size(s.relid) AS bytes
+           FROM pg_stat_user_tables s
+          WHERE s.schemaname IN ('engine', 'apalis')
+          ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await?;
+    let workflows_by_status: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status::text, count(*) FROM engine.workflows GROUP BY 1 ORDER BY 1")
+            .fetch_all(pool)
+            .await?;
+    let at_s = at.as_secs_f64();
+    let flows_per_s = match previous {
+        Some(p) => (flows - p.flows) as f64 / (at_s - p.at_s).max(1e-9),
+        None => flows as f64 / at_s.max(1e-9),
+    };
+    Ok(Sample {
+        at_s,
+        flows,
+        flows_per_s,
+        tables,
+        workflows_by_status,
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    anyhow::ensure!(args.flows >= 10, "--flows must be at least 10");
+    ensure_release_built()?;
+    let stack = Stack::start(
+        args.workers,
+        args.db_max_connections,
+        &[
+            ("WORKFLOW_RETENTION", args.retention.clone()),
+            ("WORKFLOW_RETENTION_FAILED", args.retention.clone()),
+            ("WORKER_PRUNE_AFTER", args.retention.clone()),
+        ],
+    )
+    .await?;
+    // Enough stock for every flow (the failed payments give theirs back).
+    sqlx::query("UPDATE products SET inventory = $1")
+        .bind(args.flows as i64 + 1_000_000)
+        .execute(&stack.db.pool)
+        .await?;
+    let machine = machine(&stack.db.pool).await?;
+    println!(
+        "widget-soak: {} flows by {} clients, {} worker(s), retention {}; {machine}",
+        args.flows, args.clients, args.workers, args.retention
+    );
+
+    let progress = Arc::new(Progress {
+        target: args.flows,
+        done: AtomicU64::new(0),
+        started: Instant::now(),
+        decile_ends: (0..10).map(|_| AtomicU64::new(0)).collect(),
+    });
+    let clients: Vec<_> = (0..args.clients)
+        .map(|_| tokio::spawn(client(stack.api.base.clone(), progress.clone())))
+        .collect();
+
+    let mut samples: Vec<Sample> = Vec::new();
+    let every = Duration::from_secs(args.sample_every);
+    while progress.done.load(Ordering::Relaxed) < args.flows {
+        tokio::time::sleep(every).await;
+        let done = progress.done.load(Ordering::Relaxed).min(args.flows);
+        let s = sample(
+            &stack.db.pool,
+            progress.started.elapsed(),
+            done,
+            samples.last(),
+        )
+        .await?;
+        println!(
+            "{:>6.0} s  {:>8} flows ({:>5.1} %)  {:>6.1} flows/s  engine and queue: {:>9} rows, {:>7.1} MB",
+            s.at_s,
+            s.flows,
+            100.0 * s.flows as f64 / args.flows as f64,
+            s.flows_per_s,
+            s.engine_rows(),
+            s.engine_mb()
+        );
+        samples.push(s);
+    }
+    let mut latencies = vec![Vec::new(); 10];
+    let mut errors = [0u64; 10];
+    for c in clients {
+        let (l, e) = c.await?;
+        for d in 0..10 {
+            latencies[d].extend(l[d].iter());
+            errors[d] += e[d];
+        }
+    }
+    let seconds = progress.started.elapsed().as_secs_f64();
+    let mut deciles = Vec::new();
+    let mut begin = 0.0;
+    for (d, mut values) in latencies.into_iter().enumerate() {
+        let end = progress.decile_ends[d].load(Ordering::Relaxed) as f64 / 1e6;
+        values.sort_by(f64::total_cmp);
+        let decile = Decile {
+            decile: d + 1,
+            flows: values.len(),
+            seconds: end - begin,
+            flows_per_s: values.len() as f64 / (end - begin).max(1e-9),
+            p50_ms: percentile(&values, 50.0),
+            p99_ms: percentile(&values, 99.0),
+            errors: errors[d],
+        };
+        println!(
+            "decile {:>2}: {:>7.1} flows/s, p50 {:.1} ms, p99 {:.1} ms, {} errors",
+            decile.decile, decile.flows_per_s, decile.p50_ms, decile.p99_ms, decile.errors
+        );
+        deciles.push(decile);
+        begin = end;
+    }
+    let last_over_second = deciles[9].flows_per_s / deciles[1].flows_per_s.max(1e-9);
+    println!(
+        "last decile at {:.1} % of the second's throughput: {}",
+        last_over_second * 100.0,
+        if (last_over_second - 1.0).abs() <= 0.10 {
+            "flat (within 10 %)"
+        } else {
+            "NOT flat (more than 10 % apart)"
+        }
+    );
+    let orders: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+        .fetch_one(&stack.db.pool)
+        .await?;
+    let report = Report {
+        date: chrono::Utc::now().format("%Y-%m-%d").to_string(),
+        machine,
+        flows: args.flows,
+        clients: args.clients,
+        workers: args.workers,
+        retention: args.retention.clone(),
+        seconds,
+        errors: errors.iter().sum(),
+        deciles,
+        last_over_second,
+        samples,
+        orders,
+    };
+    std::fs::create_dir_all(&args.out)?;
+    let stem = args.out.join(format!("soak-{}", report.date));
+    std::fs::write(
+        stem.with_extension("json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    std::fs::write(stem.with_extension("md"), markdown(&report))?;
+    std::fs::write(stem.with_extension("svg"), chart(&report))?;
+    println!("wrote {}.{{json,md,svg}}", stem.display());
+    stack.stop().await
+}
+
+fn markdown(r: &Report) -> String {
+    let mut md = format!(
+        "# Soak: {} store flows with retention on\n\n\
+         {} on {}: {} closed-loop clients, {} worker(s), `WORKFLOW_RETENTION`, \
+         `WORKFLOW_RETENTION_FAILED` and `WORKER_PRUNE_AFTER` at {}. A flow is a checkout \
+         then its payment webhook (80 % paid, each paid order then dispatched in ten steps). \
+         Reproduce: `cargo build --release --bins && ./target/release/widget-soak --flows {}` \
+         (PostgreSQL from `WIDGET_TEST_ADMIN_URL`).\n\n\
+         {:.0} s in all, {} failed flows. The last decile ran at **{:.1} %** of the second's \
+         throughput ({}).\n\n\
+         | decile | flows | seconds | flows/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|---|---|\n",
+        r.flows,
+        r.date,
+        r.machine,
+        r.clients,
+        r.workers,
+        r.retention,
+        r.flows,
+        r.seconds,
+        r.errors,
+        r.last_over_second * 100.0,
+        if (r.last_over_second - 1.0).abs() <= 0.10 {
+            "within 10 %: flat"
+        } else {
+            "more than 10 % apart: not flat"
+        },
+    );
+    for d in &r.deciles {
+        md.push_str(&format!(
+            "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {} |\n",
+            d.decile, d.flows, d.seconds, d.flows_per_s, d.p50_ms, d.p99_ms, d.errors
+        ));
+    }
+    md.push_str(
+        "\nThe engine's and the queue's tables over time (rows: PostgreSQL's live-tuple \
+         estimate; MB with indexes), at each tenth of the run:\n\n",
+    );
+    let names: Vec<&str> = r
+        .samples
+        .first()
+        .map(|s| s.tables.iter().map(|t| t.name.as_str()).collect())
+        .unwrap_or_default();
+    md.push_str("| at s | flows | flows/s (last sample) |");
+    for n in &names {
+        md.push_str(&format!(" {n} rows / MB |"));
+    }
+    md.push_str(" total MB |\n|---|---|---|");
+    md.push_str(&"---|".repeat(names.len() + 1));
+    md.push('\n');
+    let step = (r.samples.len() / 10).max(1);
+    for s in r
+        .samples
+        .iter()
+        .step_by(step)
+        .chain(r.samples.last().filter(|_| r.samples.len() % step != 1))
+    {
+        md.push_str(&format!(
+            "| {:.0} | {} | {:.1} |",
+            s.at_s, s.flows, s.flows_per_s
+        ));
+        for n in &names {
+            match s.tables.iter().find(|t| t.name == *n) {
+                Some(t) => md.push_str(&format!(" {} / {:.1} |", t.rows, t.bytes as f64 / 1e6)),
+                None => md.push_str(" – |"),
+            }
+        }
+        md.push_str(&format!(" {:.1} |\n", s.engine_mb()));
+    }
+    md.push_str(&format!(
+        "\nOrders at the end: {} (business records, kept).\n\n\
+         ![throughput and the engine's table size over the run](soak-{}.svg)\n",
+        r.orders, r.date
+    ));
+    md
+}
+
+/// Throughput per sample (blue) and the engine's and queue's tables in MB
+/// (orange) against time.
+fn chart(r: &Report) -> String {
+    let (w, h, left, right, top, bottom) = (720.0, 360.0, 70.0, 70.0, 50.0, 50.0);
+    let plot_w = w - left - right;
+    let plot_h = h - top - bottom;
+    let max_t = r.samples.last().map(|s| s.at_s).unwrap_or(1.0).max(1.0);
+    let max_rate = r.samples.iter().map(|s| s.flows_per_s).fold(1.0, f64::max) * 1.15;
+    let max_mb = r.samples.iter().map(Sample::engine_mb).fold(1.0, f64::max) * 1.15;
+    let x = |t: f64| left + plot_w * t / max_t;
+    let y = |v: f64, max: f64| top + plot_h - plot_h * v / max;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"14\">Soak, {} flows: flows/s (blue) and engine + queue tables, MB (orange) — {}</text>\n\
+         <line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#333\"/>\n",
+        w / 2.0,
+        r.flows,
+        r.date,
+        top + plot_h,
+        left + plot_w,
+        top + plot_h
+    );
+    for i in 0..=4 {
+        let f = i as f64 / 4.0;
+        let yy = top + plot_h - plot_h * f;
+        svg.push_str(&format!(
+            "<line x1=\"{left}\" y1=\"{yy}\" x2=\"{}\" y2=\"{yy}\" stroke=\"#eee\"/>\
+             <text x=\"{}\" y=\"{}\" text-anchor=\"end\" fill=\"#2b6cb0\">{:.0}</text>\
+             <text x=\"{}\" y=\"{}\" fill=\"#c05621\">{:.0} MB</text>\
+             <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{:.0} s</text>\n",
+            left + plot_w,
+            left - 6.0,
+            yy + 4.0,
+            max_rate * f,
+            left + plot_w + 6.0,
+            yy + 4.0,
+            max_mb * f,
+            left + plot_w * f,
+            top + plot_h + 18.0,
+            max_t * f
+        ));
+    }
+    let line = |points: Vec<String>, colour: &str| {
+        format!(
+            "<polyline points=\"{}\" fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\"/>\n",
+            points.join(" ")
+        )
+    };
+    svg.push_str(&line(
+        r.samples
+            .iter()
+            .map(|s| format!("{:.1},{:.1}", x(s.at_s), y(s.flows_per_s, max_rate)))
+            .collect(),
+        "#2b6cb0",
+    ));
+    svg.push_str(&line(
+        r.samples
+            .iter()
+            .map(|s| format!("{:.1},{:.1}", x(s.at_s), y(s.engine_mb(), max_mb)))
+            .collect(),
+        "#c05621",
+    ));
+    svg.push_str(&format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">seconds into the run</text>\n</svg>\n",
+        left + plot_w / 2.0,
+        h - 12.0
+    ));
+    svg
+}

@@ -1,8 +1,9 @@
 //! Retention against the real stack: with a short `WORKFLOW_RETENTION` the
 //! engine's tables stay bounded under load while orders stay, and nothing
 //! still needed is deleted (a checkout parked for payment, a finished
-//! checkout whose dispatch has not run yet); an operator deletes a finished
-//! workflow on demand, never an unfinished one.
+//! checkout whose dispatch has not run yet), and what is deleted is
+//! vacuumed; an operator deletes a finished workflow on demand, never an
+//! unfinished one.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -131,6 +132,24 @@ async fn retention_keeps_the_tables_bounded_and_deletes_nothing_still_needed() -
         .await?;
         Ok(finished == 0)
     })
+    .await?;
+    // What was deleted is vacuumed by the workers themselves (a server may
+    // run without autovacuum, and deleted rows then take space for ever).
+    wait_until(
+        "the workers' VACUUM of the deleted rows",
+        PATIENCE,
+        || async {
+            let unvacuumed: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_user_tables
+             WHERE (schemaname, relname) IN (('engine', 'workflows'), ('engine', 'workflow_steps'),
+                                             ('apalis', 'jobs'))
+               AND vacuum_count = 0",
+            )
+            .fetch_one(&db.pool)
+            .await?;
+            Ok(unvacuumed == 0)
+        },
+    )
     .await?;
     sampling.store(false, Ordering::Relaxed);
     let samples = sampler.await??;

@@ -58,8 +58,10 @@ pub(crate) async fn delete_expired(
 }
 
 /// Runs `vacuum` (a VACUUM statement) unless another worker is running the
-/// one under `lock_key`, without the session's statement and lock timeouts: a server
-/// may run with autovacuum off, and deleted rows then never leave.
+/// one under `lock_key`, without the session's statement and lock timeouts
+/// (a VACUUM may take long, and it cannot run in a transaction, so they are
+/// lifted for the session and reset after). A server may run with
+/// autovacuum off, and deleted rows then never leave.
 pub(crate) async fn vacuum(
     pool: &PgPool,
     lock_key: i64,
@@ -73,16 +75,28 @@ pub(crate) async fn vacuum(
     if !locked {
         return Ok(());
     }
-    sqlx::query("SET statement_timeout = 0; SET lock_timeout = 0")
-        .execute(&mut *conn)
-        .await?;
-    let vacuumed = sqlx::query(vacuum).execute(&mut *conn).await;
-    sqlx::query("RESET statement_timeout; RESET lock_timeout")
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(lock_key)
-        .execute(&mut *conn)
-        .await?;
-    vacuumed.map(|_| ())
+    let vacuumed = async {
+        // One statement per query: a prepared statement holds one command.
+        for statement in [
+            "SET statement_timeout = 0",
+            "SET lock_timeout = 0",
+            vacuum,
+            "RESET statement_timeout",
+            "RESET lock_timeout",
+        ] {
+            sqlx::query(statement).execute(&mut *conn).await?;
+        }
+        sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(lock_key)
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+    .await;
+    if vacuumed.is_err() {
+        // The session may still hold the lock or lack its timeouts: end it
+        // rather than give it back to the pool.
+        let _ = conn.close().await;
+    }
+    vacuumed
 }

@@ -62,7 +62,7 @@ pub(super) async fn prune_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool
         match queue::prune_jobs(&inner.pool, inner.config.prune_after).await {
             Ok(0) => {}
             Ok(pruned) => tracing::debug!(pruned, "pruned finished jobs"),
-            Err(e) => tracing::debug!(error = %e, "prune failed"),
+            Err(e) => tracing::warn!(error = %e, "pruning finished queue jobs failed"),
         }
     }
 }
@@ -89,7 +89,7 @@ pub(super) async fn retention_loop(inner: Arc<Inner>, mut stop: watch::Receiver<
             Ok(deleted) => {
                 tracing::debug!(deleted, "deleted finished workflows past their retention")
             }
-            Err(e) => tracing::debug!(error = %e, "retention pass failed"),
+            Err(e) => tracing::warn!(error = %e, "retention pass failed"),
         }
     }
 }

@@ -1967,6 +1967,16 @@ async fn finished_jobs_are_pruned() -> anyhow::Result<()> {
             .start(COUNTER, &format!("prune-{i}"), &json!({}))
             .await?;
     }
+    // And more than two pruning statements' worth of jobs finished long
+    // ago, as after a long outage: pruned in batches too.
+    sqlx::query(
+        "INSERT INTO apalis.jobs (job, id, job_type, status, attempts, done_at)
+         SELECT convert_to('{}', 'UTF8'), 'finished-long-ago-' || g, 'old-queue', 'Done', 1,
+                now() - interval '1 day'
+         FROM generate_series(1, 12000) g",
+    )
+    .execute(&db.pool)
+    .await?;
     let _worker = spawn_worker(&db, "prune", &[("WORKER_PRUNE_AFTER", "1000ms")])?;
     wait_until("all done", Duration::from_secs(120), || async {
         Ok(count(

@@ -326,16 +326,27 @@ pub(crate) async fn prune_jobs(pool: &PgPool, older_than: Duration) -> Result<u6
     Ok(pruned)
 }
 
+/// Jobs one pruning statement deletes at most: however long the janitor
+/// was away (an outage, a fleet scaled to zero), each statement stays
+/// short, far from the session's statement timeout.
+const PRUNE_BATCH: i64 = 5_000;
+
 async fn prune_finished_jobs(pool: &PgPool, older_than: Duration) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query(
-        "DELETE FROM apalis.jobs
-         WHERE (status IN ('Done', 'Killed') OR (status = 'Failed' AND attempts >= max_attempts))
-           AND done_at < now() - make_interval(secs => $1)",
-    )
-    .bind(older_than.as_secs_f64())
-    .execute(pool)
-    .await?
-    .rows_affected())
+    crate::retention::in_batches(PRUNE_BATCH, || async {
+        Ok(sqlx::query(
+            "DELETE FROM apalis.jobs WHERE id IN (
+                 SELECT id FROM apalis.jobs
+                 WHERE (status IN ('Done', 'Killed') OR (status = 'Failed' AND attempts >= max_attempts))
+                   AND done_at < now() - make_interval(secs => $1)
+                 LIMIT $2)",
+        )
+        .bind(older_than.as_secs_f64())
+        .bind(PRUNE_BATCH)
+        .execute(pool)
+        .await?
+        .rows_affected())
+    })
+    .await
 }
 
 /// Claims a workflow in one statement, its own transaction: locks its row,

@@ -35,26 +35,39 @@ pub(crate) async fn delete_expired(
     retention: Retention,
 ) -> Result<u64, sqlx::Error> {
     let seconds = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
-    let mut deleted = 0;
-    loop {
-        let batch = sqlx::query(sql::DELETE_EXPIRED)
+    let deleted = in_batches(BATCH, || async {
+        Ok(sqlx::query(sql::DELETE_EXPIRED)
             .bind(seconds(retention.finished))
             .bind(seconds(retention.failed))
             .bind(BATCH)
             .execute(pool)
             .await?
-            .rows_affected();
-        deleted += batch;
-        if batch < BATCH as u64 {
-            break;
-        }
-        // Let the hot path in between batches.
-        tokio::task::yield_now().await;
-    }
+            .rows_affected())
+    })
+    .await?;
     if deleted > 0 {
         vacuum(pool, VACUUM_LOCK_KEY, sql::VACUUM_WORKFLOWS).await?;
     }
     Ok(deleted)
+}
+
+/// Runs `delete` (a statement deleting at most `size` rows, returning how
+/// many it deleted) until it deletes fewer, letting the hot path in between
+/// batches: each is a short transaction. Returns the rows deleted in all.
+pub(crate) async fn in_batches<F, Fut>(size: i64, mut delete: F) -> Result<u64, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, sqlx::Error>>,
+{
+    let mut deleted = 0;
+    loop {
+        let batch = delete().await?;
+        deleted += batch;
+        if batch < size as u64 {
+            return Ok(deleted);
+        }
+        tokio::task::yield_now().await;
+    }
 }
 
 /// Runs `vacuum` (a VACUUM statement) unless another worker is running the

@@ -17,10 +17,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use harness::bench::{Stack, ensure_release_built, machine, one_flow, percentile, shopper_client};
+use harness::bench::{
+    Stack, cpu_seconds, ensure_release_built, machine, one_flow, percentile, postgres_cpu_seconds,
+    shopper_client,
+};
 use rand::Rng;
 use serde::Serialize;
-use sqlx::PgPool;
 
 #[derive(Parser)]
 struct Args {
@@ -58,6 +60,10 @@ struct Decile {
     p50_ms: f64,
     p99_ms: f64,
     errors: u64,
+    /// CPU seconds per 1,000 flows of the API, the workers and PostgreSQL
+    /// together, between the samples nearest the decile's ends: the work a
+    /// flow costs, which the machine's drifting speed does not change.
+    cpu_s_per_1000_flows: f64,
 }
 
 /// The stack at one moment of the run.
@@ -72,6 +78,8 @@ struct Sample {
     tables: Vec<Table>,
     /// Workflows in the engine's table by status.
     workflows_by_status: Vec<(String, i64)>,
+    /// CPU seconds used so far by the API, the workers and PostgreSQL.
+    cpu_s: f64,
 }
 
 #[derive(Serialize, sqlx::FromRow)]
@@ -103,6 +111,8 @@ struct Report {
     deciles: Vec<Decile>,
     /// The last decile's throughput over the second's.
     last_over_second: f64,
+    /// The last decile's CPU per flow over the second's.
+    cpu_last_over_second: f64,
     samples: Vec<Sample>,
     /// The store's own records at the end (they are kept: business records).
     orders: i64,
@@ -161,12 +171,25 @@ async fn client(base: String, progress: Arc<Progress>) -> (Vec<Vec<f64>>, Vec<u6
     (latencies, errors)
 }
 
+/// CPU seconds the stack has used so far (every PostgreSQL process of the
+/// machine included).
+fn stack_cpu_seconds(stack: &Stack) -> f64 {
+    cpu_seconds(stack.api.proc.pid())
+        + stack
+            .workers
+            .iter()
+            .map(|w| cpu_seconds(w.pid()))
+            .sum::<f64>()
+        + postgres_cpu_seconds()
+}
+
 async fn sample(
-    pool: &PgPool,
+    stack: &Stack,
     at: Duration,
     flows: u64,
     previous: Option<&Sample>,
 ) -> anyhow::Result<Sample> {
+    let pool = &stack.db.pool;
     let tables: Vec<Table> = sqlx::query_as(
         "SELECT s.schemaname || '.' || s.relname AS name, s.n_live_tup AS rows,
                 pg_total_relation_size(s.relid) AS bytes
@@ -191,6 +214,7 @@ async fn sample(
         flows_per_s,
         tables,
         workflows_by_status,
+        cpu_s: stack_cpu_seconds(stack),
     })
 }
 
@@ -235,13 +259,7 @@ async fn main() -> anyhow::Result<()> {
     while progress.done.load(Ordering::Relaxed) < args.flows {
         tokio::time::sleep(every).await;
         let done = progress.done.load(Ordering::Relaxed).min(args.flows);
-        let s = sample(
-            &stack.db.pool,
-            progress.started.elapsed(),
-            done,
-            samples.last(),
-        )
-        .await?;
+        let s = sample(&stack, progress.started.elapsed(), done, samples.last()).await?;
         println!(
             "{:>6.0} s  {:>8} flows ({:>5.1} %)  {:>6.1} flows/s  engine and queue: {:>9} rows, {:>7.1} MB",
             s.at_s,
@@ -276,15 +294,27 @@ async fn main() -> anyhow::Result<()> {
             p50_ms: percentile(&values, 50.0),
             p99_ms: percentile(&values, 99.0),
             errors: errors[d],
+            cpu_s_per_1000_flows: cpu_per_1000_flows(&samples, begin, end),
         };
         println!(
-            "decile {:>2}: {:>7.1} flows/s, p50 {:.1} ms, p99 {:.1} ms, {} errors",
-            decile.decile, decile.flows_per_s, decile.p50_ms, decile.p99_ms, decile.errors
+            "decile {:>2}: {:>7.1} flows/s, p50 {:.1} ms, p99 {:.1} ms, {:.2} CPU s per 1,000 flows, {} errors",
+            decile.decile,
+            decile.flows_per_s,
+            decile.p50_ms,
+            decile.p99_ms,
+            decile.cpu_s_per_1000_flows,
+            decile.errors
         );
         deciles.push(decile);
         begin = end;
     }
     let last_over_second = deciles[9].flows_per_s / deciles[1].flows_per_s.max(1e-9);
+    let cpu_last_over_second =
+        deciles[9].cpu_s_per_1000_flows / deciles[1].cpu_s_per_1000_flows.max(1e-9);
+    println!(
+        "last decile's CPU per flow at {:.1} % of the second's",
+        cpu_last_over_second * 100.0
+    );
     println!(
         "last decile at {:.1} % of the second's throughput: {}",
         last_over_second * 100.0,
@@ -308,6 +338,7 @@ async fn main() -> anyhow::Result<()> {
         errors: errors.iter().sum(),
         deciles,
         last_over_second,
+        cpu_last_over_second,
         samples,
         orders,
     };
@@ -323,6 +354,22 @@ async fn main() -> anyhow::Result<()> {
     stack.stop().await
 }
 
+/// CPU seconds per 1,000 flows between the samples nearest `begin` and
+/// `end` (seconds into the run).
+fn cpu_per_1000_flows(samples: &[Sample], begin: f64, end: f64) -> f64 {
+    let nearest = |t: f64| {
+        samples
+            .iter()
+            .min_by(|a, b| (a.at_s - t).abs().total_cmp(&(b.at_s - t).abs()))
+    };
+    match (nearest(begin), nearest(end)) {
+        (Some(a), Some(b)) if b.flows > a.flows => {
+            (b.cpu_s - a.cpu_s) / (b.flows - a.flows) as f64 * 1000.0
+        }
+        _ => 0.0,
+    }
+}
+
 fn markdown(r: &Report) -> String {
     let mut md = format!(
         "# Soak: {} store flows with retention on\n\n\
@@ -332,8 +379,11 @@ fn markdown(r: &Report) -> String {
          Reproduce: `cargo build --release --bins && ./target/release/widget-soak --flows {}` \
          (PostgreSQL from `WIDGET_TEST_ADMIN_URL`).\n\n\
          {:.0} s in all, {} failed flows. The last decile ran at **{:.1} %** of the second's \
-         throughput ({}).\n\n\
-         | decile | flows | seconds | flows/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|---|---|\n",
+         throughput ({}), and its flows cost {:.1} % of the second's CPU per flow (the API, the \
+         workers and PostgreSQL together: the work a flow takes, which the machine's drifting \
+         speed does not change).\n\n\
+         | decile | flows | seconds | flows/s | p50 ms | p99 ms | CPU s per 1,000 flows | errors |\n\
+         |---|---|---|---|---|---|---|---|\n",
         r.flows,
         r.date,
         r.machine,
@@ -349,11 +399,19 @@ fn markdown(r: &Report) -> String {
         } else {
             "more than 10 % apart: not flat"
         },
+        r.cpu_last_over_second * 100.0,
     );
     for d in &r.deciles {
         md.push_str(&format!(
-            "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {} |\n",
-            d.decile, d.flows, d.seconds, d.flows_per_s, d.p50_ms, d.p99_ms, d.errors
+            "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.2} | {} |\n",
+            d.decile,
+            d.flows,
+            d.seconds,
+            d.flows_per_s,
+            d.p50_ms,
+            d.p99_ms,
+            d.cpu_s_per_1000_flows,
+            d.errors
         ));
     }
     md.push_str(

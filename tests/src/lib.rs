@@ -522,6 +522,16 @@ pub async fn shopper_flow(api: &Api) -> anyhow::Result<(i64, Duration)> {
     Ok((order_id, started.elapsed()))
 }
 
+/// The slowest of five [`shopper_flow`]s one after another: a flow's normal
+/// latency, to compare the flows of a fault with.
+pub async fn normal_flow_latency(api: &Api) -> anyhow::Result<Duration> {
+    let mut normal = Duration::ZERO;
+    for _ in 0..5 {
+        normal = normal.max(shopper_flow(api).await?.1);
+    }
+    Ok(normal)
+}
+
 /// `clients` shoppers running [`shopper_flow`] back to back until `until`:
 /// every flow's order and time, once all have stopped.
 pub fn shoppers_until(

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use harness::{
-    Api, TestDb, assert_flows_taken_over, assert_progress_applied_once, restock, shopper_flow,
-    shoppers_until, spawn_store_worker, wait_for_log, wait_workers,
+    Api, TestDb, assert_flows_taken_over, assert_progress_applied_once, normal_flow_latency,
+    restock, shoppers_until, spawn_store_worker, wait_for_log, wait_workers,
 };
 use tokio::time::Instant;
 
@@ -32,10 +32,7 @@ async fn a_frozen_worker_is_taken_over_within_seconds_and_stops_what_it_lost() -
     wait_workers(&db.pool, 3).await?;
 
     // Normal latency first, with nothing frozen.
-    let mut normal = Duration::ZERO;
-    for _ in 0..5 {
-        normal = normal.max(shopper_flow(&api).await?.1);
-    }
+    let normal = normal_flow_latency(&api).await?;
     let load = shoppers_until(
         api.clone(),
         CLIENTS,

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use harness::postgres::{PrivatePostgres, is_root, run};
 use harness::{
-    Api, Proc, TestDb, assert_flows_taken_over, bin, restock, shopper_flow, shoppers_until,
+    Api, Proc, TestDb, assert_flows_taken_over, bin, normal_flow_latency, restock, shoppers_until,
     spawn_store_worker, wait_for_log, wait_workers, worker_env,
 };
 use tokio::time::Instant;
@@ -124,10 +124,7 @@ async fn a_worker_cut_off_by_the_network_is_taken_over_within_seconds() -> anyho
     )?;
     wait_workers(&db.pool, 3).await?;
 
-    let mut normal = Duration::ZERO;
-    for _ in 0..5 {
-        normal = normal.max(shopper_flow(&api).await?.1);
-    }
+    let normal = normal_flow_latency(&api).await?;
     let load = shoppers_until(
         api.clone(),
         CLIENTS,

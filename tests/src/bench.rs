@@ -231,3 +231,87 @@ pub async fn machine(pool: &sqlx::PgPool) -> anyhow::Result<String> {
             .unwrap_or(0),
     ))
 }
+
+/// CPU milliseconds a fixed piece of work (integer mixing over a 1 MiB
+/// buffer, about 30 ms here) takes on this machine now. It is measured in
+/// the calling thread's CPU time, so waiting for a core does not count:
+/// what it tracks is the machine's own speed, which drifts on a shared
+/// host (a neighbour's load, frequency, stolen time charged to the guest).
+/// Call it from a thread of its own (`spawn_blocking`).
+pub fn speed_probe_ms() -> f64 {
+    let mut buffer = vec![0u64; 1 << 17];
+    let start = thread_cpu_ms();
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for round in 0..48u64 {
+        for (i, slot) in buffer.iter_mut().enumerate() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *slot = slot.wrapping_add(x ^ (i as u64).wrapping_add(round));
+        }
+    }
+    std::hint::black_box(&buffer);
+    thread_cpu_ms() - start
+}
+
+/// CPU milliseconds of the calling thread: the scheduler's exact figure
+/// (`se.sum_exec_runtime`) where the kernel shows it, else user + system
+/// time in ticks (10 ms).
+fn thread_cpu_ms() -> f64 {
+    let exact = std::fs::read_to_string("/proc/thread-self/sched")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("se.sum_exec_runtime"))?
+                .rsplit(':')
+                .next()?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        });
+    exact.unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/thread-self/stat")
+            .ok()
+            .and_then(|stat| {
+                let after = stat.rsplit_once(')')?.1;
+                let fields: Vec<f64> = after
+                    .split_whitespace()
+                    .skip(11)
+                    .take(2)
+                    .filter_map(|v| v.parse().ok())
+                    .collect();
+                Some(fields.iter().sum::<f64>() * 10.0)
+            })
+            .unwrap_or(0.0)
+    })
+}
+
+/// The machine's CPU time so far in ticks: (stolen by the host, all).
+pub fn machine_ticks() -> (u64, u64) {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let fields: Vec<u64> = s
+                .lines()
+                .next()?
+                .split_whitespace()
+                .skip(1)
+                .take(8)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            Some((fields.get(7).copied().unwrap_or(0), fields.iter().sum()))
+        })
+        .unwrap_or((0, 0))
+}
+
+/// Shared-buffer blocks the current database has touched so far (hits and
+/// reads), and those it had to read from outside shared buffers: the work
+/// its statements did, whatever the machine's speed.
+pub async fn database_blocks(pool: &sqlx::PgPool) -> anyhow::Result<(i64, i64)> {
+    Ok(sqlx::query_as(
+        "SELECT blks_hit + blks_read, blks_read FROM pg_stat_database
+          WHERE datname = current_database()",
+    )
+    .fetch_one(pool)
+    .await?)
+}

@@ -3,7 +3,10 @@
 //! retention, printing throughput and p99 per decile of the run and the
 //! engine's and the queue's table sizes over time. The run is flat when
 //! the last decile's throughput is within 10 % of the second's (the first
-//! warms caches and fills the tables up to what retention keeps).
+//! warms caches and fills the tables up to what retention keeps). Beside
+//! it, two figures the machine's drifting speed does not move: the
+//! throughput at the second decile's machine speed (a fixed CPU probe at
+//! every sample) and the database blocks a flow touches.
 //!
 //!   cargo build --release --bins
 //!   ./target/release/widget-soak --flows 1000000 --out docs/benchmarks
@@ -18,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use harness::bench::{
-    Stack, cpu_seconds, ensure_release_built, machine, one_flow, percentile, postgres_cpu_seconds,
-    shopper_client,
+    Stack, cpu_seconds, database_blocks, ensure_release_built, machine, machine_ticks, one_flow,
+    percentile, postgres_cpu_seconds, shopper_client, speed_probe_ms,
 };
 use rand::Rng;
 use serde::Serialize;
@@ -61,9 +64,23 @@ struct Decile {
     p99_ms: f64,
     errors: u64,
     /// CPU seconds per 1,000 flows of the API, the workers and PostgreSQL
-    /// together, between the samples nearest the decile's ends: the work a
-    /// flow costs, which the machine's drifting speed does not change.
+    /// together, between the samples nearest the decile's ends. It moves
+    /// with the machine's speed as well as with the work a flow takes.
     cpu_s_per_1000_flows: f64,
+    /// Shared-buffer blocks the store's database touched per flow (hits
+    /// and reads): the work a flow's statements did, whatever the
+    /// machine's speed.
+    db_blocks_per_flow: f64,
+    /// Of those, blocks read from outside shared buffers per flow.
+    db_reads_per_flow: f64,
+    /// The machine's speed: mean CPU ms of [`speed_probe_ms`] in the
+    /// decile (higher is slower).
+    probe_ms: f64,
+    /// CPU time the host stole from this machine, % of all.
+    steal_pct: f64,
+    /// Throughput had the machine run at the second decile's speed:
+    /// flows/s × this decile's probe ms / the second's.
+    flows_per_s_at_second_speed: f64,
 }
 
 /// The stack at one moment of the run.
@@ -80,6 +97,15 @@ struct Sample {
     workflows_by_status: Vec<(String, i64)>,
     /// CPU seconds used so far by the API, the workers and PostgreSQL.
     cpu_s: f64,
+    /// Blocks the database touched so far, and read from outside shared
+    /// buffers ([`database_blocks`]).
+    db_blocks: i64,
+    db_blocks_read: i64,
+    /// CPU ms of one [`speed_probe_ms`] at this sample.
+    probe_ms: f64,
+    /// The machine's CPU ticks so far: stolen by the host, and all.
+    steal_ticks: u64,
+    machine_ticks: u64,
 }
 
 #[derive(Serialize, sqlx::FromRow)]
@@ -113,6 +139,11 @@ struct Report {
     last_over_second: f64,
     /// The last decile's CPU per flow over the second's.
     cpu_last_over_second: f64,
+    /// The last decile's database blocks per flow over the second's.
+    blocks_last_over_second: f64,
+    /// The last decile's throughput at the second's machine speed over the
+    /// second's.
+    speed_adjusted_last_over_second: f64,
     samples: Vec<Sample>,
     /// The store's own records at the end (they are kept: business records).
     orders: i64,
@@ -203,6 +234,9 @@ async fn sample(
         sqlx::query_as("SELECT status::text, count(*) FROM engine.workflows GROUP BY 1 ORDER BY 1")
             .fetch_all(pool)
             .await?;
+    let (db_blocks, db_blocks_read) = database_blocks(pool).await?;
+    let probe_ms = tokio::task::spawn_blocking(speed_probe_ms).await?;
+    let (steal_ticks, machine_ticks) = machine_ticks();
     let at_s = at.as_secs_f64();
     let flows_per_s = match previous {
         Some(p) => (flows - p.flows) as f64 / (at_s - p.at_s).max(1e-9),
@@ -215,6 +249,11 @@ async fn sample(
         tables,
         workflows_by_status,
         cpu_s: stack_cpu_seconds(stack),
+        db_blocks,
+        db_blocks_read,
+        probe_ms,
+        steal_ticks,
+        machine_ticks,
     })
 }
 
@@ -294,35 +333,50 @@ async fn main() -> anyhow::Result<()> {
             p50_ms: percentile(&values, 50.0),
             p99_ms: percentile(&values, 99.0),
             errors: errors[d],
-            cpu_s_per_1000_flows: cpu_per_1000_flows(&samples, begin, end),
+            cpu_s_per_1000_flows: 0.0,
+            db_blocks_per_flow: 0.0,
+            db_reads_per_flow: 0.0,
+            probe_ms: 0.0,
+            steal_pct: 0.0,
+            flows_per_s_at_second_speed: 0.0,
         };
-        println!(
-            "decile {:>2}: {:>7.1} flows/s, p50 {:.1} ms, p99 {:.1} ms, {:.2} CPU s per 1,000 flows, {} errors",
-            decile.decile,
-            decile.flows_per_s,
-            decile.p50_ms,
-            decile.p99_ms,
-            decile.cpu_s_per_1000_flows,
-            decile.errors
-        );
-        deciles.push(decile);
+        deciles.push(match window(&samples, begin, end) {
+            Some(w) => w.fill(decile),
+            None => decile,
+        });
         begin = end;
     }
-    let last_over_second = deciles[9].flows_per_s / deciles[1].flows_per_s.max(1e-9);
-    let cpu_last_over_second =
-        deciles[9].cpu_s_per_1000_flows / deciles[1].cpu_s_per_1000_flows.max(1e-9);
+    let second_probe = deciles[1].probe_ms.max(1e-9);
+    for d in &mut deciles {
+        d.flows_per_s_at_second_speed = d.flows_per_s * d.probe_ms / second_probe;
+        println!(
+            "decile {:>2}: {:>7.1} flows/s ({:>7.1} at the second's speed), p50 {:.1} ms, p99 {:.1} ms, \
+             {:.2} CPU s and {:.0} blocks per flow, probe {:.1} ms, steal {:.1} %, {} errors",
+            d.decile,
+            d.flows_per_s,
+            d.flows_per_s_at_second_speed,
+            d.p50_ms,
+            d.p99_ms,
+            d.cpu_s_per_1000_flows,
+            d.db_blocks_per_flow,
+            d.probe_ms,
+            d.steal_pct,
+            d.errors
+        );
+    }
+    let ratio = |f: fn(&Decile) -> f64| f(&deciles[9]) / f(&deciles[1]).max(1e-9);
+    let last_over_second = ratio(|d| d.flows_per_s);
+    let cpu_last_over_second = ratio(|d| d.cpu_s_per_1000_flows);
+    let blocks_last_over_second = ratio(|d| d.db_blocks_per_flow);
+    let speed_adjusted_last_over_second = ratio(|d| d.flows_per_s_at_second_speed);
     println!(
-        "last decile's CPU per flow at {:.1} % of the second's",
-        cpu_last_over_second * 100.0
-    );
-    println!(
-        "last decile at {:.1} % of the second's throughput: {}",
+        "last decile over the second: throughput {:.1} % ({}), at the second's machine speed \
+         {:.1} %, database blocks per flow {:.1} %, CPU per flow {:.1} %",
         last_over_second * 100.0,
-        if (last_over_second - 1.0).abs() <= 0.10 {
-            "flat (within 10 %)"
-        } else {
-            "NOT flat (more than 10 % apart)"
-        }
+        verdict(last_over_second),
+        speed_adjusted_last_over_second * 100.0,
+        blocks_last_over_second * 100.0,
+        cpu_last_over_second * 100.0,
     );
     let orders: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
         .fetch_one(&stack.db.pool)
@@ -339,6 +393,8 @@ async fn main() -> anyhow::Result<()> {
         deciles,
         last_over_second,
         cpu_last_over_second,
+        blocks_last_over_second,
+        speed_adjusted_last_over_second,
         samples,
         orders,
     };
@@ -354,31 +410,63 @@ async fn main() -> anyhow::Result<()> {
     stack.stop().await
 }
 
-/// CPU seconds per 1,000 flows between the samples nearest `begin` and
-/// `end` (seconds into the run). A PostgreSQL backend that exits (a pool
-/// recycling its connections) takes its CPU time with it: an interval in
-/// which the total falls counts as none, a slight undercount.
-fn cpu_per_1000_flows(samples: &[Sample], begin: f64, end: f64) -> f64 {
+/// "flat" when `ratio` is within 10 % of 1.
+fn verdict(ratio: f64) -> &'static str {
+    if (ratio - 1.0).abs() <= 0.10 {
+        "within 10 %: flat"
+    } else {
+        "more than 10 % apart: not flat"
+    }
+}
+
+/// The samples from the one nearest `begin` to the one nearest `end`
+/// (seconds into the run), when they span some flows.
+fn window(samples: &[Sample], begin: f64, end: f64) -> Option<Window<'_>> {
     let nearest = |t: f64| {
-        (0..samples.len())
-            .min_by(|&a, &b| {
-                (samples[a].at_s - t)
-                    .abs()
-                    .total_cmp(&(samples[b].at_s - t).abs())
-            })
-            .unwrap_or(0)
+        (0..samples.len()).min_by(|&a, &b| {
+            (samples[a].at_s - t)
+                .abs()
+                .total_cmp(&(samples[b].at_s - t).abs())
+        })
     };
-    let (first, last) = (nearest(begin), nearest(end));
-    let Some(span) = samples.get(first..=last) else {
-        return 0.0;
-    };
-    let cpu: f64 = span
-        .windows(2)
-        .map(|w| (w[1].cpu_s - w[0].cpu_s).max(0.0))
-        .sum();
-    match (span.first(), span.last()) {
-        (Some(a), Some(b)) if b.flows > a.flows => cpu / (b.flows - a.flows) as f64 * 1000.0,
-        _ => 0.0,
+    let span = samples.get(nearest(begin)?..=nearest(end)?)?;
+    let (first, last) = (span.first()?, span.last()?);
+    (last.flows > first.flows).then_some(Window { span, first, last })
+}
+
+/// The samples of one decile.
+struct Window<'a> {
+    span: &'a [Sample],
+    first: &'a Sample,
+    last: &'a Sample,
+}
+
+impl Window<'_> {
+    /// The decile's figures that come from the samples.
+    fn fill(&self, decile: Decile) -> Decile {
+        let flows = (self.last.flows - self.first.flows) as f64;
+        // A PostgreSQL backend that exits (a pool recycling its
+        // connections) takes its CPU time with it: an interval in which
+        // the total falls counts as none, a slight undercount.
+        let cpu: f64 = self
+            .span
+            .windows(2)
+            .map(|w| (w[1].cpu_s - w[0].cpu_s).max(0.0))
+            .sum();
+        let ticks = self
+            .last
+            .machine_ticks
+            .saturating_sub(self.first.machine_ticks);
+        let stolen = self.last.steal_ticks.saturating_sub(self.first.steal_ticks);
+        Decile {
+            cpu_s_per_1000_flows: cpu / flows * 1000.0,
+            db_blocks_per_flow: (self.last.db_blocks - self.first.db_blocks) as f64 / flows,
+            db_reads_per_flow: (self.last.db_blocks_read - self.first.db_blocks_read) as f64
+                / flows,
+            probe_ms: self.span.iter().map(|s| s.probe_ms).sum::<f64>() / self.span.len() as f64,
+            steal_pct: 100.0 * stolen as f64 / (ticks.max(1)) as f64,
+            ..decile
+        }
     }
 }
 
@@ -390,12 +478,17 @@ fn markdown(r: &Report) -> String {
          then its payment webhook (80 % paid, each paid order then dispatched in ten steps). \
          Reproduce: `cargo build --release --bins && ./target/release/widget-soak --flows {}` \
          (PostgreSQL from `WIDGET_TEST_ADMIN_URL`).\n\n\
-         {:.0} s in all, {} failed flows. The last decile ran at **{:.1} %** of the second's \
-         throughput ({}), and its flows cost {:.1} % of the second's CPU per flow (the API, the \
-         workers and PostgreSQL together: the work a flow takes, which the machine's drifting \
-         speed does not change).\n\n\
-         | decile | flows | seconds | flows/s | p50 ms | p99 ms | CPU s per 1,000 flows | errors |\n\
-         |---|---|---|---|---|---|---|---|\n",
+         {:.0} s in all, {} failed flows. The last decile against the second:\n\n\
+         - throughput **{:.1} %** ({});\n\
+         - throughput at the second decile's machine speed {:.1} % ({}): the machine's \
+         speed drifts on a shared host, and a fixed CPU probe run at every sample measures it;\n\
+         - database blocks touched per flow {:.1} % ({}): the work a flow's statements did, \
+         which the machine's speed does not move;\n\
+         - CPU per flow (the API, the workers and PostgreSQL) {:.1} %: it moves with the \
+         work and with the machine's speed.\n\n\
+         | decile | flows | seconds | flows/s | flows/s at the second's speed | p50 ms | p99 ms \
+         | CPU s per 1,000 flows | DB blocks per flow | of them read | probe ms | steal % | errors |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         r.flows,
         r.date,
         r.machine,
@@ -406,23 +499,28 @@ fn markdown(r: &Report) -> String {
         r.seconds,
         r.errors,
         r.last_over_second * 100.0,
-        if (r.last_over_second - 1.0).abs() <= 0.10 {
-            "within 10 %: flat"
-        } else {
-            "more than 10 % apart: not flat"
-        },
+        verdict(r.last_over_second),
+        r.speed_adjusted_last_over_second * 100.0,
+        verdict(r.speed_adjusted_last_over_second),
+        r.blocks_last_over_second * 100.0,
+        verdict(r.blocks_last_over_second),
         r.cpu_last_over_second * 100.0,
     );
     for d in &r.deciles {
         md.push_str(&format!(
-            "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.2} | {} |\n",
+            "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} | {:.1} | {:.1} | {:.1} | {} |\n",
             d.decile,
             d.flows,
             d.seconds,
             d.flows_per_s,
+            d.flows_per_s_at_second_speed,
             d.p50_ms,
             d.p99_ms,
             d.cpu_s_per_1000_flows,
+            d.db_blocks_per_flow,
+            d.db_reads_per_flow,
+            d.probe_ms,
+            d.steal_pct,
             d.errors
         ));
     }

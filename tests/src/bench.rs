@@ -235,9 +235,10 @@ pub async fn machine(pool: &sqlx::PgPool) -> anyhow::Result<String> {
 /// CPU milliseconds a fixed piece of work (integer mixing over a 1 MiB
 /// buffer, about 30 ms here) takes on this machine now. It is measured in
 /// the calling thread's CPU time, so waiting for a core does not count:
-/// what it tracks is the machine's own speed, which drifts on a shared
-/// host (a neighbour's load, frequency, stolen time charged to the guest).
-/// Call it from a thread of its own (`spawn_blocking`).
+/// what it tracks is the speed a core gives this work now, one kind of the
+/// drift a shared host shows, not every kind (the soak's database blocks
+/// per flow is the figure no drift moves). Call it from a thread of its
+/// own (`spawn_blocking`).
 pub fn speed_probe_ms() -> f64 {
     let mut buffer = vec![0u64; 1 << 17];
     let start = thread_cpu_ms();

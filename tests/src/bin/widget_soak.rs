@@ -4,9 +4,9 @@
 //! engine's and the queue's table sizes over time. The run is flat when
 //! the last decile's throughput is within 10 % of the second's (the first
 //! warms caches and fills the tables up to what retention keeps). Beside
-//! it, two figures the machine's drifting speed does not move: the
-//! throughput at the second decile's machine speed (a fixed CPU probe at
-//! every sample) and the database blocks a flow touches.
+//! it: the database blocks a flow touches, which the machine's drifting
+//! speed does not move, and the throughput corrected by the speed a fixed
+//! CPU probe finds at every sample (one kind of that drift).
 //!
 //!   cargo build --release --bins
 //!   ./target/release/widget-soak --flows 1000000 --out docs/benchmarks
@@ -481,7 +481,7 @@ fn markdown(r: &Report) -> String {
          {:.0} s in all, {} failed flows. The last decile against the second:\n\n\
          - throughput **{:.1} %** ({});\n\
          - throughput at the second decile's machine speed {:.1} % ({}): the machine's \
-         speed drifts on a shared host, and a fixed CPU probe run at every sample measures it;\n\
+         speed drifts on a shared host, and a fixed CPU probe run at every sample measures one kind of that drift;\n\
          - database blocks touched per flow {:.1} % ({}): the work a flow's statements did, \
          which the machine's speed does not move;\n\
          - CPU per flow (the API, the workers and PostgreSQL) {:.1} %: it moves with the \

@@ -167,16 +167,15 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// CPU seconds (user + system) a process has used.
 pub fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    let Some(after) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
-        return 0.0;
-    };
+    stat_cpu_ticks(&format!("/proc/{pid}/stat")).map_or(0.0, |ticks| ticks / 100.0)
+}
+
+/// User + system CPU time in a `/proc/.../stat` file, in ticks (10 ms).
+fn stat_cpu_ticks(path: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let after = stat.rsplit_once(')')?.1;
     let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    ticks / 100.0
+    Some(fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?)
 }
 
 /// CPU seconds of every PostgreSQL server process on the machine.
@@ -271,19 +270,7 @@ fn thread_cpu_ms() -> f64 {
                 .ok()
         });
     exact.unwrap_or_else(|| {
-        std::fs::read_to_string("/proc/thread-self/stat")
-            .ok()
-            .and_then(|stat| {
-                let after = stat.rsplit_once(')')?.1;
-                let fields: Vec<f64> = after
-                    .split_whitespace()
-                    .skip(11)
-                    .take(2)
-                    .filter_map(|v| v.parse().ok())
-                    .collect();
-                Some(fields.iter().sum::<f64>() * 10.0)
-            })
-            .unwrap_or(0.0)
+        stat_cpu_ticks("/proc/thread-self/stat").map_or(0.0, |ticks| ticks * 10.0)
     })
 }
 

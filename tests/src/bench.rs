@@ -232,7 +232,7 @@ pub async fn machine(pool: &sqlx::PgPool) -> anyhow::Result<String> {
 }
 
 /// CPU milliseconds a fixed piece of work (integer mixing over a 1 MiB
-/// buffer, about 30 ms here) takes on this machine now. It is measured in
+/// buffer, about 11 ms here) takes on this machine now. It is measured in
 /// the calling thread's CPU time, so waiting for a core does not count:
 /// what it tracks is the speed a core gives this work now, one kind of the
 /// drift a shared host shows, not every kind (the soak's database blocks
